@@ -1,0 +1,1 @@
+"""Calibration data, channel scoring and pair search on ONNX Runtime (no torch)."""

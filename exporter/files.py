@@ -1,0 +1,88 @@
+"""Atomic file output: a reader never sees a half-written result.
+
+Every stage writes through these helpers. A result is first written to a
+temporary name in the destination directory (same filesystem, so the final
+``os.replace`` is atomic) and only renamed into place once complete; on any
+error the temporary files are removed and existing outputs stay untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from exporter.errors import SamReuseError
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so large checkpoints stay cheap."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove we can write there, before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise SamReuseError(f"{path}: output directory is not writable ({exc.strerror or exc})") from exc
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it over ``final`` on success."""
+    final = Path(final)
+    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Collect a stage's outputs in a hidden staging directory, then publish them together.
+
+    Files written under the yielded directory are moved into ``out_dir`` only
+    when the block completes; if it raises, the staging directory is deleted
+    and ``out_dir`` is left exactly as it was (and removed if this call created
+    it and it is still empty). Multi-file results (an ONNX model with external
+    data, a model plus its sidecar) therefore appear all at once or not at all.
+    """
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    ensure_writable_dir(out_dir)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
+    try:
+        yield staging
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out_dir / item.name)
+    except BaseException:
+        if created and not any(p for p in out_dir.iterdir() if p != staging):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Pre- and post-processing shared by every stage (numpy and Pillow only).
+
+This is the single implementation of what ``SamPredictor`` does around the
+networks, so that the ONNX path, the search, TensorRT engines and the C++
+sample all see identical tensors:
+
+* ``preprocess``: resize the longest side to 1024 with Pillow's bilinear
+  filter (what torchvision's ``resize`` does for a PIL image), normalise with
+  SAM's pixel mean/std, zero-pad bottom/right to 1024x1024;
+* ``prompt_arrays``: map prompts into the resized frame and add SAM's padding
+  point (0, 0, label -1) when no box is given, as ``PromptEncoder`` does;
+* ``upscale_logits``: bilinear 256 -> 1024, crop the padding, bilinear to the
+  original size (``Sam.postprocess_masks``), as two small matrix products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from exporter.errors import SamReuseError
+
+IMAGE_SIZE = 1024
+LOW_RES_SIZE = 256
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+MASK_THRESHOLD = 0.0
+
+
+def load_image_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB, with a clear error for bad files."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise SamReuseError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise SamReuseError(f"{path}: cannot read image ({exc})") from None
+
+
+def resized_shape(height: int, width: int, long_side: int = IMAGE_SIZE) -> tuple[int, int]:
+    """(h, w) after scaling the longest side to ``long_side``, rounded like SAM."""
+    scale = long_side * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def preprocess(image: np.ndarray, long_side: int = IMAGE_SIZE) -> np.ndarray:
+    """HxWx3 uint8 RGB -> 1x3xSxS float32 encoder input (resized, normalised, padded)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
+    new_h, new_w = resized_shape(image.shape[0], image.shape[1], long_side)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+    normalised = (resized - PIXEL_MEAN) / PIXEL_STD
+    padded = np.zeros((long_side, long_side, 3), dtype=np.float32)
+    padded[:new_h, :new_w] = normalised
+    return padded.transpose(2, 0, 1)[None]
+
+
+def transform_coords(coords: np.ndarray, original_hw: tuple[int, int], long_side: int = IMAGE_SIZE) -> np.ndarray:
+    """Map x,y pixel coordinates of the original image into the resized frame."""
+    old_h, old_w = original_hw
+    new_h, new_w = resized_shape(old_h, old_w, long_side)
+    out = np.array(coords, dtype=np.float64).copy()
+    out[..., 0] *= new_w / old_w
+    out[..., 1] *= new_h / old_h
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Point and/or box prompt in original-image pixel coordinates.
+
+    ``points`` is Nx2 (x, y), ``labels`` N values (1 foreground, 0 background);
+    ``box`` is (x0, y0, x1, y1).
+    """
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+
+
+def prompt_arrays(prompt: Prompt, original_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder inputs ``point_coords`` (1xNx2) and ``point_labels`` (1xN), float32.
+
+    Box corners are points with labels 2 and 3. Without a box SAM's prompt
+    encoder appends a padding point (0, 0) with label -1; the exported decoder
+    has no control flow, so the caller appends it here.
+    """
+    has_points = prompt.points is not None and len(prompt.points) > 0
+    if not has_points and prompt.box is None:
+        raise ValueError("a prompt needs at least one point or a box")
+    coords: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    if has_points:
+        pts = np.asarray(prompt.points, dtype=np.float32).reshape(-1, 2)
+        lab = np.asarray(prompt.labels if prompt.labels is not None else np.ones(len(pts)), dtype=np.float32)
+        if lab.shape != (len(pts),):
+            raise ValueError(f"{len(pts)} points but labels of shape {lab.shape}")
+        coords.append(transform_coords(pts, original_hw))
+        labels.append(lab)
+    if prompt.box is not None:
+        corners = np.asarray(prompt.box, dtype=np.float32).reshape(2, 2)
+        coords.append(transform_coords(corners, original_hw))
+        labels.append(np.array([2, 3], dtype=np.float32))
+    else:
+        coords.append(np.zeros((1, 2), dtype=np.float32))
+        labels.append(np.array([-1], dtype=np.float32))
+    return np.concatenate(coords)[None].astype(np.float32), np.concatenate(labels)[None].astype(np.float32)
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """out_size x in_size matrix equal to 1-D bilinear resizing with align_corners=False.
+
+    Source positions follow PyTorch's ``upsample_bilinear2d``: half-pixel
+    centres, negative positions clamped to 0, the upper neighbour clamped to
+    the last sample.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    lower = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    upper = np.minimum(lower + 1, in_size - 1)
+    frac = (src - lower).astype(np.float32)
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, lower), 1 - frac)
+    np.add.at(matrix, (rows, upper), frac)
+    return matrix
+
+
+def upscale_matrices(original_hw: tuple[int, int], low_res: int = LOW_RES_SIZE,
+                     long_side: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(rows HxL, cols LxW) with ``rows @ logits @ cols`` = SAM's mask post-processing."""
+    height, width = original_hw
+    new_h, new_w = resized_shape(height, width, long_side)
+    to_padded = bilinear_matrix(low_res, long_side)
+    rows = bilinear_matrix(new_h, height) @ to_padded[:new_h]
+    cols = (bilinear_matrix(new_w, width) @ to_padded[:new_w]).T
+    return rows, np.ascontiguousarray(cols)
+
+
+def upscale_logits(low_res_logits: np.ndarray, original_hw: tuple[int, int]) -> np.ndarray:
+    """...xLxL low-resolution mask logits -> ...xHxW logits at the original image size."""
+    rows, cols = upscale_matrices(original_hw, low_res_logits.shape[-1])
+    return rows @ low_res_logits.astype(np.float32) @ cols
+
+
+def logits_to_mask(logits: np.ndarray) -> np.ndarray:
+    """Binary mask the way SAM thresholds logits."""
+    return logits > MASK_THRESHOLD

@@ -1,0 +1,108 @@
+"""torch modules that define exactly what the ONNX graphs compute.
+
+``ImageEncoder`` is the encoder as SAM runs it (preprocessed 1024x1024 input,
+256x64x64 embedding). ``SingleMaskDecoder`` is the prompt encoder plus mask
+decoder with the control flow removed, pairing each image embedding with one
+prompt (batch b of the embeddings goes with batch b of the prompts, so a
+search can decode many images at once) and returning only mask token 0, the
+mask ``SamPredictor.predict(multimask_output=False)`` returns. It has no
+``orig_im_size`` input and no OneHot: upscaling lives in
+``exporter.imaging.upscale_logits``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ENCODER_INPUTS = ("image",)
+ENCODER_OUTPUTS = ("image_embeddings",)
+DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")
+DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, sam) -> None:
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+        for module in self.image_encoder.modules():
+            if type(module).__name__ == "PatchMerging":
+                module.register_forward_pre_hook(_tokens_to_grid)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(image)
+
+
+def _tokens_to_grid(module: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+    """Give TinyViT's PatchMerging a BxCxHxW input so it skips its own reshape.
+
+    That reshape takes the batch size from ``len(x)``, which tracing freezes
+    to the example's batch of 1; this one keeps it symbolic. Same values.
+    """
+    (x,) = inputs
+    if x.ndim != 3:
+        return inputs
+    height, width = module.input_resolution
+    return (x.reshape(x.shape[0], height, width, -1).permute(0, 3, 1, 2),)
+
+
+class SingleMaskDecoder(nn.Module):
+    def __init__(self, sam) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.image_size = float(sam.image_encoder.img_size)
+        # Python ints, not traced shapes: the exported graph gets static sizes.
+        self.embedding_hw = tuple(sam.prompt_encoder.image_embedding_size)
+        self.channels = sam.prompt_encoder.embed_dim
+
+    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """SAM's point embedding written with masks instead of boolean indexing."""
+        pe = self.prompt_encoder
+        embedding = pe.pe_layer._pe_encoding((coords + 0.5) / self.image_size)
+        labels = labels.unsqueeze(-1)
+        embedding = embedding * (labels != -1) + pe.not_a_point_embed.weight * (labels == -1)
+        for i, point_embedding in enumerate(pe.point_embeddings):
+            embedding = embedding + point_embedding.weight * (labels == i)
+        return embedding
+
+    def _embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        has_mask = has_mask_input.reshape(-1, 1, 1, 1)
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return has_mask * self.prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask) * no_mask
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self.mask_decoder
+        sparse = self._embed_points(point_coords, point_labels)
+        dense = self._embed_masks(mask_input, has_mask_input)
+        batch = image_embeddings.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+        src = image_embeddings + dense
+        pos_src = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)
+        height, width = self.embedding_hw
+
+        hs, src = decoder.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_token_out = hs[:, 1, :]  # token 0: the single-mask output
+
+        src = src.transpose(1, 2).reshape(batch, self.channels, height, width)
+        upscaled = decoder.output_upscaling(src)
+        hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out).unsqueeze(1)
+        # Two stride-2 transposed convolutions: 64x64 -> 256x256.
+        masks = (hyper_in @ upscaled.flatten(2)).reshape(batch, 1, 4 * height, 4 * width)
+        iou_pred = decoder.iou_prediction_head(iou_token_out)[:, :1]
+        return masks, iou_pred
+
+
+def example_decoder_inputs(batch: int = 1, num_points: int = 2) -> tuple[torch.Tensor, ...]:
+    """Dummy inputs with the decoder's shapes, used for tracing."""
+    generator = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(batch, 256, 64, 64, generator=generator),
+        torch.randint(0, 1024, (batch, num_points, 2), generator=generator).float(),
+        torch.ones(batch, num_points),
+        torch.zeros(batch, 1, 256, 256),
+        torch.zeros(batch),
+    )

@@ -1,0 +1,56 @@
+"""Shared fixtures: bundled real data, exported tiny models, and real MobileSAM when fetched."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "data" / "isic2016"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message="Overwriting tiny_vit")
+
+
+@pytest.fixture(scope="session")
+def sample_records():
+    from calibrate.data import read_manifest
+
+    return read_manifest(SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def mobilesam_checkpoint() -> Path:
+    """The real MobileSAM weights; `make test` fetches them before pytest runs."""
+    from exporter.weights import cached_weight_path
+
+    path = cached_weight_path("mobilesam")
+    if not path.exists():
+        pytest.skip(f"real MobileSAM weights not fetched ({path}); run `export-and-tune fetch-weights`")
+    return path
+
+
+def _export(tmp_path_factory, model_type: str, records, checkpoint=None, exporter="legacy"):
+    from exporter.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp(f"{model_type}-{exporter}")
+    return export_model(model_type, out, checkpoint, records[:1], exporter=exporter)
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory, sample_records):
+    """Legacy-exporter ONNX pairs of both tiny encoder families."""
+    return {mt: _export(tmp_path_factory, mt, sample_records) for mt in ("test_vit_t", "test_vit_b")}
+
+
+@pytest.fixture(scope="session")
+def mobilesam_export(tmp_path_factory, sample_records, mobilesam_checkpoint):
+    return _export(tmp_path_factory, "vit_t", sample_records, mobilesam_checkpoint)
+
+
+def pytest_configure(config):
+    os.environ.setdefault("SAM_REUSE_THREADS", "2")

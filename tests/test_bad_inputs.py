@@ -1,0 +1,87 @@
+"""Bad input exits 2 with one line naming the file and problem, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exporter.cli import main
+from exporter.models import build_sam
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.fixture
+def other_family_checkpoint(tmp_path):
+    path = tmp_path / "vit_b_tiny.pt"
+    torch.save(build_sam("test_vit_b").state_dict(), path)
+    return path
+
+
+def _cases(tmp_path, other_family_checkpoint):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(other_family_checkpoint.read_bytes()[:5000])
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    return {
+        "missing": (["--checkpoint", str(tmp_path / "nope.pt")], "nope.pt: checkpoint not found"),
+        "truncated": (["--checkpoint", str(truncated)], "truncated.pt: not a readable PyTorch checkpoint"),
+        "wrong type": (["--checkpoint", str(text)], "notes.pt: not a readable PyTorch checkpoint"),
+        "other model": (["--checkpoint", str(other_family_checkpoint)], "vit_b_tiny.pt: not a test_vit_t checkpoint"),
+        "directory": (["--checkpoint", str(tmp_path)], "checkpoint is not a file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "wrong type", "other model", "directory"])
+def test_bad_checkpoint(capsys, tmp_path, other_family_checkpoint, case):
+    extra, message = _cases(tmp_path, other_family_checkpoint)[case]
+    out = tmp_path / "out"
+    code, err = _run(capsys, "export", "--model-type", "test_vit_t", "--out", str(out), *extra)
+    assert code == 2
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+
+
+def test_unknown_model_type(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--model-type", "vit_x", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "invalid choice: 'vit_x'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_type_in_api():
+    from exporter.errors import SamReuseError
+
+    with pytest.raises(SamReuseError, match="unknown model type 'vit_x'"):
+        build_sam("vit_x")
+
+
+def test_real_model_type_needs_checkpoint(capsys, tmp_path):
+    code, err = _run(capsys, "export", "--model-type", "vit_b", "--out", str(tmp_path / "o"))
+    assert code == 2 and "needs --checkpoint" in err[0]
+
+
+def test_unwritable_output_dir(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _run(capsys, "export", "--model-type", "test_vit_t", "--out", str(blocker / "sub"))
+    assert code == 2 and len(err) == 1 and "output directory is not writable" in err[0] and str(blocker) in err[0]
+
+
+def test_failed_export_leaves_existing_outputs_untouched(capsys, tmp_path, sample_records):
+    """A failure after the models were written (here: a missing verify image) publishes nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "encoder.onnx").write_text("previous result")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.jsonl").write_text('{"image": "gone.jpg", "mask": "gone.png", "points": [[1, 2]]}\n')
+    code, err = _run(capsys, "export", "--model-type", "test_vit_b", "--out", str(out), "--verify-data", str(data))
+    assert code == 2 and "gone.jpg: image not found" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx"]
+    assert (out / "encoder.onnx").read_text() == "previous result"
