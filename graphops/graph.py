@@ -1,0 +1,62 @@
+"""Small helpers over onnx-graphsurgeon graphs shared by every pass."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+ELEMENTWISE_UNARY = {"Erf", "Relu", "Sigmoid", "Tanh", "Identity", "Neg", "Abs", "Exp", "Sqrt", "Gelu"}
+ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
+
+
+def load_graph(model: str | Path | onnx.ModelProto) -> gs.Graph:
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    return gs.import_onnx(proto)
+
+
+def fingerprint(model: str | Path | onnx.ModelProto) -> str:
+    """sha256 of the serialised graph: identifies the exact model a reuse map was made for."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor, else None.
+
+    Constants are initializers, ``Constant`` node outputs, and ``Identity`` of
+    either (the TorchScript exporter deduplicates equal initializers that way).
+    """
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if len(tensor.inputs) == 1:
+        node = tensor.inputs[0]
+        if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+            return node.attrs["value"].values
+        if node.op == "Identity":
+            return constant_value(node.inputs[0])
+    return None
+
+
+def finalize(graph: gs.Graph) -> onnx.ModelProto:
+    """Cleanup, toposort, shape inference and ``onnx.checker`` after a rewrite."""
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor_rank(tensor: gs.Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None

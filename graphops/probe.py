@@ -1,0 +1,99 @@
+"""Search-time variants of a graph: any reuse map in one session, and cached activations.
+
+* ``with_index_input``: a Gather at a site whose indices are a graph input
+  (``reuse_index.<site>``, int64 [channels]); one ONNX Runtime session then
+  evaluates any map at that site - the identity index gives the original.
+* ``expose``: the site tensor as an extra graph output, with its shape.
+* ``cut``: split a graph at a site into a prefix (inputs -> every tensor the
+  rest still needs) and a suffix (those tensors -> outputs), so activations
+  are computed once and candidates rerun only the suffix. An MLP site's
+  suffix also needs the block's residual input: the frontier lists every
+  tensor that crosses the cut, site first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from exporter.errors import SamReuseError
+from graphops.graph import constant_value, finalize, load_graph
+from graphops.rewrites import insert_gather
+
+
+def index_input_name(tensor_name: str) -> str:
+    return f"reuse_index.{tensor_name}"
+
+
+def _shaped_graph(model: onnx.ModelProto) -> gs.Graph:
+    return load_graph(onnx.shape_inference.infer_shapes(model))
+
+
+def _tensor(graph: gs.Graph, name: str) -> gs.Variable:
+    tensor = graph.tensors().get(name)
+    if tensor is None or isinstance(tensor, gs.Constant):
+        raise SamReuseError(f"no activation tensor named '{name}' in this graph")
+    return tensor
+
+
+def with_index_input(model: onnx.ModelProto, tensor_name: str, axis: int, channels: int) -> onnx.ModelProto:
+    """Model whose ``tensor_name`` is gathered along ``axis`` by a runtime index input."""
+    graph = _shaped_graph(model)
+    tensor = _tensor(graph, tensor_name)
+    index = gs.Variable(index_input_name(tensor_name), dtype=np.int64, shape=[channels])
+    graph.inputs.append(index)
+    insert_gather(graph, tensor, axis, index)
+    return finalize(graph)
+
+
+def expose(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
+    """Model with the named tensors as extra outputs."""
+    graph = _shaped_graph(model)
+    for name in tensor_names:
+        tensor = _tensor(graph, name)
+        if tensor not in graph.outputs:
+            graph.outputs.append(tensor)
+    return finalize(graph)
+
+
+def _downstream_nodes(tensor: gs.Variable) -> list[gs.Node]:
+    found: dict[int, gs.Node] = {}
+    frontier = list(tensor.outputs)
+    while frontier:
+        node = frontier.pop()
+        if id(node) in found:
+            continue
+        found[id(node)] = node
+        for out in node.outputs:
+            frontier.extend(out.outputs)
+    return list(found.values())
+
+
+def cut(model: onnx.ModelProto, tensor_name: str) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
+    """(prefix, suffix, frontier tensor names) with ``suffix(*prefix(x)) == model(x)``."""
+    graph = _shaped_graph(model)
+    site = _tensor(graph, tensor_name)
+    suffix_nodes = _downstream_nodes(site)
+    inside = {id(n) for n in suffix_nodes}
+    frontier: list[gs.Variable] = [site]
+    for node in suffix_nodes:
+        for tensor in node.inputs:
+            if constant_value(tensor) is not None or tensor in frontier:
+                continue  # constants stay in the suffix with their Constant/Identity nodes
+            if not tensor.inputs or id(tensor.inputs[0]) not in inside:
+                if tensor.name:  # empty name: an omitted optional input
+                    frontier.append(tensor)
+    names = [t.name for t in frontier]
+
+    prefix_graph = graph.copy()
+    prefix_tensors = prefix_graph.tensors()
+    prefix_graph.outputs = [prefix_tensors[n] for n in names]
+
+    suffix_graph = graph.copy()
+    suffix_tensors = suffix_graph.tensors()
+    boundary = [suffix_tensors[n] for n in names]
+    for tensor in boundary:
+        tensor.inputs.clear()
+    suffix_graph.inputs = boundary
+    return finalize(prefix_graph), finalize(suffix_graph), names

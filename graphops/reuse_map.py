@@ -1,0 +1,124 @@
+"""The reuse map: the one data type that carries a reuse decision from search to rewrite.
+
+For each site (a named tensor and its channel axis) a list of pairs
+``(target, source)`` meaning ``X'[:, target] = X[:, source]``. Every source
+is read from the original tensor, so pairs commute and a channel may be both
+a target and another pair's source. Saved as readable JSON::
+
+    {
+      "format": "sam-reuse/reuse-map@1",
+      "model_fingerprint": "<sha256 of the encoder graph it was made for>",
+      "sites": {
+        "embedding": {"tensor": "image_embeddings", "axis": 1, "channels": 256,
+                      "pairs": [[12, 200], [87, 3]]}
+      },
+      "meta": {"strategy": "...", "...": "..."}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from exporter.errors import SamReuseError
+from exporter.files import write_json
+
+FORMAT = "sam-reuse/reuse-map@1"
+
+
+@dataclass(frozen=True)
+class SiteReuse:
+    """Pairs for one site."""
+
+    tensor: str
+    axis: int
+    channels: int
+    pairs: tuple[tuple[int, int], ...]
+
+    def index(self) -> np.ndarray:
+        """Gather indices: ``X' = take(X, index, axis)``."""
+        index = np.arange(self.channels, dtype=np.int64)
+        for target, source in self.pairs:
+            index[target] = source
+        return index
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "axis": self.axis, "channels": self.channels,
+                "pairs": [list(p) for p in sorted(self.pairs)]}
+
+
+@dataclass
+class ReuseMap:
+    """Site name -> pairs, bound to one model by its graph fingerprint."""
+
+    model_fingerprint: str
+    sites: dict[str, SiteReuse] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(s.pairs) for s in self.sites.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "model_fingerprint": self.model_fingerprint,
+                "sites": {name: site.to_json() for name, site in sorted(self.sites.items())}, "meta": self.meta}
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "reuse map") -> "ReuseMap":
+        if data.get("format") != FORMAT:
+            raise SamReuseError(f"{source}: not a reuse map (format {data.get('format')!r}, expected {FORMAT!r})")
+        try:
+            sites = {
+                name: SiteReuse(tensor=str(s["tensor"]), axis=int(s["axis"]), channels=int(s["channels"]),
+                                pairs=tuple((int(t), int(src)) for t, src in s["pairs"]))
+                for name, s in data["sites"].items()
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SamReuseError(f"{source}: malformed site entry ({exc})") from None
+        return cls(model_fingerprint=str(data.get("model_fingerprint", "")), sites=sites, meta=dict(data.get("meta", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ReuseMap":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SamReuseError(f"{path}: reuse map not found") from None
+        except json.JSONDecodeError as exc:
+            raise SamReuseError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_json(data, str(path))
+
+    def validate(self, available: Mapping[str, Any], model_fingerprint: str | None = None) -> None:
+        """Reject maps that cannot apply to this model, naming the first problem.
+
+        ``available`` maps site names to objects with ``tensor``, ``axis`` and
+        ``channels`` (``graphops.sites.Site``).
+        """
+        if model_fingerprint is not None and self.model_fingerprint != model_fingerprint:
+            raise SamReuseError(f"reuse map was made for another model (fingerprint {self.model_fingerprint[:12]}…, "
+                                f"this model is {model_fingerprint[:12]}…)")
+        for name, site in self.sites.items():
+            if name not in available:
+                raise SamReuseError(f"unknown site '{name}'; this model has {', '.join(sorted(available)) or 'none'}")
+            actual = available[name]
+            if (site.tensor, site.axis, site.channels) != (actual.tensor, actual.axis, actual.channels):
+                raise SamReuseError(f"site '{name}' is {actual.tensor}[axis {actual.axis}, {actual.channels} channels] "
+                                    f"in this model, the map says {site.tensor}[axis {site.axis}, {site.channels}]")
+            targets: set[int] = set()
+            for target, source in site.pairs:
+                for role, value in (("target", target), ("source", source)):
+                    if not 0 <= value < site.channels:
+                        raise SamReuseError(f"site '{name}': {role} {value} out of range 0..{site.channels - 1}")
+                if target == source:
+                    raise SamReuseError(f"site '{name}': pair ({target}, {source}) copies a channel onto itself")
+                if target in targets:
+                    raise SamReuseError(f"site '{name}': target {target} is listed twice")
+                targets.add(target)
