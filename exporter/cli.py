@@ -7,6 +7,7 @@ one line on stderr naming the file or option at fault, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a checkpoint to encoder.onnx + decoder.onnx, verified")
     _add_model_args(export)
     export.add_argument("--out", type=Path, required=True, help="output directory")
+
+    sites = sub.add_parser("sites", help="list the channel sites of an encoder ONNX and the exact rewrites there")
+    sites.add_argument("encoder", type=Path)
+    sites.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    apply = sub.add_parser("apply", help="rewrite an encoder ONNX by a reuse map")
+    apply.add_argument("encoder", type=Path)
+    apply.add_argument("reuse_map", type=Path)
+    apply.add_argument("--out", type=Path, required=True, help="output ONNX path (e.g. encoder.tuned.onnx)")
+    apply.add_argument("--strategy", default="auto", choices=["auto", "gather", "fold", "prune"],
+                       help="rewrite to use at every site (default: cheapest exact one per site)")
 
     run = sub.add_parser("run", help="the whole pipeline: export, then tune on a calibration folder")
     _add_model_args(run)
@@ -89,11 +101,34 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sites(args: argparse.Namespace) -> int:
+    from graphops.sites import sites_of
+
+    sites = sites_of(args.encoder)
+    if args.json:
+        print(json.dumps({name: site.to_json() for name, site in sites.items()}, indent=2))
+        return 0
+    print(f"{'site':<10} {'channels':>8} {'axis':>4}  {'strategies':<19} {'module':<20} tensor")
+    for name, site in sites.items():
+        print(f"{name:<10} {site.channels:>8} {site.axis:>4}  {','.join(site.strategies):<19} "
+              f"{site.module or '-':<20} {site.tensor}")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from graphops.rewrites import apply_reuse_map_file
+
+    applied = apply_reuse_map_file(args.encoder, args.reuse_map, args.out, args.strategy)
+    done = ", ".join(f"{site}: {strategy}" for site, strategy in applied.items()) or "no pairs, model unchanged"
+    print(f"wrote {args.out} ({done})")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     return _export(args)
 
 
-COMMANDS = {"fetch-weights": _fetch, "export": _export, "run": _run}
+COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "run": _run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from exporter.errors import SamReuseError
 from exporter.files import sha256_file, staged_outputs, write_json
 from exporter.models import build_sam, spec_for
 from exporter.runtime import onnx_io_spec, ort_session
+from graphops.sites import sites_of
 
 DEFAULT_OPSET = 17
 EXPORTERS = ("legacy", "dynamo")
@@ -248,6 +249,7 @@ def export_model(model_type: str, out_dir: str | Path, checkpoint: str | Path | 
                             **onnx_io_spec(staging / "decoder.onnx")},
             },
             "parity": {**parity, "verified_on": [str(r.image) for r in verify_records]},
+            "sites": {name: site.to_json() for name, site in sites_of(staging / "encoder.onnx").items()},
         }
         write_json(staging / "export.json", info)
     return ExportResult(out_dir / "encoder.onnx", out_dir / "decoder.onnx", out_dir / "export.json", info)

@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from exporter.errors import SamReuseError
+from exporter.files import atomic_path
 from graphops.chain import NotChannelwise, ProducerChain, linear_consumers, take, trace_producer
 from graphops.graph import constant_value, finalize, fingerprint, load_graph
 from graphops.reuse_map import ReuseMap, SiteReuse
@@ -160,3 +161,15 @@ def apply_reuse_map(model: str | Path | onnx.ModelProto, reuse_map: ReuseMap, st
         "sam_reuse.strategies": json.dumps(applied, sort_keys=True),
     })
     return result, applied
+
+
+def apply_reuse_map_file(encoder: str | Path, reuse_map_path: str | Path, out: str | Path,
+                         strategy: str = "auto") -> dict[str, str]:
+    """``apply_reuse_map`` from files to a file, written atomically; returns the strategy per site."""
+    encoder = Path(encoder)
+    if not encoder.is_file():
+        raise SamReuseError(f"{encoder}: ONNX model not found")
+    model, applied = apply_reuse_map(encoder, ReuseMap.load(reuse_map_path), strategy)
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+    return applied

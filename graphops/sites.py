@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from exporter.errors import SamReuseError
 from graphops.chain import NotChannelwise, linear_consumers, trace_producer
-from graphops.graph import constant_value
+from graphops.graph import constant_value, load_graph
 
 EMBEDDING_OUTPUT = "image_embeddings"
 _MODULE_PATH = re.compile(r"((?:layers\.\d+\.)?blocks\.\d+)")
@@ -130,3 +132,15 @@ def user_site(graph: gs.Graph, name: str, tensor_name: str, axis: int) -> Site:
     if tensor_name not in tensors or isinstance(tensors[tensor_name], gs.Constant):
         raise SamReuseError(f"no activation tensor named '{tensor_name}' in this graph")
     return _describe(graph, name, tensors[tensor_name], axis)
+
+
+def sites_of(model_path: str | Path) -> dict[str, Site]:
+    """Sites of an ONNX file (shape inference included)."""
+    path = Path(model_path)
+    if not path.is_file():
+        raise SamReuseError(f"{path}: ONNX model not found")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError and others
+        raise SamReuseError(f"{path}: not a readable ONNX model ({exc})") from None
+    return find_sites(load_graph(onnx.shape_inference.infer_shapes(model)))

@@ -249,3 +249,29 @@ def test_expose_adds_site_output_with_shape(tiny_exports, image):
     outs = _run_all(exposed, {"image": image})
     assert outs[1].shape[-1] == 192
     np.testing.assert_array_equal(outs[0], _run(model, {"image": image}))
+
+
+def test_cli_sites_and_apply(tiny_exports, image, tmp_path, capsys):
+    from exporter.cli import main
+
+    encoder = tiny_exports["test_vit_b"].encoder
+    assert main(["sites", str(encoder), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["mlp.1"]["strategies"] == ["gather", "fold", "prune"]
+    sidecar = json.loads(tiny_exports["test_vit_b"].sidecar.read_text())
+    assert sidecar["sites"] == listed  # export.json records the same sites
+
+    model = onnx.load(str(encoder))
+    reuse_map = _map(model, "mlp.1", listed["mlp.1"]["tensor"], -1, 192, [(0, 5), (7, 1)])
+    reuse_map.sites["embedding"] = SiteReuse("image_embeddings", 1, 256, ((3, 4),))
+    reuse_map.save(tmp_path / "map.json")
+    out = tmp_path / "encoder.tuned.onnx"
+    assert main(["apply", str(encoder), str(tmp_path / "map.json"), "--out", str(out)]) == 0
+    assert "embedding: gather, mlp.1: prune" in capsys.readouterr().out
+    expected, _ = apply_reuse_map(model, reuse_map, "gather")
+    np.testing.assert_allclose(_run(onnx.load(str(out)), {"image": image}), _run(expected, {"image": image}),
+                               rtol=1e-5, atol=1e-5)
+
+    assert main(["apply", str(encoder), str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "missing.json: reuse map not found" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
