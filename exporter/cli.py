@@ -125,7 +125,20 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return _export(args)
+    """Export, then list where reuse can apply; calibration and search are the next stages."""
+    from exporter.onnx_export import export_model
+
+    result = export_model(args.model_type, args.out, _resolve_checkpoint(args.model_type, args.checkpoint),
+                          _verify_records(args), exporter=args.exporter, opset=args.opset, seed=args.seed)
+    parity = result.info["parity"]
+    print(f"exported {args.model_type}: {result.encoder}, {result.decoder} ({result.sidecar})")
+    print(f"  parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "
+          f"decoder max|diff| {parity['decoder_max_abs_diff']:.2e}, mask IoU {parity['min_mask_iou']:.6f}")
+    sites = result.info["sites"]
+    listed = ", ".join(f"{name} ({site['channels']} ch, {'/'.join(site['strategies'])})" for name, site in sites.items())
+    print(f"  channel sites: {listed}")
+    print("  calibration and pair search on --data are not implemented yet: the pipeline stops after export")
+    return 0
 
 
 COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "run": _run}
