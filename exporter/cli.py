@@ -81,7 +81,7 @@ def _verify_records(args: argparse.Namespace):
     return read_manifest(args.verify_data)[: args.verify_images]
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export_and_report(args: argparse.Namespace):
     from exporter.onnx_export import export_model
 
     result = export_model(args.model_type, args.out, _resolve_checkpoint(args.model_type, args.checkpoint),
@@ -91,6 +91,11 @@ def _export(args: argparse.Namespace) -> int:
     print(f"parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "
           f"decoder max|diff| {parity['decoder_max_abs_diff']:.2e}, "
           f"mask IoU vs SamPredictor {parity['min_mask_iou']:.6f}")
+    return result
+
+
+def _export(args: argparse.Namespace) -> int:
+    _export_and_report(args)
     return 0
 
 
@@ -126,18 +131,10 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Export, then list where reuse can apply; calibration and search are the next stages."""
-    from exporter.onnx_export import export_model
-
-    result = export_model(args.model_type, args.out, _resolve_checkpoint(args.model_type, args.checkpoint),
-                          _verify_records(args), exporter=args.exporter, opset=args.opset, seed=args.seed)
-    parity = result.info["parity"]
-    print(f"exported {args.model_type}: {result.encoder}, {result.decoder} ({result.sidecar})")
-    print(f"  parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "
-          f"decoder max|diff| {parity['decoder_max_abs_diff']:.2e}, mask IoU {parity['min_mask_iou']:.6f}")
-    sites = result.info["sites"]
+    sites = _export_and_report(args).info["sites"]
     listed = ", ".join(f"{name} ({site['channels']} ch, {'/'.join(site['strategies'])})" for name, site in sites.items())
-    print(f"  channel sites: {listed}")
-    print("  calibration and pair search on --data are not implemented yet: the pipeline stops after export")
+    print(f"channel sites: {listed}")
+    print("calibration and pair search on --data are not implemented yet: the pipeline stops after export")
     return 0
 
 

@@ -49,14 +49,3 @@ def finalize(graph: gs.Graph) -> onnx.ModelProto:
     onnx.checker.check_model(model)
     return model
 
-
-def tensor_rank(tensor: gs.Tensor) -> int | None:
-    return len(tensor.shape) if tensor.shape is not None else None
-
-
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    return list(tensor.outputs)
-
-
-def producer(tensor: gs.Tensor) -> gs.Node | None:
-    return tensor.inputs[0] if tensor.inputs else None

@@ -75,11 +75,9 @@ def _reindex_producer(chain: ProducerChain, index: np.ndarray) -> None:
     """Make the producer and the per-channel constants after it emit ``channels[index]``."""
     node = chain.producer
     node.inputs[1] = _constant(node.name, take(constant_value(node.inputs[1]), index, chain.weight_axis))
-    if len(node.inputs) > 2 and node.inputs[2] is not None and not (isinstance(node.inputs[2], gs.Variable)
-                                                                     and not node.inputs[2].name):
-        bias = constant_value(node.inputs[2])
-        if bias is not None and bias.ndim >= 1 and bias.shape[-1] > 1:
-            node.inputs[2] = _constant(node.name, take(bias, index, bias.ndim - 1))
+    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+    if bias is not None and bias.ndim >= 1 and bias.shape[-1] > 1:
+        node.inputs[2] = _constant(node.name, take(bias, index, bias.ndim - 1))
     for consumer, slot, dim in chain.per_channel:
         consumer.inputs[slot] = _constant(consumer.name, take(constant_value(consumer.inputs[slot]), index, dim))
 

@@ -97,13 +97,9 @@ def _is_gelu_output(tensor: gs.Variable) -> bool:
 
 
 def _module_of(node: gs.Node) -> str:
-    """Module path such as ``blocks.3`` from the node's name or the dynamo exporter's metadata."""
-    texts = [node.name] + [str(v) for v in getattr(node, "metadata_props", {}).values()] if hasattr(node, "metadata_props") else [node.name]
-    for text in texts:
-        match = _MODULE_PATH.findall(text.replace("/", "."))
-        if match:
-            return match[-1]
-    return ""
+    """Module path such as ``blocks.3`` from a TorchScript-exported node name ("" for dynamo names)."""
+    match = _MODULE_PATH.findall(node.name.replace("/", "."))
+    return match[-1] if match else ""
 
 
 def find_sites(graph: gs.Graph) -> dict[str, Site]:
