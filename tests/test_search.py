@@ -1,0 +1,166 @@
+"""IoU, bootstrap, salience, channel specs, the exhaustive strategy and its resumable journal."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from calibrate.journal import Journal
+from calibrate.metrics import binary_iou, bootstrap_interval
+from calibrate.salience import channel_salience, salience_order
+from calibrate.search import exhaustive, pair_space, parse_channels, reuse_index, top_distinct_targets
+
+
+def test_iou_hand_computed_cases():
+    a = np.zeros((4, 4), dtype=bool)
+    b = np.zeros((4, 4), dtype=bool)
+    a[0, :3] = True  # 3 pixels
+    b[0, 1:] = True  # 3 pixels, 2 shared
+    assert binary_iou(a, b) == pytest.approx(2 / 4)
+    assert binary_iou(a, a) == 1.0
+    assert binary_iou(a, ~a) == 0.0
+    assert binary_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 0.0  # empty union: 0, as the reference
+    c = np.zeros((4, 4), dtype=bool)
+    c[:2, :2] = True  # 4 pixels, shares (0,0),(0,1) with a: 2 / (3 + 4 - 2)
+    assert binary_iou(a, c) == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="differ in shape"):
+        binary_iou(a, np.zeros((3, 4), dtype=bool))
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    diffs = rng.normal(2.0, 1.0, size=60)
+    low, high = bootstrap_interval(diffs)
+    assert low < diffs.mean() < high and high - low < 1.0
+    assert bootstrap_interval(diffs) == (low, high)
+    assert bootstrap_interval(np.zeros(10)) == (0.0, 0.0)
+
+
+def test_salience_is_the_mean_per_image_l2_norm():
+    acts = np.zeros((2, 3, 2, 2), dtype=np.float32)  # 2 images, 3 channels, channel axis 1
+    acts[0, 0] = 1.0  # norm 2
+    acts[1, 0] = 3.0  # norm 6
+    acts[:, 2] = [[0.0, 0.0], [3.0, 4.0]]  # norm 5 in both images
+    np.testing.assert_allclose(channel_salience(acts, axis=1), [4.0, 0.0, 5.0])
+    tokens = np.moveaxis(acts.reshape(2, 3, 4), 1, 2)  # (images, tokens, channels), axis -1
+    np.testing.assert_allclose(channel_salience(tokens, axis=-1), [4.0, 0.0, 5.0])
+    assert salience_order(np.array([1.0, 3.0, 3.0, 0.5])).tolist() == [1, 2, 0, 3]
+
+
+def test_channel_specs():
+    salience = np.array([5.0, 1.0, 4.0, 0.0, 3.0])
+    assert parse_channels("all", 5) == [0, 1, 2, 3, 4]
+    assert parse_channels("salient:2", 5, salience) == [0, 2]
+    assert parse_channels("unsalient:2", 5, salience) == [1, 3]
+    assert parse_channels("0, 3-4", 5) == [0, 3, 4]
+    for bad in ("7", "2-1", "salient:0", "salient:x", "most:3", ""):
+        with pytest.raises(ValueError):
+            parse_channels(bad, 5, salience)
+    with pytest.raises(ValueError, match="needs channel salience"):
+        parse_channels("salient:2", 5)
+
+
+def test_pairs_and_index():
+    assert pair_space([1, 0], [0, 2]) == [(0, 2), (1, 0), (1, 2)]
+    assert reuse_index(4, [(3, 0), (0, 3)]).tolist() == [3, 1, 2, 0]  # sources read the original tensor
+    scored = [((0, 1), 0.5), ((0, 2), 0.9), ((1, 0), 0.5), ((2, 0), 0.1), ((1, 2), 0.5)]
+    assert top_distinct_targets(scored, 2) == [(0, 2), (1, 0)]
+    assert top_distinct_targets(scored, 5) == [(0, 2), (1, 0), (2, 0)]
+
+
+class PlantedTask:
+    """Per-image 'IoU' of a gather index, with a known best subset of pairs.
+
+    Image i scores base[i] plus the effect of each pair present in the index.
+    Pairs (1 <- 4) and (6 <- 2) help every image, (3 <- 5) helps alone but
+    hurts when combined with (1 <- 4); everything else does nothing or hurts.
+    """
+
+    channels = 8
+
+    def __init__(self, images: int = 5):
+        rng = np.random.default_rng(0)
+        self.base = rng.uniform(0.3, 0.6, size=images)
+        self.calls = 0
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        present = {(t, int(s)) for t, s in enumerate(index) if s != t}
+        score = self.base.copy()
+        score += 0.05 * ((1, 4) in present) + 0.03 * ((6, 2) in present) + 0.02 * ((3, 5) in present)
+        score -= 0.04 * ({(1, 4), (3, 5)} <= present)
+        score -= 0.01 * len(present - {(1, 4), (6, 2), (3, 5)})
+        return score
+
+
+def _brute_force_best(task: PlantedTask, candidates):
+    best, best_score = (), task(reuse_index(task.channels, ())).mean()
+    for size in range(1, len(candidates) + 1):
+        for subset in itertools.combinations(candidates, size):
+            score = task(reuse_index(task.channels, subset)).mean()
+            if score > best_score:
+                best, best_score = subset, score
+    return set(best)
+
+
+def test_exhaustive_finds_the_planted_best_subset(tmp_path):
+    task = PlantedTask()
+    pairs = pair_space(range(8), range(8))
+    result = exhaustive(task, 8, pairs, top_n=4, journal=Journal(tmp_path / "j.jsonl", {"t": 1}), images=5,
+                        progress=False)
+    assert result.candidates[:3] == [(1, 4), (6, 2), (3, 5)]
+    assert set(result.best) == {(1, 4), (6, 2)} == _brute_force_best(PlantedTask(), result.candidates)
+    assert len(result.subsets) == 15
+    assert task.calls == 1 + 56 + 15 and result.evaluations == task.calls * 5 and result.reused == 0
+    assert result.best_of_size(1) == ((1, 4),) and result.best_of_size(0) == ()
+    np.testing.assert_allclose(result.ious_of(()), task.base)
+
+
+def test_no_helpful_pair_gives_an_empty_map(tmp_path):
+    def harmful(index):
+        return np.full(3, 0.5) - 0.1 * np.count_nonzero(index != np.arange(len(index)))
+
+    result = exhaustive(harmful, 4, pair_space(range(4), range(4)), top_n=3,
+                        journal=Journal(tmp_path / "j.jsonl", {}), images=3, progress=False)
+    assert result.best == ()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_same_result_without_repeating_work(tmp_path):
+    pairs = pair_space(range(8), range(8))
+    reference = exhaustive(PlantedTask(), 8, pairs, 4, Journal(tmp_path / "ref.jsonl", {"x": 1}), 5, progress=False)
+
+    class Dying(PlantedTask):
+        def __call__(self, index):
+            if self.calls == 30:
+                raise Interrupt
+            return super().__call__(index)
+
+    with pytest.raises(Interrupt):
+        exhaustive(Dying(), 8, pairs, 4, Journal(tmp_path / "j.jsonl", {"x": 1}), 5, progress=False)
+    # A kill while writing leaves half a line: it must be dropped, not break the resume.
+    with open(tmp_path / "j.jsonl", "a") as f:
+        f.write('{"kind": "pair", "key": "7<-6", "ious": [0.1, 0.')
+    rest = PlantedTask()
+    resumed = exhaustive(rest, 8, pairs, 4, Journal(tmp_path / "j.jsonl", {"x": 1}), 5, progress=False)
+    assert resumed.best == reference.best
+    assert resumed.pair_scores == reference.pair_scores
+    assert rest.calls == (1 + 56 + 15) - 30 and resumed.reused == 30
+    lines = (tmp_path / "j.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + 1 + 56 + 15 and all(json.loads(line) for line in lines)
+
+
+def test_journal_for_other_settings_is_replaced(tmp_path):
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path, {"top_n": 3})
+    journal.add("pair", "1<-2", ious=[0.5])
+    assert Journal(path, {"top_n": 3}).get("pair", "1<-2") == {"kind": "pair", "key": "1<-2", "ious": [0.5]}
+    other = Journal(path, {"top_n": 4})
+    assert other.restarted and other.get("pair", "1<-2") is None
+    assert len(path.read_text().splitlines()) == 1
