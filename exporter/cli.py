@@ -7,10 +7,12 @@ one line on stderr naming the file or option at fault, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from exporter.errors import SamReuseError
 
@@ -32,6 +34,46 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-data", type=Path, default=BUNDLED_DATA,
                         help="dataset folder whose images verify the export against torch (default: bundled isic2016)")
     parser.add_argument("--verify-images", type=int, default=2, help="number of images to verify on (default: 2)")
+
+
+def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -> None:
+    from calibrate.data import DEFAULT_MIN_IMAGES, PROMPT_MODES
+    from calibrate.tune import STRATEGIES, TuneSettings
+
+    defaults = TuneSettings()
+    data = parser.add_argument_group("calibration data")
+    data.add_argument("--data", type=Path, default=data_default, required=data_default is None,
+                      help="folder with manifest.jsonl, or with images/ + masks/, or of images (with --masks)"
+                      + (" (default: bundled isic2016)" if data_default else ""))
+    data.add_argument("--masks", type=Path, help="folder of masks paired with the --data images by file stem")
+    data.add_argument("--prompt", default=defaults.prompt, choices=PROMPT_MODES,
+                      help="given: the records' points/box (else a point derived from the mask); "
+                           "point: the interior point farthest from the mask border; box: the mask's bounding box")
+    data.add_argument("--search-images", type=int, help="first K records form the search split (default: first half)")
+    data.add_argument("--holdout-images", type=int, help="last M records are held out (default: all after the search split)")
+    data.add_argument("--min-images", type=int, default=DEFAULT_MIN_IMAGES,
+                      help=f"fail if a split has fewer usable images (default: {DEFAULT_MIN_IMAGES})")
+    search = parser.add_argument_group("search")
+    search.add_argument("--strategy", default=defaults.strategy, choices=STRATEGIES)
+    search.add_argument("--top-pairs", type=int, default=defaults.top_n,
+                        help=f"N best pairs (distinct targets) whose 2^N-1 subsets are tried (default: {defaults.top_n})")
+    search.add_argument("--targets", default=defaults.targets,
+                        help="channels that may be replaced: all, unsalient:K, salient:K or a list like 0-15,40 (default: all)")
+    search.add_argument("--sources", default=defaults.sources, help="channels that may be copied (same forms; default: all)")
+    search.add_argument("--batch-size", type=int, default=defaults.batch_size, help="decoder batch (default: 8)")
+    search.add_argument("--overlays", type=int, default=defaults.overlays, help="held-out overlay PNGs (default: 4)")
+    search.add_argument("--cache-dir", type=Path, help="activation cache (default: $SAM_REUSE_CACHE/activations)")
+    search.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _tune_settings(args: argparse.Namespace):
+    from calibrate.tune import TuneSettings
+
+    return TuneSettings(strategy=args.strategy, top_n=args.top_pairs, targets=args.targets, sources=args.sources,
+                        prompt=args.prompt, masks=str(args.masks) if args.masks else None,
+                        search_images=args.search_images, holdout_images=args.holdout_images,
+                        min_images=args.min_images, batch_size=args.batch_size, overlays=args.overlays,
+                        cache_dir=str(args.cache_dir) if args.cache_dir else None, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,10 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--strategy", default="auto", choices=["auto", "gather", "fold", "prune"],
                        help="rewrite to use at every site (default: cheapest exact one per site)")
 
-    run = sub.add_parser("run", help="the whole pipeline: export, then tune on a calibration folder")
+    tune = sub.add_parser("tune", help="search a reuse map on calibration data; write the tuned encoder and a report")
+    tune.add_argument("--out", type=Path, required=True, help="output directory (default models: OUT/encoder.onnx, OUT/decoder.onnx)")
+    tune.add_argument("--encoder", type=Path, help="encoder ONNX (default: OUT/encoder.onnx)")
+    tune.add_argument("--decoder", type=Path, help="decoder ONNX (default: OUT/decoder.onnx)")
+    _add_tune_args(tune, None)
+
+    evaluate = sub.add_parser("evaluate", help="mIoU of an encoder/decoder ONNX pair on a split of labelled data")
+    evaluate.add_argument("--encoder", type=Path, required=True)
+    evaluate.add_argument("--decoder", type=Path, required=True)
+    evaluate.add_argument("--split", default="held-out", choices=["held-out", "search", "all"])
+    evaluate.add_argument("--json", type=Path, help="also write the per-image figures to this JSON file")
+    _add_tune_args(evaluate, None)
+
+    run = sub.add_parser("run", help="the whole pipeline: export (or take an ONNX pair), then tune")
     _add_model_args(run)
-    run.add_argument("--data", type=Path, default=BUNDLED_DATA, help="calibration folder (default: bundled isic2016)")
     run.add_argument("--out", type=Path, required=True, help="output directory")
+    run.add_argument("--encoder", type=Path, help="tune this encoder ONNX instead of exporting (with --decoder)")
+    run.add_argument("--decoder", type=Path, help="decoder ONNX to go with --encoder")
+    _add_tune_args(run, BUNDLED_DATA)
     return parser
 
 
@@ -81,11 +138,16 @@ def _verify_records(args: argparse.Namespace):
     return read_manifest(args.verify_data)[: args.verify_images]
 
 
-def _export_and_report(args: argparse.Namespace):
-    from exporter.onnx_export import export_model
+def _export_and_report(args: argparse.Namespace, reuse: bool = False):
+    from exporter.onnx_export import existing_export, export_model
 
-    result = export_model(args.model_type, args.out, _resolve_checkpoint(args.model_type, args.checkpoint),
-                          _verify_records(args), exporter=args.exporter, opset=args.opset, seed=args.seed)
+    checkpoint = _resolve_checkpoint(args.model_type, args.checkpoint)
+    if reuse:
+        found = existing_export(args.out, args.model_type, checkpoint, args.exporter, args.opset, args.seed)
+        if found is not None:
+            print(f"reusing the verified export in {args.out} (export.json matches these settings)")
+            return found
+    result = export_model(args.model_type, args.out, checkpoint, _verify_records(args), exporter=args.exporter, opset=args.opset, seed=args.seed)
     parity = result.info["parity"]
     print(f"wrote {result.encoder}, {result.decoder}, {result.sidecar}")
     print(f"parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "
@@ -129,16 +191,70 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    """Export, then list where reuse can apply; calibration and search are the next stages."""
-    sites = _export_and_report(args).info["sites"]
-    listed = ", ".join(f"{name} ({site['channels']} ch, {'/'.join(site['strategies'])})" for name, site in sites.items())
-    print(f"channel sites: {listed}")
-    print("calibration and pair search on --data are not implemented yet: the pipeline stops after export")
+def _print_report(report: dict) -> None:
+    search, held = report["search"], report["held_out"]
+    pairs = report["reuse_map"]["sites"][report["site"]["name"]]["pairs"]
+    print(f"pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}")
+    print(f"search split   ({search['images']} images): mIoU {search['baseline_miou']:.2f} -> {search['tuned_miou']:.2f}")
+    low, high = held["gain_interval_90"]
+    print(f"held-out split ({held['images']} images): mIoU {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f} "
+          f"({held['gain']:+.2f}, 90% CI [{low:+.2f}, {high:+.2f}])")
+    print(f"verdict: {held['verdict']}")
+
+
+def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace) -> int:
+    from calibrate.tune import tune
+
+    result = tune(encoder, decoder, args.data, out, _tune_settings(args))
+    _print_report(result.report)
+    print(f"wrote {out}/encoder.tuned.onnx, reuse_map.json, report.md, report.json, miou_vs_pairs.png")
     return 0
 
 
-COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "run": _run}
+def _tune(args: argparse.Namespace) -> int:
+    return _tune_into(args.out, args.encoder or args.out / "encoder.onnx", args.decoder or args.out / "decoder.onnx",
+                      args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from calibrate.tune import evaluate
+    from exporter.files import write_json
+
+    result = evaluate(args.encoder, args.decoder, args.data, args.split, _tune_settings(args))
+    print(f"{args.split} split ({len(result.keys)} images): mIoU {result.miou:.2f}")
+    if args.json:
+        write_json(args.json, result.to_json())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Export (or copy the given ONNX pair into --out), then tune."""
+    from calibrate.tune import copy_model
+
+    if (args.encoder is None) != (args.decoder is None):
+        raise SamReuseError("--encoder and --decoder go together")
+    if args.encoder is not None:
+        copy_model(args.encoder, args.out / "encoder.onnx")
+        copy_model(args.decoder, args.out / "decoder.onnx")
+    else:
+        _export_and_report(args, reuse=True)
+    return _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
+
+
+COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "tune": _tune,
+            "evaluate": _evaluate, "run": _run}
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Show warnings (skipped records, ...) as one 'export-and-tune: warning:' message each."""
+    previous = warnings.showwarning
+    warnings.showwarning = lambda message, *_args, **_kwargs: print(f"export-and-tune: warning: {message}",
+                                                                    file=sys.stderr)
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.insert(0, "run")  # `export-and-tune --model-type ...` runs the whole pipeline
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _warnings_to_stderr():
+            return COMMANDS[args.command](args)
     except SamReuseError as exc:
         print(f"export-and-tune: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,11 @@ from typing import Any, Iterator
 from exporter.errors import SamReuseError
 
 
+def cache_root() -> Path:
+    """Where downloads and activations are cached: ``$SAM_REUSE_CACHE`` or ``~/.cache/sam-reuse``."""
+    return Path(os.environ.get("SAM_REUSE_CACHE") or Path.home() / ".cache" / "sam-reuse")
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so large checkpoints stay cheap."""
     digest = hashlib.sha256()

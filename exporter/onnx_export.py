@@ -15,6 +15,7 @@ encoder against torch on real images, the decoder against
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -252,4 +253,28 @@ def export_model(model_type: str, out_dir: str | Path, checkpoint: str | Path | 
             "sites": {name: site.to_json() for name, site in sites_of(staging / "encoder.onnx").items()},
         }
         write_json(staging / "export.json", info)
+    return ExportResult(out_dir / "encoder.onnx", out_dir / "decoder.onnx", out_dir / "export.json", info)
+
+
+def existing_export(out_dir: str | Path, model_type: str, checkpoint: str | Path | None = None,
+                    exporter: str = "legacy", opset: int = DEFAULT_OPSET, seed: int = 0) -> ExportResult | None:
+    """A verified export already in ``out_dir`` for exactly these settings, or None.
+
+    Lets a rerun of the whole pipeline (for instance after an interrupted
+    search) skip the export instead of rebuilding identical models; both
+    model files must still hash to what ``export.json`` recorded.
+    """
+    out_dir = Path(out_dir)
+    try:
+        info = json.loads((out_dir / "export.json").read_text())
+        wanted = {"model_type": model_type, "exporter": exporter, "opset": opset,
+                  "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+                  "seed": seed if checkpoint is None else None}
+        if any(info.get(key) != value for key, value in wanted.items()):
+            return None
+        for name in ("encoder", "decoder"):
+            if sha256_file(out_dir / f"{name}.onnx") != info["models"][name]["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     return ExportResult(out_dir / "encoder.onnx", out_dir / "decoder.onnx", out_dir / "export.json", info)

@@ -8,7 +8,6 @@ check its size and sha256 before it becomes visible in the cache.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import SamReuseError
-from exporter.files import atomic_path, sha256_file
+from exporter.files import atomic_path, cache_root, sha256_file
 
 
 @dataclass(frozen=True)
@@ -43,9 +42,8 @@ WEIGHT_SOURCES: dict[str, WeightSource] = {
 
 
 def cache_dir() -> Path:
-    """Weight cache: ``$SAM_REUSE_CACHE`` or ``~/.cache/sam-reuse``."""
-    root = os.environ.get("SAM_REUSE_CACHE") or Path.home() / ".cache" / "sam-reuse"
-    return Path(root) / "weights"
+    """Weight cache: ``weights/`` under ``cache_root()``."""
+    return cache_root() / "weights"
 
 
 def cached_weight_path(name: str) -> Path:

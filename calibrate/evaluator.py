@@ -1,0 +1,95 @@
+"""Score any reuse at the embedding site on cached embeddings, batched, on ONNX Runtime.
+
+The decoder is turned into a probe (``graphops.probe.with_index_input``): a
+Gather on its ``image_embeddings`` input whose indices are a runtime input,
+so one session evaluates every candidate map and the identity index is the
+unmodified model. Images are batched (one map per batch); images whose
+prompts have different lengths go in different batches, because padding a
+prompt would change SAM's output.
+
+Each mask is scored the way ``SamPredictor.predict(multimask_output=False)``
+is: mask token 0, low-resolution logits upscaled to the image's own size
+(``exporter.imaging.upscale_matrices``), thresholded at 0, IoU against the
+ground truth (``calibrate.metrics.binary_iou``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from calibrate.data import Sample
+from calibrate.metrics import binary_iou
+from exporter.imaging import logits_to_mask, prompt_arrays, upscale_matrices
+from exporter.onnx_export import decoder_feeds
+from exporter.runtime import ort_session
+from graphops.probe import index_input_name, with_index_input
+
+EMBEDDING_INPUT = "image_embeddings"
+DEFAULT_BATCH = 8
+
+
+def _batches(samples: Sequence[Sample], prompts: list[tuple[np.ndarray, np.ndarray]],
+             batch_size: int) -> list[list[int]]:
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, (coords, _) in enumerate(prompts):
+        by_length[coords.shape[1]].append(i)
+    return [members[start:start + batch_size] for _, members in sorted(by_length.items())
+            for start in range(0, len(members), batch_size)]
+
+
+class MaskEvaluator:
+    """Per-image IoU of the decoder's single mask for a gather index on the image embedding."""
+
+    def __init__(self, decoder: str | Path | onnx.ModelProto, samples: Sequence[Sample], embeddings: np.ndarray,
+                 batch_size: int = DEFAULT_BATCH):
+        if len(samples) != len(embeddings):
+            raise ValueError(f"{len(samples)} samples but {len(embeddings)} embeddings")
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        model = decoder if isinstance(decoder, onnx.ModelProto) else onnx.load(str(decoder))
+        self.channels = int(embeddings.shape[1])
+        probe = with_index_input(model, EMBEDDING_INPUT, axis=1, channels=self.channels)
+        self.session = ort_session(probe.SerializeToString())
+        self.samples = list(samples)
+        self.embeddings = embeddings
+        self.prompts = [prompt_arrays(s.prompt, s.hw) for s in self.samples]
+        self.batches = _batches(self.samples, self.prompts, batch_size)
+        self._upscale: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.evaluations = 0  # decoder runs, one per image per evaluated index
+
+    def identity(self) -> np.ndarray:
+        return np.arange(self.channels, dtype=np.int64)
+
+    def low_res_logits(self, index: np.ndarray | None = None) -> list[np.ndarray]:
+        """256x256 mask logits per sample for ``index`` (None: the unmodified model)."""
+        index = self.identity() if index is None else np.asarray(index, dtype=np.int64)
+        logits: list[np.ndarray | None] = [None] * len(self.samples)
+        for batch in self.batches:
+            feeds = decoder_feeds(np.ascontiguousarray(self.embeddings[batch]),
+                                  np.concatenate([self.prompts[i][0] for i in batch]),
+                                  np.concatenate([self.prompts[i][1] for i in batch]))
+            feeds[index_input_name(EMBEDDING_INPUT)] = index
+            masks = self.session.run(["low_res_masks"], feeds)[0]
+            for row, i in enumerate(batch):
+                logits[i] = masks[row, 0]
+        self.evaluations += len(self.samples)
+        return logits  # type: ignore[return-value]
+
+    def predicted_mask(self, logits: np.ndarray, sample_index: int) -> np.ndarray:
+        """Binary mask at the image's resolution, as SamPredictor would return it."""
+        hw = self.samples[sample_index].hw
+        if hw not in self._upscale:
+            self._upscale[hw] = upscale_matrices(hw)
+        rows, cols = self._upscale[hw]
+        return logits_to_mask(rows @ logits @ cols)
+
+    def ious(self, index: np.ndarray | None = None) -> np.ndarray:
+        """IoU per sample (float64) for ``index``."""
+        logits = self.low_res_logits(index)
+        return np.array([binary_iou(self.predicted_mask(l, i), s.mask)
+                         for i, (l, s) in enumerate(zip(logits, self.samples))])

@@ -1,0 +1,131 @@
+"""What a tuning run tells its user: report.json, report.md, the mIoU curve and mask overlays.
+
+All mIoU figures are percentages. The verdict is read off the paired 90%
+bootstrap interval of the held-out gain: a tuned model is called an
+improvement only when the whole interval is above zero.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from exporter.imaging import load_image_rgb
+
+OVERLAY_SIDE = 256
+COLOURS = {"truth": (0, 200, 0), "before": (230, 60, 40), "after": (40, 110, 240)}
+
+
+def verdict(pairs: int, gain: float, interval: tuple[float, float]) -> str:
+    low, high = interval
+    if pairs == 0:
+        return "no pair improved the search split: the tuned model is the original"
+    if low > 0:
+        return f"improvement: held-out gain {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}]"
+    if high < 0:
+        return f"harmful: held-out change {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}]; do not ship"
+    return (f"no reliable improvement: held-out change {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}] "
+            "includes 0")
+
+
+def plot_curve(curve: list[dict[str, Any]], chosen: int, path: Path) -> None:
+    """Search-split and held-out mIoU of the best subset of each size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [point["pairs"] for point in curve]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(sizes, [p["search_miou"] for p in curve], "o-", label="search split (chosen on)")
+    ax.plot(sizes, [p["held_out_miou"] for p in curve], "s-", label="held-out split")
+    ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen: {chosen} pair(s)")
+    ax.set_xlabel("number of pairs (best subset of that size on the search split)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_xticks(sizes)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _panel(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], caption: str) -> Image.Image:
+    blended = image.astype(np.float32)
+    blended[mask] = 0.5 * blended[mask] + 0.5 * np.array(colour, dtype=np.float32)
+    panel = Image.fromarray(blended.astype(np.uint8))
+    panel.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (OVERLAY_SIDE, OVERLAY_SIDE + 16), (255, 255, 255))
+    canvas.paste(panel, (0, 16))
+    ImageDraw.Draw(canvas).text((4, 2), caption, fill=(0, 0, 0))
+    return canvas
+
+
+def overlay(image_path: Path, truth: np.ndarray, before: np.ndarray, after: np.ndarray,
+            iou_before: float, iou_after: float, path: Path) -> None:
+    """PNG with ground truth, original-model mask and tuned-model mask side by side."""
+    image = load_image_rgb(image_path)
+    panels = [_panel(image, truth, COLOURS["truth"], "ground truth"),
+              _panel(image, before, COLOURS["before"], f"original  IoU {iou_before:.1f}"),
+              _panel(image, after, COLOURS["after"], f"tuned  IoU {iou_after:.1f}")]
+    sheet = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), (255, 255, 255))
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, (i * OVERLAY_SIDE, 0))
+    sheet.save(path, format="PNG")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """report.md: the figures a user needs to decide whether to ship the tuned model."""
+    held, search, cost = report["held_out"], report["search"], report["cost"]
+    pairs = report["reuse_map"]["sites"][report["site"]["name"]]["pairs"]
+    lines = [
+        "# sam-reuse tuning report",
+        "",
+        f"**Verdict:** {held['verdict']}",
+        "",
+        f"- Model: `{report['model']['encoder']}` (fingerprint {report['model']['encoder_fingerprint'][:12]})",
+        f"- Data: `{report['data']['source']}`; prompts: {report['data']['prompt']}; "
+        f"{search['images']} search / {held['images']} held-out images"
+        + (f"; {len(report['data']['skipped'])} skipped" if report["data"]["skipped"] else ""),
+        f"- Site: `{report['site']['name']}` ({report['site']['channels']} channels); strategy "
+        f"`{report['settings']['strategy']}`, top N = {report['settings']['top_n']}, "
+        f"{search['pairs_scored']} pairs scored (targets `{report['settings']['targets']}`, "
+        f"sources `{report['settings']['sources']}`)",
+        f"- Chosen pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}",
+        "",
+        "| split | images | original mIoU | tuned mIoU | change |",
+        "|---|---:|---:|---:|---:|",
+        f"| search (chosen on) | {search['images']} | {search['baseline_miou']:.2f} | {search['tuned_miou']:.2f} "
+        f"| {search['tuned_miou'] - search['baseline_miou']:+.2f} |",
+        f"| held-out | {held['images']} | {held['baseline_miou']:.2f} | {held['tuned_miou']:.2f} "
+        f"| {held['gain']:+.2f} (90% CI [{held['gain_interval_90'][0]:+.2f}, {held['gain_interval_90'][1]:+.2f}]) |",
+        "",
+        f"Held-out images improved / unchanged / worse: {held['improved']} / {held['unchanged']} / {held['worse']}.",
+        "",
+        "## mIoU against the number of pairs",
+        "",
+        "| pairs | map | search mIoU | held-out mIoU |",
+        "|---:|---|---:|---:|",
+        *[f"| {p['pairs']} | {', '.join(f'{t}<-{s}' for t, s in p['map']) or '-'} | {p['search_miou']:.2f} "
+          f"| {p['held_out_miou']:.2f} |" for p in report["curve"]],
+        "",
+        "![mIoU against pairs](miou_vs_pairs.png)",
+        "",
+        "## Cost",
+        "",
+        f"- Decoder evaluations: {cost['decoder_evaluations']['search']:,} (search) + "
+        f"{cost['decoder_evaluations']['held_out']:,} (held-out); "
+        f"{cost['maps_reused_from_journal']:,} maps read back from `search.jsonl`",
+        f"- Wall time: {', '.join(f'{k} {v:.1f} s' for k, v in cost['wall_s'].items())}",
+        f"- Tuned encoder check on `{report['tuned_encoder_check']['image']}`: max |diff| vs the searched "
+        f"embedding {report['tuned_encoder_check']['max_abs_diff']:.2e} ({report['tuned_encoder_check']['rewrite']})",
+        "",
+        "## Overlays (held-out: green truth, red original, blue tuned)",
+        "",
+        *[f"![{name}]({name})" for name in report["overlays"]],
+        "",
+    ]
+    return "\n".join(lines)

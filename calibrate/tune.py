@@ -1,0 +1,297 @@
+"""The tuning stage as a Python API: ONNX pair + labelled folder -> reuse map, tuned encoder, report.
+
+``tune`` chooses pairs on the search split only and reports the held-out
+split; ``evaluate`` scores any encoder/decoder pair end to end. Neither
+imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from calibrate.activations import encode
+from calibrate.data import MASK_RULE, CalibrationSet, Sample, load_calibration
+from calibrate.evaluator import EMBEDDING_INPUT, MaskEvaluator
+from calibrate.journal import Journal
+from calibrate.metrics import bootstrap_interval
+from calibrate.report import markdown, overlay, plot_curve, verdict
+from calibrate.salience import channel_salience
+from calibrate.search import exhaustive, pair_space, parse_channels, reuse_index
+from exporter.errors import SamReuseError
+from exporter.files import ensure_writable_dir, staged_outputs, write_json
+from exporter.imaging import load_image_rgb, preprocess
+from exporter.runtime import ort_session
+from graphops.graph import fingerprint, load_graph
+from graphops.reuse_map import ReuseMap, SiteReuse
+from graphops.rewrites import apply_reuse_map
+from graphops.sites import find_sites
+
+REPORT_FORMAT = "sam-reuse/report@1"
+STRATEGIES = ("exhaustive",)
+JOURNAL = "search.jsonl"
+CHECK_TOLERANCE = 1e-4
+
+
+@dataclass
+class TuneSettings:
+    """Every knob of a tuning run; recorded in report.json."""
+
+    site: str = "embedding"
+    strategy: str = "exhaustive"
+    top_n: int = 10
+    targets: str = "all"
+    sources: str = "all"
+    prompt: str = "given"
+    masks: str | None = None
+    search_images: int | None = None
+    holdout_images: int | None = None
+    min_images: int = 2
+    batch_size: int = 8
+    overlays: int = 4
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class TuneResult:
+    reuse_map: ReuseMap
+    report: dict[str, Any]
+    out_dir: Path
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not Path(path).is_file():
+        raise SamReuseError(f"{path}: {what} not found")
+    return Path(path)
+
+
+def _load_onnx(path: Path, what: str) -> onnx.ModelProto:
+    _require_file(path, what)
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends without a common base
+        raise SamReuseError(f"{path}: not a readable ONNX model ({exc})") from None
+
+
+def _sample_identity(sample: Sample) -> list[Any]:
+    mask_hash = hashlib.sha256(np.packbits(sample.mask).tobytes() + str(sample.hw).encode()).hexdigest()
+    prompt = sample.prompt
+    return [sample.key, sample.image_sha256, mask_hash,
+            None if prompt.points is None else prompt.points.tolist(),
+            None if prompt.labels is None else prompt.labels.tolist(),
+            None if prompt.box is None else prompt.box.tolist()]
+
+
+def _pct(values: np.ndarray) -> float:
+    return float(np.mean(values) * 100)
+
+
+def _check_tuned_encoder(tuned: onnx.ModelProto, sample: Sample, cached: np.ndarray, index: np.ndarray) -> float:
+    """Max |diff| between the rewritten encoder's embedding and the searched (gathered) one."""
+    session = ort_session(tuned.SerializeToString())
+    image = preprocess(load_image_rgb(sample.record.image))
+    embedding = session.run([EMBEDDING_INPUT], {session.get_inputs()[0].name: image})[0][0]
+    return float(np.abs(embedding - np.take(np.asarray(cached), index, axis=0)).max())
+
+
+def _choose_overlays(keys: list[str], gains: np.ndarray, count: int) -> list[int]:
+    """The held-out images that changed most: biggest gains and biggest losses, half each."""
+    if count <= 0:
+        return []
+    order = list(np.lexsort((np.arange(len(gains)), -gains)))
+    picked = order[: (count + 1) // 2] + order[::-1][: count // 2]
+    return sorted(set(int(i) for i in picked), key=lambda i: (-gains[i], keys[i]))[:count]
+
+
+def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str):
+    if name != "embedding":
+        raise SamReuseError(f"site '{name}': tuning searches the image embedding ('embedding') only")
+    sites = find_sites(load_graph(onnx.shape_inference.infer_shapes(encoder)))
+    if name not in sites:
+        raise SamReuseError(f"{encoder_path}: no '{name}' site (an output named '{EMBEDDING_INPUT}' with a channel axis)")
+    return sites[name]
+
+
+def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: str | Path,
+         settings: TuneSettings | None = None) -> TuneResult:
+    """Search a reuse map on ``data``'s search split and write it with a tuned encoder and a report.
+
+    Writes ``search.jsonl`` (progress, for resuming) as it goes and, at the
+    end and all at once, ``encoder.tuned.onnx``, ``reuse_map.json``,
+    ``report.json``, ``report.md``, ``miou_vs_pairs.png`` and
+    ``overlay-<key>.png`` for a few held-out images.
+    """
+    settings = settings or TuneSettings()
+    if settings.strategy not in STRATEGIES:
+        raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
+    if settings.top_n < 1:
+        raise SamReuseError("--top-pairs must be at least 1")
+    if settings.batch_size < 1:
+        raise SamReuseError("--batch-size must be at least 1")
+    encoder, decoder, out_dir = Path(encoder), Path(decoder), Path(out_dir)
+    wall: dict[str, float] = {}
+    started = time.perf_counter()
+    encoder_model = _load_onnx(encoder, "encoder ONNX")
+    decoder_model = _load_onnx(decoder, "decoder ONNX")
+    site = _site(encoder_model, encoder, settings.site)
+    for option, spec in (("--targets", settings.targets), ("--sources", settings.sources)):
+        try:  # check the syntax now, before minutes of encoding
+            parse_channels(spec, site.channels, np.zeros(site.channels))
+        except ValueError as exc:
+            raise SamReuseError(f"{option}: {exc}") from None
+    calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
+                                   settings.holdout_images, settings.min_images)
+    ensure_writable_dir(out_dir)
+    encoder_fp, decoder_fp = fingerprint(encoder_model), fingerprint(decoder_model)
+    wall["load"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    search_emb = encode(encoder_model, calibration.search, site.tensor, settings.cache_dir, settings.progress,
+                        desc="encode search split")
+    held_emb = encode(encoder_model, calibration.held_out, site.tensor, settings.cache_dir, settings.progress,
+                      desc="encode held-out split")
+    wall["encode"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    salience = channel_salience(search_emb, site.axis)
+    targets = parse_channels(settings.targets, site.channels, salience)
+    sources = parse_channels(settings.sources, site.channels, salience)
+    pairs = pair_space(targets, sources)
+    if not pairs:
+        raise SamReuseError("--targets/--sources leave no pair (a pair needs a target different from its source)")
+    config = {"strategy": settings.strategy, "encoder": encoder_fp, "decoder": decoder_fp, "site": site.tensor,
+              "mask_rule": MASK_RULE, "images": [_sample_identity(s) for s in calibration.search],
+              "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size}
+    journal = Journal(out_dir / JOURNAL, config)
+    if journal.restarted:
+        print(f"{out_dir / JOURNAL}: written for other settings; starting the search over")
+    search_eval = MaskEvaluator(decoder_model, calibration.search, search_emb, settings.batch_size)
+    result = exhaustive(search_eval.ious, site.channels, pairs, settings.top_n, journal,
+                        images=len(calibration.search), progress=settings.progress)
+    wall["search"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    reuse = SiteReuse(tensor=site.tensor, axis=site.axis, channels=site.channels, pairs=tuple(result.best))
+    reuse_map = ReuseMap(model_fingerprint=encoder_fp, sites={settings.site: reuse},
+                         meta={"strategy": settings.strategy, "data": str(data),
+                               "search_images": [s.key for s in calibration.search]})
+    held_eval = MaskEvaluator(decoder_model, calibration.held_out, held_emb, settings.batch_size)
+    curve, held_by_size = [], {}
+    for size in range(len(result.candidates) + 1):
+        subset = result.best_of_size(size)
+        held_by_size[size] = held_eval.ious(reuse_index(site.channels, subset))
+        curve.append({"pairs": size, "map": [list(p) for p in subset],
+                      "search_miou": _pct(result.ious_of(subset)), "held_out_miou": _pct(held_by_size[size])})
+    held_base, held_tuned = held_by_size[0], held_by_size[len(result.best)]
+    gains = (held_tuned - held_base) * 100
+    interval = bootstrap_interval(gains)
+    tuned_model, applied = apply_reuse_map(encoder_model, reuse_map)
+    check_sample = int(np.argmax(np.abs(gains))) if len(gains) else 0
+    index = reuse.index()
+    max_diff = _check_tuned_encoder(tuned_model, calibration.held_out[check_sample], held_emb[check_sample], index)
+    if max_diff > CHECK_TOLERANCE:
+        raise SamReuseError(f"tuned encoder disagrees with the searched embedding by {max_diff:.2e} "
+                            f"on {calibration.held_out[check_sample].key}: the rewrite is not exact")
+    wall["held_out"] = time.perf_counter() - mark
+
+    keys = [s.key for s in calibration.held_out]
+    chosen = _choose_overlays(keys, gains, settings.overlays)
+    report = {
+        "format": REPORT_FORMAT,
+        "model": {"encoder": str(encoder), "decoder": str(decoder), "encoder_fingerprint": encoder_fp,
+                  "decoder_fingerprint": decoder_fp},
+        "data": {"source": str(data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
+                 "search": [s.key for s in calibration.search], "held_out": keys, "skipped": calibration.skipped},
+        "settings": asdict(settings),
+        "site": {"name": settings.site, "tensor": site.tensor, "axis": site.axis, "channels": site.channels},
+        "search": {"images": len(calibration.search), "baseline_miou": _pct(result.baseline),
+                   "tuned_miou": _pct(result.ious_of(result.best)), "pairs_scored": len(pairs),
+                   "targets": targets, "sources": sources,
+                   "top_pairs": [[t, s, d * 100] for (t, s), d in result.pair_scores[:20]],
+                   "candidates": [list(p) for p in result.candidates], "subsets": len(result.subsets),
+                   "salience": [float(v) for v in salience]},
+        "held_out": {"images": len(keys), "baseline_miou": _pct(held_base), "tuned_miou": _pct(held_tuned),
+                     "gain": float(gains.mean()), "gain_interval_90": list(interval),
+                     "improved": int((gains > 0).sum()), "unchanged": int((gains == 0).sum()),
+                     "worse": int((gains < 0).sum()),
+                     "per_image": [{"key": k, "baseline": float(b * 100), "tuned": float(t * 100)}
+                                   for k, b, t in zip(keys, held_base, held_tuned)],
+                     "verdict": verdict(len(result.best), float(gains.mean()), interval)},
+        "curve": curve,
+        "reuse_map": reuse_map.to_json(),
+        "tuned_encoder_check": {"image": keys[check_sample], "max_abs_diff": max_diff,
+                                "rewrite": ", ".join(f"{k}: {v}" for k, v in applied.items()) or "none (empty map)"},
+        "overlays": [f"overlay-{keys[i]}.png" for i in chosen],
+        "cost": {"decoder_evaluations": {"search": result.evaluations, "held_out": held_eval.evaluations},
+                 "maps_reused_from_journal": result.reused, "encoded_images": len(search_emb) + len(held_emb),
+                 "wall_s": wall},
+    }
+    with staged_outputs(out_dir) as staging:
+        onnx.save(tuned_model, str(staging / "encoder.tuned.onnx"))
+        reuse_map.save(staging / "reuse_map.json")
+        plot_curve(curve, len(result.best), staging / "miou_vs_pairs.png")
+        if chosen:
+            before = held_eval.low_res_logits(index=None)
+            after = held_eval.low_res_logits(index=index)
+            for i in chosen:
+                overlay(calibration.held_out[i].record.image, calibration.held_out[i].mask,
+                        held_eval.predicted_mask(before[i], i), held_eval.predicted_mask(after[i], i),
+                        held_base[i] * 100, held_tuned[i] * 100, staging / f"overlay-{keys[i]}.png")
+        wall["total"] = time.perf_counter() - started
+        write_json(staging / "report.json", report)
+        (staging / "report.md").write_text(markdown(report))
+    return TuneResult(reuse_map=reuse_map, report=report, out_dir=out_dir)
+
+
+@dataclass
+class Evaluation:
+    split: str
+    keys: list[str]
+    ious: np.ndarray
+
+    @property
+    def miou(self) -> float:
+        return _pct(self.ious)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"split": self.split, "images": len(self.keys), "miou": self.miou,
+                "per_image": {k: float(v * 100) for k, v in zip(self.keys, self.ious)}}
+
+
+SPLITS = ("held-out", "search", "all")
+
+
+def evaluate(encoder: str | Path, decoder: str | Path, data: str | Path, split: str = "held-out",
+             settings: TuneSettings | None = None) -> Evaluation:
+    """mIoU of an encoder/decoder pair (e.g. encoder.tuned.onnx) on a split, end to end on ONNX Runtime."""
+    settings = settings or TuneSettings()
+    if split not in SPLITS:
+        raise SamReuseError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    encoder_model = _load_onnx(Path(encoder), "encoder ONNX")
+    decoder_model = _load_onnx(Path(decoder), "decoder ONNX")
+    calibration: CalibrationSet = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
+                                                   settings.holdout_images, min_images=0)
+    samples = {"held-out": calibration.held_out, "search": calibration.search,
+               "all": calibration.search + calibration.held_out}[split]
+    if not samples:
+        raise SamReuseError(f"{data}: no usable images in the {split} split")
+    embeddings = encode(encoder_model, samples, EMBEDDING_INPUT, settings.cache_dir, settings.progress,
+                        desc=f"encode {split}")
+    evaluator = MaskEvaluator(decoder_model, samples, embeddings, settings.batch_size)
+    return Evaluation(split=split, keys=[s.key for s in samples], ious=evaluator.ious())
+
+
+def copy_model(source: str | Path, target: Path) -> None:
+    """Copy an ONNX file into an output folder atomically (used when tuning an existing pair)."""
+    source = _require_file(Path(source), "ONNX model")
+    if source.resolve() != target.resolve():
+        with staged_outputs(target.parent) as staging:
+            shutil.copyfile(source, staging / target.name)

@@ -1,0 +1,196 @@
+"""`tune` / `evaluate` / `export-and-tune` end to end: planted improvement, resume after kill, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from calibrate.tune import TuneSettings, evaluate, tune
+from exporter.cli import main
+from graphops.reuse_map import ReuseMap
+from tests import synthetic
+from tests.conftest import REPO, SAMPLES
+
+OUTPUTS = ["encoder.tuned.onnx", "reuse_map.json", "report.json", "report.md", "miou_vs_pairs.png"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    encoder, decoder = synthetic.write_models(root / "models")
+    slow_encoder, slow_decoder = synthetic.write_models(root / "slow", slow=12)
+    data = synthetic.write_dataset(root / "data", 12)
+    return {"encoder": encoder, "decoder": decoder, "slow_decoder": slow_decoder, "data": data,
+            "cache": root / "cache"}
+
+
+def _settings(task, **kwargs) -> TuneSettings:
+    return TuneSettings(progress=False, cache_dir=str(task["cache"]), **{"top_n": 3, **kwargs})
+
+
+def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path):
+    result = tune(task["encoder"], task["decoder"], task["data"], tmp_path, _settings(task, overlays=2))
+    pairs = result.reuse_map.sites["embedding"].pairs
+    assert pairs == ((synthetic.TARGET, synthetic.HELPER),)
+    report = json.loads((tmp_path / "report.json").read_text())
+    held = report["held_out"]
+    assert held["images"] == 6 and held["baseline_miou"] < 5 and held["tuned_miou"] > 90
+    assert held["gain_interval_90"][0] > 50 and held["verdict"].startswith("improvement")
+    assert report["search"]["candidates"][0] == [synthetic.TARGET, synthetic.HELPER]
+    assert report["cost"]["decoder_evaluations"]["search"] == (1 + 56 + 7) * 6
+    assert report["tuned_encoder_check"]["max_abs_diff"] == 0.0
+    assert [p["pairs"] for p in report["curve"]] == [0, 1, 2, 3]
+    for name in OUTPUTS + report["overlays"]:
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert len(report["overlays"]) == 2
+    assert ReuseMap.load(tmp_path / "reuse_map.json").sites["embedding"].pairs == pairs
+    # The tuned encoder, run end to end, reproduces what the search measured through the probe.
+    tuned = evaluate(tmp_path / "encoder.tuned.onnx", task["decoder"], task["data"], settings=_settings(task))
+    assert tuned.miou == pytest.approx(held["tuned_miou"], abs=1e-9)
+    original = evaluate(task["encoder"], task["decoder"], task["data"], settings=_settings(task))
+    assert original.miou == pytest.approx(held["baseline_miou"], abs=1e-9)
+    # Same inputs, same map; the second run reads every map back from the journal.
+    again = tune(task["encoder"], task["decoder"], task["data"], tmp_path, _settings(task, overlays=2))
+    assert again.reuse_map.to_json() == result.reuse_map.to_json()
+    assert again.report["cost"]["decoder_evaluations"]["search"] == 0
+    assert again.report["cost"]["maps_reused_from_journal"] == 1 + 56 + 7
+
+
+def test_restricted_pair_space_without_the_helper_finds_nothing(task, tmp_path):
+    result = tune(task["encoder"], task["decoder"], task["data"], tmp_path,
+                  _settings(task, sources="0-4,6-7", overlays=0))
+    assert result.reuse_map.num_pairs == 0
+    assert result.report["held_out"]["gain"] == 0.0
+    assert "tuned model is the original" in result.report["held_out"]["verdict"]
+    onnx.checker.check_model(str(tmp_path / "encoder.tuned.onnx"))
+
+
+def _journal_entries(path: Path) -> int:
+    return len(path.read_text().splitlines()) - 1 if path.exists() else 0
+
+
+def test_killed_search_resumes_to_the_identical_map(task, tmp_path):
+    """SIGKILL the CLI mid-search, rerun it: same map, and finished maps are not evaluated again."""
+    args = ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["slow_decoder"]),
+            "--data", str(task["data"]), "--top-pairs", "3", "--cache-dir", str(task["cache"]), "--no-progress",
+            "--overlays", "0"]
+    reference = tmp_path / "reference"
+    assert main(args + ["--out", str(reference)]) == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "exporter.cli", *args, "--out", str(out)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _journal_entries(out / "search.jsonl") < 10 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert process.poll() is None, f"the search ended before it could be killed: {process.stderr.read()!r}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = _journal_entries(out / "search.jsonl")
+    assert 10 <= done < 64 and not (out / "reuse_map.json").exists()
+    assert main(args + ["--out", str(out)]) == 0
+    assert (out / "reuse_map.json").read_text() == (reference / "reuse_map.json").read_text()
+    resumed = json.loads((out / "report.json").read_text())
+    first = json.loads((reference / "report.json").read_text())
+    assert resumed["cost"]["maps_reused_from_journal"] >= done - 1  # the line being written may be lost
+    assert resumed["cost"]["decoder_evaluations"]["search"] == (64 - resumed["cost"]["maps_reused_from_journal"]) * 6
+    assert resumed["search"] == first["search"] and resumed["held_out"] == first["held_out"]
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("export-and-tune: error: ")
+    return err[-1]
+
+
+def test_bad_inputs_exit_2_naming_the_problem_and_write_nothing(task, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["tune", "--out", str(out), "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]),
+            "--data", str(task["data"]), "--cache-dir", str(task["cache"]), "--no-progress"]
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not onnx")
+    no_site = tmp_path / "no_site.onnx"
+    model = synthetic.encoder_model()
+    model.graph.output[0].name = "features"
+    model.graph.node[-1].output[0] = "features"
+    onnx.save(model, str(no_site))
+    cases = {
+        "encoder ONNX not found": base[:4] + [str(tmp_path / "missing.onnx")] + base[5:],
+        "not a readable ONNX model": base[:4] + [str(garbage)] + base[5:],
+        "no 'embedding' site": base[:4] + [str(no_site)] + base[5:],
+        "data folder not found": base[:8] + [str(tmp_path / "nodata")] + base[9:],
+        "--targets: 'salient:99': expected salient:K with 1 <= K <= 8": base + ["--targets", "salient:99"],
+        "--sources: 'x'": base + ["--sources", "x"],
+        "--top-pairs must be at least 1": base + ["--top-pairs", "0"],
+        "only 1 usable search record(s) of 1 (at least 2 needed)": base + ["--search-images", "1"],
+        "split asks for 10 search + 5 held-out records, the data has 12": base + ["--search-images", "10",
+                                                                                  "--holdout-images", "5"],
+    }
+    for expected, argv in cases.items():
+        assert expected in _cli_error(capsys, argv), expected
+        assert not out.exists(), expected
+
+
+def test_skipped_records_are_one_warning_on_the_command_line(task, tmp_path, capsys):
+    data = synthetic.write_dataset(tmp_path / "data", 6)
+    (data / "img01.png").write_bytes(b"broken")
+    (data / "img04_mask.png").unlink()
+    assert main(["evaluate", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]), "--data", str(data),
+                 "--split", "all", "--cache-dir", str(task["cache"]), "--no-progress",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("export-and-tune: warning:") == 1 and "skipped 2 unusable record(s)" in captured.err
+    assert "img01" in captured.err and "img04" in captured.err
+    assert "all split (4 images): mIoU" in captured.out
+    assert len(json.loads((tmp_path / "eval.json").read_text())["per_image"]) == 4
+
+
+def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model-type", "test_vit_t", "--out", str(out), "--data", str(SAMPLES), "--search-images", "2",
+            "--holdout-images", "2", "--targets", "0-2", "--sources", "3-4", "--top-pairs", "2", "--overlays", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--verify-images", "1"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "parity vs torch" in first and "verdict:" in first
+    for name in ["encoder.onnx", "decoder.onnx", "export.json", *OUTPUTS]:
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["pairs_scored"] == 6 and report["held_out"]["images"] == 2
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "reusing the verified export" in second
+    assert json.loads((out / "report.json").read_text())["cost"]["maps_reused_from_journal"] == 1 + 6 + 3
+
+
+def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mobilesam_checkpoint, sample_records):
+    """The probe evaluator's IoU equals IoU of SamPredictor.predict(multimask_output=False) masks."""
+    from calibrate.activations import encode
+    from calibrate.data import load_sample
+    from calibrate.evaluator import MaskEvaluator
+    from calibrate.metrics import binary_iou
+    from exporter.imaging import load_image_rgb
+    from exporter.models import build_sam
+    from segment_anything import SamPredictor
+
+    samples = [load_sample(r) for r in sample_records[:3]]
+    embeddings = encode(mobilesam_export.encoder, samples, progress=False, cache_dir=None)
+    ours = MaskEvaluator(mobilesam_export.decoder, samples, embeddings, batch_size=2).ious()
+    predictor = SamPredictor(build_sam("vit_t", mobilesam_checkpoint))
+    reference = []
+    for sample in samples:
+        predictor.set_image(load_image_rgb(sample.record.image))
+        masks, _, _ = predictor.predict(sample.prompt.points, sample.prompt.labels, multimask_output=False)
+        reference.append(binary_iou(masks[0], sample.mask))
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+    assert 0.3 < np.mean(ours) < 1.0
