@@ -136,6 +136,8 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         raise SamReuseError("--top-pairs must be at least 1")
     if settings.batch_size < 1:
         raise SamReuseError("--batch-size must be at least 1")
+    if settings.min_images < 1:
+        raise SamReuseError("--min-images must be at least 1: tuning needs search and held-out images")
     encoder, decoder, out_dir = Path(encoder), Path(decoder), Path(out_dir)
     wall: dict[str, float] = {}
     started = time.perf_counter()

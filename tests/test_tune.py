@@ -194,3 +194,15 @@ def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mob
         reference.append(binary_iou(masks[0], sample.mask))
     np.testing.assert_allclose(ours, reference, atol=1e-4)
     assert 0.3 < np.mean(ours) < 1.0
+
+
+def test_run_takes_an_existing_onnx_pair(task, tmp_path, capsys):
+    out = tmp_path / "pair"
+    argv = ["run", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]), "--data", str(task["data"]),
+            "--out", str(out), "--top-pairs", "2", "--cache-dir", str(task["cache"]), "--no-progress",
+            "--overlays", "0"]
+    assert main(argv) == 0
+    assert (out / "encoder.onnx").read_bytes() == task["encoder"].read_bytes()
+    assert (out / "decoder.onnx").read_bytes() == task["decoder"].read_bytes()
+    assert f"{synthetic.TARGET} <- {synthetic.HELPER}" in capsys.readouterr().out
+    assert "--encoder and --decoder go together" in _cli_error(capsys, argv[:3] + argv[5:])
