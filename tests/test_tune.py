@@ -206,3 +206,43 @@ def test_run_takes_an_existing_onnx_pair(task, tmp_path, capsys):
     assert (out / "decoder.onnx").read_bytes() == task["decoder"].read_bytes()
     assert f"{synthetic.TARGET} <- {synthetic.HELPER}" in capsys.readouterr().out
     assert "--encoder and --decoder go together" in _cli_error(capsys, argv[:3] + argv[5:])
+
+
+def test_evaluator_batches_mixed_prompts_and_image_sizes_like_one_at_a_time(task, tmp_path):
+    """Batching groups prompts by length and upscales each mask to its own image's size."""
+    from PIL import Image
+
+    from calibrate.activations import encode
+    from calibrate.data import load_calibration
+    from calibrate.evaluator import MaskEvaluator
+    from calibrate.metrics import binary_iou
+    from exporter.imaging import logits_to_mask, prompt_arrays, upscale_logits
+    from exporter.onnx_export import decoder_feeds
+    from exporter.runtime import ort_session
+
+    data = synthetic.write_dataset(tmp_path / "data", 8)
+    for i in (1, 4, 6):  # non-square images (and masks) of another size
+        for name in (f"img{i:02d}.png", f"img{i:02d}_mask.png"):
+            with Image.open(data / name) as img:
+                img.resize((256, 160), Image.Resampling.NEAREST).save(data / name)
+    lines = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    for i in (1, 4, 6):
+        lines[i]["points"] = [[x, y * 160 // 256] for x, y in lines[i]["points"]]
+    for i in (2, 5):  # point + box: three prompt points instead of point + padding point
+        lines[i]["box"] = [40, 40, 200, 150]
+    (data / "manifest.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    samples = load_calibration(data, search_images=8, holdout_images=0, min_images=0).search
+    embeddings = encode(task["encoder"], samples, cache_dir=task["cache"], progress=False)
+    index = np.arange(synthetic.CHANNELS)
+    index[synthetic.TARGET] = synthetic.HELPER
+    batched = MaskEvaluator(task["decoder"], samples, embeddings, batch_size=4)
+    assert sorted(len(b) for b in batched.batches) == [2, 2, 4]
+    one_by_one = MaskEvaluator(task["decoder"], samples, embeddings, batch_size=1)
+    np.testing.assert_array_equal(batched.ious(index), one_by_one.ious(index))
+    plain = ort_session(str(task["decoder"]))
+    for i, sample in enumerate(samples):  # the plain decoder on the gathered embedding, upscaled by hand
+        coords, labels = prompt_arrays(sample.prompt, sample.hw)
+        logits = plain.run(["low_res_masks"], decoder_feeds(embeddings[i:i + 1][:, index], coords, labels))[0]
+        expected = binary_iou(logits_to_mask(upscale_logits(logits[0, 0], sample.hw)), sample.mask)
+        assert batched.ious(index)[i] == pytest.approx(expected, abs=1e-12)
+    assert batched.evaluations == 8 * 9
