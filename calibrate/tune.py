@@ -24,7 +24,7 @@ from calibrate.journal import Journal
 from calibrate.metrics import bootstrap_interval
 from calibrate.report import markdown, overlay, plot_curve, verdict
 from calibrate.salience import channel_salience
-from calibrate.search import exhaustive, pair_space, parse_channels, reuse_index
+from calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, reuse_index
 from exporter.errors import SamReuseError
 from exporter.files import ensure_writable_dir, staged_outputs, write_json
 from exporter.imaging import load_image_rgb, preprocess
@@ -120,6 +120,48 @@ def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str):
     return sites[name]
 
 
+def _check_settings(settings: TuneSettings) -> None:
+    if settings.strategy not in STRATEGIES:
+        raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
+    if settings.top_n < 1:
+        raise SamReuseError("--top-pairs must be at least 1")
+    if settings.batch_size < 1:
+        raise SamReuseError("--batch-size must be at least 1")
+    if settings.min_images < 1:
+        raise SamReuseError("--min-images must be at least 1: tuning needs search and held-out images")
+
+
+def _check_channel_specs(settings: TuneSettings, channels: int) -> None:
+    """Reject a malformed --targets/--sources now, not after minutes of encoding."""
+    for option, spec in (("--targets", settings.targets), ("--sources", settings.sources)):
+        try:
+            parse_channels(spec, channels, np.zeros(channels))
+        except ValueError as exc:
+            raise SamReuseError(f"{option}: {exc}") from None
+
+
+def _held_out_curve(result: SearchResult, held_eval: MaskEvaluator) -> tuple[list[dict[str, Any]], dict[int, np.ndarray]]:
+    """Search and held-out mIoU of the best subset of each size (size 0: the original model)."""
+    curve, held_by_size = [], {}
+    for size in range(len(result.candidates) + 1):
+        subset = result.best_of_size(size)
+        held_by_size[size] = held_eval.ious(reuse_index(held_eval.channels, subset))
+        curve.append({"pairs": size, "map": [list(p) for p in subset],
+                      "search_miou": _pct(result.ious_of(subset)), "held_out_miou": _pct(held_by_size[size])})
+    return curve, held_by_size
+
+
+def _write_overlays(held_eval: MaskEvaluator, chosen: list[tuple[Sample, int]], index: np.ndarray,
+                    before_ious: np.ndarray, after_ious: np.ndarray, folder: Path) -> None:
+    if not chosen:
+        return
+    before, after = held_eval.low_res_logits(index=None), held_eval.low_res_logits(index=index)
+    for sample, i in chosen:
+        overlay(sample.record.image, sample.mask, held_eval.predicted_mask(before[i], i),
+                held_eval.predicted_mask(after[i], i), before_ious[i] * 100, after_ious[i] * 100,
+                folder / f"overlay-{sample.key}.png")
+
+
 def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: str | Path,
          settings: TuneSettings | None = None) -> TuneResult:
     """Search a reuse map on ``data``'s search split and write it with a tuned encoder and a report.
@@ -130,25 +172,14 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     ``overlay-<key>.png`` for a few held-out images.
     """
     settings = settings or TuneSettings()
-    if settings.strategy not in STRATEGIES:
-        raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
-    if settings.top_n < 1:
-        raise SamReuseError("--top-pairs must be at least 1")
-    if settings.batch_size < 1:
-        raise SamReuseError("--batch-size must be at least 1")
-    if settings.min_images < 1:
-        raise SamReuseError("--min-images must be at least 1: tuning needs search and held-out images")
+    _check_settings(settings)
     encoder, decoder, out_dir = Path(encoder), Path(decoder), Path(out_dir)
     wall: dict[str, float] = {}
     started = time.perf_counter()
     encoder_model = _load_onnx(encoder, "encoder ONNX")
     decoder_model = _load_onnx(decoder, "decoder ONNX")
     site = _site(encoder_model, encoder, settings.site)
-    for option, spec in (("--targets", settings.targets), ("--sources", settings.sources)):
-        try:  # check the syntax now, before minutes of encoding
-            parse_channels(spec, site.channels, np.zeros(site.channels))
-        except ValueError as exc:
-            raise SamReuseError(f"{option}: {exc}") from None
+    _check_channel_specs(settings, site.channels)
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                    settings.holdout_images, settings.min_images)
     ensure_writable_dir(out_dir)
@@ -186,12 +217,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                          meta={"strategy": settings.strategy, "data": str(data),
                                "search_images": [s.key for s in calibration.search]})
     held_eval = MaskEvaluator(decoder_model, calibration.held_out, held_emb, settings.batch_size)
-    curve, held_by_size = [], {}
-    for size in range(len(result.candidates) + 1):
-        subset = result.best_of_size(size)
-        held_by_size[size] = held_eval.ious(reuse_index(site.channels, subset))
-        curve.append({"pairs": size, "map": [list(p) for p in subset],
-                      "search_miou": _pct(result.ious_of(subset)), "held_out_miou": _pct(held_by_size[size])})
+    curve, held_by_size = _held_out_curve(result, held_eval)
     held_base, held_tuned = held_by_size[0], held_by_size[len(result.best)]
     gains = (held_tuned - held_base) * 100
     interval = bootstrap_interval(gains)
@@ -236,17 +262,12 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                  "maps_reused_from_journal": result.reused, "encoded_images": len(search_emb) + len(held_emb),
                  "wall_s": wall},
     }
+    overlays = [(calibration.held_out[i], i) for i in chosen]
     with staged_outputs(out_dir) as staging:
         onnx.save(tuned_model, str(staging / "encoder.tuned.onnx"))
         reuse_map.save(staging / "reuse_map.json")
         plot_curve(curve, len(result.best), staging / "miou_vs_pairs.png")
-        if chosen:
-            before = held_eval.low_res_logits(index=None)
-            after = held_eval.low_res_logits(index=index)
-            for i in chosen:
-                overlay(calibration.held_out[i].record.image, calibration.held_out[i].mask,
-                        held_eval.predicted_mask(before[i], i), held_eval.predicted_mask(after[i], i),
-                        held_base[i] * 100, held_tuned[i] * 100, staging / f"overlay-{keys[i]}.png")
+        _write_overlays(held_eval, overlays, index, held_base, held_tuned, staging)
         wall["total"] = time.perf_counter() - started
         write_json(staging / "report.json", report)
         (staging / "report.md").write_text(markdown(report))
