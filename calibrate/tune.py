@@ -204,6 +204,10 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
               "mask_rule": MASK_RULE, "images": [_sample_identity(s) for s in calibration.search],
               "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size}
     journal = Journal(out_dir / JOURNAL, config)
+    if settings.progress:
+        subsets = 2 ** min(settings.top_n, len(set(t for t, _ in pairs))) - 1
+        print(f"exhaustive search: {len(pairs):,} pairs + up to {subsets:,} subsets, each scored on "
+              f"{len(calibration.search)} search images ({len(journal.entries):,} maps already in {JOURNAL})")
     if journal.restarted:
         print(f"{out_dir / JOURNAL}: written for other settings; starting the search over")
     search_eval = MaskEvaluator(decoder_model, calibration.search, search_emb, settings.batch_size)
