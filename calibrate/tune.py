@@ -28,7 +28,7 @@ from calibrate.search import SearchResult, exhaustive, pair_space, parse_channel
 from exporter.errors import SamReuseError
 from exporter.files import ensure_writable_dir, staged_outputs, write_json
 from exporter.imaging import load_image_rgb, preprocess
-from exporter.runtime import ort_session
+from exporter.runtime import load_model, ort_session
 from graphops.graph import fingerprint, load_graph
 from graphops.reuse_map import ReuseMap, SiteReuse
 from graphops.rewrites import apply_reuse_map
@@ -71,14 +71,6 @@ def _require_file(path: Path, what: str) -> Path:
     if not Path(path).is_file():
         raise SamReuseError(f"{path}: {what} not found")
     return Path(path)
-
-
-def _load_onnx(path: Path, what: str) -> onnx.ModelProto:
-    _require_file(path, what)
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and friends without a common base
-        raise SamReuseError(f"{path}: not a readable ONNX model ({exc})") from None
 
 
 def _sample_identity(sample: Sample) -> list[Any]:
@@ -176,8 +168,8 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     encoder, decoder, out_dir = Path(encoder), Path(decoder), Path(out_dir)
     wall: dict[str, float] = {}
     started = time.perf_counter()
-    encoder_model = _load_onnx(encoder, "encoder ONNX")
-    decoder_model = _load_onnx(decoder, "decoder ONNX")
+    encoder_model = load_model(encoder, "encoder ONNX")
+    decoder_model = load_model(decoder, "decoder ONNX")
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.channels)
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
@@ -302,8 +294,8 @@ def evaluate(encoder: str | Path, decoder: str | Path, data: str | Path, split: 
     settings = settings or TuneSettings()
     if split not in SPLITS:
         raise SamReuseError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
-    encoder_model = _load_onnx(Path(encoder), "encoder ONNX")
-    decoder_model = _load_onnx(Path(decoder), "decoder ONNX")
+    encoder_model = load_model(encoder, "encoder ONNX")
+    decoder_model = load_model(decoder, "decoder ONNX")
     calibration: CalibrationSet = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                                    settings.holdout_images, min_images=0)
     samples = {"held-out": calibration.held_out, "search": calibration.search,

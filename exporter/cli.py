@@ -77,6 +77,8 @@ def _tune_settings(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporter.verify import DEFAULT_ATOL, DEFAULT_RTOL
+
     parser = argparse.ArgumentParser(prog="export-and-tune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -98,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", type=Path, required=True, help="output ONNX path (e.g. encoder.tuned.onnx)")
     apply.add_argument("--strategy", default="auto", choices=["auto", "gather", "fold", "prune"],
                        help="rewrite to use at every site (default: cheapest exact one per site)")
+
+    verify = sub.add_parser("verify", help="compare a tuned encoder with the original + its reuse map (polygraphy, ONNX Runtime)")
+    verify.add_argument("tuned", type=Path, help="the rewritten encoder, e.g. OUT/encoder.tuned.onnx")
+    verify.add_argument("--reference", type=Path, required=True, help="the original encoder ONNX")
+    verify.add_argument("--reuse-map", type=Path, help="reuse map JSON (default: the one recorded in the tuned model)")
+    verify.add_argument("--data", type=Path, default=BUNDLED_DATA, help="images to compare on (default: bundled isic2016)")
+    verify.add_argument("--images", type=int, default=2, help="number of images (default: 2)")
+    verify.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default: {DEFAULT_ATOL:g})")
+    verify.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default: {DEFAULT_RTOL:g})")
 
     tune = sub.add_parser("tune", help="search a reuse map on calibration data; write the tuned encoder and a report")
     tune.add_argument("--out", type=Path, required=True, help="output directory (default models: OUT/encoder.onnx, OUT/decoder.onnx)")
@@ -227,6 +238,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from calibrate.data import read_records
+    from exporter.verify import verify_tuned
+
+    if args.images < 1:
+        raise SamReuseError("--images must be at least 1")
+    result = verify_tuned(args.reference, args.tuned, read_records(args.data)[: args.images], args.reuse_map,
+                          args.atol, args.rtol)
+    for name, figures in result.outputs.items():
+        print(f"{name}: max |tuned - reference| {figures['max_abs_diff']:.2e} over {result.images} image(s)")
+    if not result.passed:
+        print(f"export-and-tune: verify FAILED: {args.tuned} differs from {args.reference} + its reuse map "
+              f"beyond atol {args.atol:g} / rtol {args.rtol:g}", file=sys.stderr)
+        return 1
+    print(f"verify passed: {args.tuned} equals {args.reference} + its reuse map (gather reference)")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     """Export (or copy the given ONNX pair into --out), then tune."""
     from calibrate.tune import copy_model
@@ -241,7 +270,7 @@ def _run(args: argparse.Namespace) -> int:
     return _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
 
 
-COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "tune": _tune,
+COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "verify": _verify, "tune": _tune,
             "evaluate": _evaluate, "run": _run}
 
 

@@ -9,6 +9,8 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
+from exporter.errors import SamReuseError
+
 DEFAULT_THREADS = int(os.environ.get("SAM_REUSE_THREADS", "2"))
 
 
@@ -21,6 +23,16 @@ def ort_session(model: str | Path | bytes, threads: int = DEFAULT_THREADS,
     options.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def load_model(path: str | Path, what: str = "ONNX model") -> onnx.ModelProto:
+    """``onnx.load`` with errors that name the file and the problem."""
+    if not Path(path).is_file():
+        raise SamReuseError(f"{path}: {what} not found")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends without a common base
+        raise SamReuseError(f"{path}: not a readable ONNX model ({exc})") from None
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
