@@ -27,7 +27,7 @@ from calibrate.activations import encode
 from calibrate.data import load_sample, read_manifest
 from calibrate.evaluator import MaskEvaluator
 from calibrate.metrics import binary_iou
-from calibrate.search import reuse_index
+from graphops.reuse_map import reuse_index
 from exporter.imaging import load_image_rgb
 from exporter.models import build_sam
 from exporter.runtime import DEFAULT_THREADS

@@ -23,6 +23,7 @@ Default: the first half is the search split, the second half held out.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ def choose_prompt(record: Record, mask: np.ndarray, mode: str) -> Prompt:
 
 def _image_size_and_hash(path: Path) -> tuple[tuple[int, int], str]:
     data = path.read_bytes()
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
         img.load()  # decode fully: a truncated file fails here, not during encoding
         width, height = img.size
     return (height, width), hashlib.sha256(data).hexdigest()

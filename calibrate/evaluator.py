@@ -88,8 +88,11 @@ class MaskEvaluator:
         rows, cols = self._upscale[hw]
         return logits_to_mask(rows @ logits @ cols)
 
-    def ious(self, index: np.ndarray | None = None) -> np.ndarray:
-        """IoU per sample (float64) for ``index``."""
-        logits = self.low_res_logits(index)
+    def ious_of(self, logits: list[np.ndarray]) -> np.ndarray:
+        """IoU per sample (float64) of ``low_res_logits`` output."""
         return np.array([binary_iou(self.predicted_mask(l, i), s.mask)
                          for i, (l, s) in enumerate(zip(logits, self.samples))])
+
+    def ious(self, index: np.ndarray | None = None) -> np.ndarray:
+        """IoU per sample (float64) for ``index``."""
+        return self.ious_of(self.low_res_logits(index))

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from calibrate.journal import Journal
 from calibrate.salience import salience_order
+from graphops.reuse_map import reuse_index
 
 Pair = tuple[int, int]
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -60,17 +61,14 @@ def parse_channels(spec: str, channels: int, salience: np.ndarray | None = None)
     return sorted(picked)
 
 
-def reuse_index(channels: int, pairs: Sequence[Pair]) -> np.ndarray:
-    """Gather index of a set of pairs (targets read the original tensor)."""
-    index = np.arange(channels, dtype=np.int64)
-    for target, source in pairs:
-        index[target] = source
-    return index
-
-
 def pair_space(targets: Sequence[int], sources: Sequence[int]) -> list[Pair]:
     """Every ordered pair (target, source) with target != source, in a fixed order."""
     return [(t, s) for t in sorted(set(targets)) for s in sorted(set(sources)) if t != s]
+
+
+def planned_subsets(pairs: Sequence[Pair], top_n: int) -> int:
+    """How many subsets the exhaustive strategy will try at most: 2^min(N, distinct targets) - 1."""
+    return 2 ** min(top_n, len({t for t, _ in pairs})) - 1
 
 
 def top_distinct_targets(scored: Sequence[tuple[Pair, float]], count: int) -> list[Pair]:
@@ -124,7 +122,7 @@ def exhaustive(evaluate: Evaluate, channels: int, pairs: Sequence[Pair], top_n: 
     """Run the exhaustive strategy; ``evaluate(index)`` returns per-image IoUs on the search split."""
     if top_n < 1:
         raise ValueError("top N must be at least 1")
-    n_subsets = 2 ** min(top_n, len(set(t for t, _ in pairs))) - 1
+    n_subsets = planned_subsets(pairs, top_n)
     done = [0, 0]  # evaluated, reused
 
     def measured(kind: str, key: str, index: np.ndarray) -> np.ndarray:

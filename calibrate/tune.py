@@ -24,13 +24,13 @@ from calibrate.journal import Journal
 from calibrate.metrics import bootstrap_interval
 from calibrate.report import markdown, overlay, plot_curve, verdict
 from calibrate.salience import channel_salience
-from calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, reuse_index
+from calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, planned_subsets
 from exporter.errors import SamReuseError
 from exporter.files import ensure_writable_dir, staged_outputs, write_json
 from exporter.imaging import load_image_rgb, preprocess
 from exporter.runtime import load_model, ort_session
 from graphops.graph import fingerprint, load_graph
-from graphops.reuse_map import ReuseMap, SiteReuse
+from graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
 from graphops.rewrites import apply_reuse_map
 from graphops.sites import find_sites
 
@@ -132,22 +132,26 @@ def _check_channel_specs(settings: TuneSettings, channels: int) -> None:
             raise SamReuseError(f"{option}: {exc}") from None
 
 
-def _held_out_curve(result: SearchResult, held_eval: MaskEvaluator) -> tuple[list[dict[str, Any]], dict[int, np.ndarray]]:
-    """Search and held-out mIoU of the best subset of each size (size 0: the original model)."""
-    curve, held_by_size = [], {}
+def _held_out_curve(result: SearchResult, held_eval: MaskEvaluator
+                    ) -> tuple[list[dict[str, Any]], dict[int, np.ndarray], dict[int, list[np.ndarray]]]:
+    """Search and held-out mIoU of the best subset of each size (size 0: the original model).
+
+    Also returns the held-out logits of the original and the chosen map, which the overlays draw.
+    """
+    curve, held_by_size, logits_kept = [], {}, {}
     for size in range(len(result.candidates) + 1):
         subset = result.best_of_size(size)
-        held_by_size[size] = held_eval.ious(reuse_index(held_eval.channels, subset))
+        logits = held_eval.low_res_logits(reuse_index(held_eval.channels, subset))
+        held_by_size[size] = held_eval.ious_of(logits)
+        if size in (0, len(result.best)):
+            logits_kept[size] = logits
         curve.append({"pairs": size, "map": [list(p) for p in subset],
                       "search_miou": _pct(result.ious_of(subset)), "held_out_miou": _pct(held_by_size[size])})
-    return curve, held_by_size
+    return curve, held_by_size, logits_kept
 
 
-def _write_overlays(held_eval: MaskEvaluator, chosen: list[tuple[Sample, int]], index: np.ndarray,
-                    before_ious: np.ndarray, after_ious: np.ndarray, folder: Path) -> None:
-    if not chosen:
-        return
-    before, after = held_eval.low_res_logits(index=None), held_eval.low_res_logits(index=index)
+def _write_overlays(held_eval: MaskEvaluator, chosen: list[tuple[Sample, int]], before: list[np.ndarray],
+                    after: list[np.ndarray], before_ious: np.ndarray, after_ious: np.ndarray, folder: Path) -> None:
     for sample, i in chosen:
         overlay(sample.record.image, sample.mask, held_eval.predicted_mask(before[i], i),
                 held_eval.predicted_mask(after[i], i), before_ious[i] * 100, after_ious[i] * 100,
@@ -197,9 +201,9 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
               "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size}
     journal = Journal(out_dir / JOURNAL, config)
     if settings.progress:
-        subsets = 2 ** min(settings.top_n, len(set(t for t, _ in pairs))) - 1
-        print(f"exhaustive search: {len(pairs):,} pairs + up to {subsets:,} subsets, each scored on "
-              f"{len(calibration.search)} search images ({len(journal.entries):,} maps already in {JOURNAL})")
+        print(f"exhaustive search: {len(pairs):,} pairs + up to {planned_subsets(pairs, settings.top_n):,} subsets, "
+              f"each scored on {len(calibration.search)} search images "
+              f"({len(journal.entries):,} maps already in {JOURNAL})")
     if journal.restarted:
         print(f"{out_dir / JOURNAL}: written for other settings; starting the search over")
     search_eval = MaskEvaluator(decoder_model, calibration.search, search_emb, settings.batch_size)
@@ -213,7 +217,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                          meta={"strategy": settings.strategy, "data": str(data),
                                "search_images": [s.key for s in calibration.search]})
     held_eval = MaskEvaluator(decoder_model, calibration.held_out, held_emb, settings.batch_size)
-    curve, held_by_size = _held_out_curve(result, held_eval)
+    curve, held_by_size, held_logits = _held_out_curve(result, held_eval)
     held_base, held_tuned = held_by_size[0], held_by_size[len(result.best)]
     gains = (held_tuned - held_base) * 100
     interval = bootstrap_interval(gains)
@@ -263,7 +267,8 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         onnx.save(tuned_model, str(staging / "encoder.tuned.onnx"))
         reuse_map.save(staging / "reuse_map.json")
         plot_curve(curve, len(result.best), staging / "miou_vs_pairs.png")
-        _write_overlays(held_eval, overlays, index, held_base, held_tuned, staging)
+        _write_overlays(held_eval, overlays, held_logits[0], held_logits[len(result.best)], held_base, held_tuned,
+                        staging)
         wall["total"] = time.perf_counter() - started
         write_json(staging / "report.json", report)
         (staging / "report.md").write_text(markdown(report))

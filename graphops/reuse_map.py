@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -29,6 +29,14 @@ from exporter.errors import SamReuseError
 from exporter.files import write_json
 
 FORMAT = "sam-reuse/reuse-map@1"
+
+
+def reuse_index(channels: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """Gather indices of a set of pairs: ``X' = take(X, index, axis)``, every source read from the original."""
+    index = np.arange(channels, dtype=np.int64)
+    for target, source in pairs:
+        index[target] = source
+    return index
 
 
 @dataclass(frozen=True)
@@ -42,10 +50,7 @@ class SiteReuse:
 
     def index(self) -> np.ndarray:
         """Gather indices: ``X' = take(X, index, axis)``."""
-        index = np.arange(self.channels, dtype=np.int64)
-        for target, source in self.pairs:
-            index[target] = source
-        return index
+        return reuse_index(self.channels, self.pairs)
 
     def to_json(self) -> dict[str, Any]:
         return {"tensor": self.tensor, "axis": self.axis, "channels": self.channels,

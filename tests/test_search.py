@@ -11,7 +11,8 @@ import pytest
 from calibrate.journal import Journal
 from calibrate.metrics import binary_iou, bootstrap_interval
 from calibrate.salience import channel_salience, salience_order
-from calibrate.search import exhaustive, pair_space, parse_channels, reuse_index, top_distinct_targets
+from calibrate.search import exhaustive, pair_space, parse_channels, top_distinct_targets
+from graphops.reuse_map import reuse_index
 
 
 def test_iou_hand_computed_cases():
