@@ -3,7 +3,9 @@
 The decoder is turned into a probe (``graphops.probe.with_index_input``): a
 Gather on its ``image_embeddings`` input whose indices are a runtime input,
 so one session evaluates every candidate map and the identity index is the
-unmodified model. Images are batched (one map per batch); images whose
+unmodified model; index value ``channels`` reads an all-zero channel, so the
+same session scores channel ablation. Any subset of the images can be
+scored (the fast search races candidates on a few images first). Images are batched (one map per batch); images whose
 prompts have different lengths go in different batches, because padding a
 prompt would change SAM's output.
 
@@ -53,23 +55,44 @@ class MaskEvaluator:
             raise ValueError("batch size must be at least 1")
         model = decoder if isinstance(decoder, onnx.ModelProto) else onnx.load(str(decoder))
         self.channels = int(embeddings.shape[1])
-        probe = with_index_input(model, EMBEDDING_INPUT, axis=1, channels=self.channels)
+        probe = with_index_input(model, EMBEDDING_INPUT, axis=1, channels=self.channels, zero_channel=True)
         self.session = ort_session(probe.SerializeToString())
         self.samples = list(samples)
         self.embeddings = embeddings
         self.prompts = [prompt_arrays(s.prompt, s.hw) for s in self.samples]
-        self.batches = _batches(self.samples, self.prompts, batch_size)
+        self.batch_size = batch_size
+        self._batches: dict[tuple[int, ...], list[list[int]]] = {}
         self._upscale: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.evaluations = 0  # decoder runs, one per image per evaluated index
+
+    @property
+    def zero(self) -> int:
+        """The index value that reads an all-zero channel."""
+        return self.channels
 
     def identity(self) -> np.ndarray:
         return np.arange(self.channels, dtype=np.int64)
 
-    def low_res_logits(self, index: np.ndarray | None = None) -> list[np.ndarray]:
-        """256x256 mask logits per sample for ``index`` (None: the unmodified model)."""
+    def _rows(self, rows: Sequence[int] | None) -> list[int]:
+        return list(range(len(self.samples))) if rows is None else [int(r) for r in rows]
+
+    def batches(self, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """Batches (lists of sample indices) covering ``rows``, one prompt length per batch."""
+        rows = self._rows(rows)
+        key = tuple(rows)
+        if key not in self._batches:
+            picked = [self.samples[r] for r in rows]
+            local = _batches(picked, [self.prompts[r] for r in rows], self.batch_size)
+            self._batches[key] = [[rows[i] for i in batch] for batch in local]
+        return self._batches[key]
+
+    def low_res_logits(self, index: np.ndarray | None = None, rows: Sequence[int] | None = None
+                       ) -> list[np.ndarray]:
+        """256x256 mask logits for ``index`` (None: the unmodified model), one per row of ``rows`` (None: all)."""
         index = self.identity() if index is None else np.asarray(index, dtype=np.int64)
-        logits: list[np.ndarray | None] = [None] * len(self.samples)
-        for batch in self.batches:
+        rows = self._rows(rows)
+        logits: dict[int, np.ndarray] = {}
+        for batch in self.batches(rows):
             feeds = decoder_feeds(np.ascontiguousarray(self.embeddings[batch]),
                                   np.concatenate([self.prompts[i][0] for i in batch]),
                                   np.concatenate([self.prompts[i][1] for i in batch]))
@@ -77,8 +100,8 @@ class MaskEvaluator:
             masks = self.session.run(["low_res_masks"], feeds)[0]
             for row, i in enumerate(batch):
                 logits[i] = masks[row, 0]
-        self.evaluations += len(self.samples)
-        return logits  # type: ignore[return-value]
+        self.evaluations += len(rows)
+        return [logits[r] for r in rows]
 
     def predicted_mask(self, logits: np.ndarray, sample_index: int) -> np.ndarray:
         """Binary mask at the image's resolution, as SamPredictor would return it."""
@@ -88,11 +111,11 @@ class MaskEvaluator:
         rows, cols = self._upscale[hw]
         return logits_to_mask(rows @ logits @ cols)
 
-    def ious_of(self, logits: list[np.ndarray]) -> np.ndarray:
-        """IoU per sample (float64) of ``low_res_logits`` output."""
-        return np.array([binary_iou(self.predicted_mask(l, i), s.mask)
-                         for i, (l, s) in enumerate(zip(logits, self.samples))])
+    def ious_of(self, logits: list[np.ndarray], rows: Sequence[int] | None = None) -> np.ndarray:
+        """IoU (float64) of ``low_res_logits(index, rows)`` output, one per row."""
+        return np.array([binary_iou(self.predicted_mask(l, r), self.samples[r].mask)
+                         for l, r in zip(logits, self._rows(rows))])
 
-    def ious(self, index: np.ndarray | None = None) -> np.ndarray:
-        """IoU per sample (float64) for ``index``."""
-        return self.ious_of(self.low_res_logits(index))
+    def ious(self, index: np.ndarray | None = None, rows: Sequence[int] | None = None) -> np.ndarray:
+        """IoU (float64) for ``index`` on ``rows`` (None: every sample)."""
+        return self.ious_of(self.low_res_logits(index, rows), rows)

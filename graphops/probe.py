@@ -3,6 +3,8 @@
 * ``with_index_input``: a Gather at a site whose indices are a graph input
   (``reuse_index.<site>``, int64 [channels]); one ONNX Runtime session then
   evaluates any map at that site - the identity index gives the original.
+  With ``zero_channel`` the index may also name channel ``channels``, an
+  all-zero channel, so the same session scores channel ablation.
 * ``expose``: the site tensor as an extra graph output, with its shape.
 * ``cut``: split a graph at a site into a prefix (inputs -> every tensor the
   rest still needs) and a suffix (those tensors -> outputs), so activations
@@ -37,14 +39,38 @@ def _tensor(graph: gs.Graph, name: str) -> gs.Variable:
     return tensor
 
 
-def with_index_input(model: onnx.ModelProto, tensor_name: str, axis: int, channels: int) -> onnx.ModelProto:
-    """Model whose ``tensor_name`` is gathered along ``axis`` by a runtime index input."""
+def with_index_input(model: onnx.ModelProto, tensor_name: str, axis: int, channels: int,
+                     zero_channel: bool = False) -> onnx.ModelProto:
+    """Model whose ``tensor_name`` is gathered along ``axis`` by a runtime index input.
+
+    ``zero_channel`` appends an all-zero channel to the gathered tensor, so
+    index value ``channels`` zeroes a channel (the ablation screening uses).
+    """
     graph = _shaped_graph(model)
     tensor = _tensor(graph, tensor_name)
     index = gs.Variable(index_input_name(tensor_name), dtype=np.int64, shape=[channels])
     graph.inputs.append(index)
-    insert_gather(graph, tensor, axis, index)
+    gather = insert_gather(graph, tensor, axis, index)
+    if zero_channel:
+        gather.inputs[0] = _with_zero_channel(graph, tensor, axis)
     return finalize(graph)
+
+
+def _with_zero_channel(graph: gs.Graph, tensor: gs.Variable, axis: int) -> gs.Variable:
+    """Concat(tensor, 0 * tensor[first channel]) along ``axis``: channel ``C`` reads zeros."""
+    name = tensor.name
+    first = gs.Variable(f"{name}/first_channel", dtype=tensor.dtype)
+    zeros = gs.Variable(f"{name}/zero_channel", dtype=tensor.dtype)
+    padded = gs.Variable(f"{name}/with_zero_channel", dtype=tensor.dtype)
+    starts, ends, axes = (gs.Constant(f"{name}/slice_{label}", np.array([value], dtype=np.int64))
+                          for label, value in (("start", 0), ("end", 1), ("axis", axis)))
+    zero = gs.Constant(f"{name}/zero", np.zeros((), dtype=tensor.dtype))
+    graph.nodes += [
+        gs.Node("Slice", inputs=[tensor, starts, ends, axes], outputs=[first]),
+        gs.Node("Mul", inputs=[first, zero], outputs=[zeros]),
+        gs.Node("Concat", inputs=[tensor, zeros], outputs=[padded], attrs={"axis": axis}),
+    ]
+    return padded
 
 
 def expose(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:

@@ -239,6 +239,27 @@ def test_probe_index_input_evaluates_any_map(tiny_exports, image):
                                   _run(rewritten, {"image": image}))
 
 
+def test_probe_zero_channel_ablates_channels(tiny_exports, image):
+    """Index value C reads an all-zero channel: equal to zeroing those channels between prefix and suffix."""
+    model = onnx.load(str(tiny_exports["test_vit_b"].encoder))
+    site = find_sites(load_graph(onnx.shape_inference.infer_shapes(model)))["mlp.1"]
+    probe = ort_session(with_index_input(model, site.tensor, site.axis, site.channels,
+                                         zero_channel=True).SerializeToString())
+    feed_name = index_input_name(site.tensor)
+    index = np.arange(site.channels)
+    np.testing.assert_array_equal(probe.run(None, {"image": image, feed_name: index})[0], _run(model, {"image": image}))
+    index[[3, 17, 40]] = site.channels
+    index[5] = 9
+    prefix, suffix, names = cut(model, site.tensor)
+    activations = _run_all(prefix, {"image": image})
+    zeroed = np.concatenate([activations[0], np.zeros_like(activations[0][..., :1])], axis=site.axis)
+    activations[0] = np.take(zeroed, index, axis=site.axis)
+    expected = _run(suffix, dict(zip(names, activations)))
+    got = probe.run(None, {"image": image, feed_name: index})[0]
+    assert np.abs(got - _run(model, {"image": image})).max() > 1e-3  # the ablation changes the output
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_expose_adds_site_output_with_shape(tiny_exports, image):
     model = onnx.load(str(tiny_exports["test_vit_b"].encoder))
     site = find_sites(load_graph(onnx.shape_inference.infer_shapes(model)))["mlp.1"]
