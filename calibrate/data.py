@@ -301,7 +301,7 @@ def load_calibration(folder: str | Path, masks: str | Path | None = None, prompt
         warnings.warn(SkippedRecordsWarning(f"{folder}: skipped {len(skipped)} unusable record(s):\n{listing}"),
                       stacklevel=2)
     for name, split, wanted in (("search", search, search_records), ("held-out", held_out, held_records)):
-        if len(split) < min_images:
+        if len(split) < min_images and (wanted or name == "search"):  # no held-out split at all is allowed
             raise SamReuseError(f"{folder}: only {len(split)} usable {name} record(s) of {len(wanted)} "
                                 f"(at least {min_images} needed)")
     return CalibrationSet(search=search, held_out=held_out, skipped=skipped, source=str(folder), prompt_mode=prompt)

@@ -1,8 +1,9 @@
 """What a tuning run tells its user: report.json, report.md, the mIoU curve and mask overlays.
 
 All mIoU figures are percentages. The verdict is read off the paired 90%
-bootstrap interval of the held-out gain: a tuned model is called an
-improvement only when the whole interval is above zero.
+bootstrap interval of the held-out gain (or, without a held-out split, of the
+cross-validated gain): a tuned model is called an improvement only when the
+whole interval is above zero.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ OVERLAY_SIDE = 256
 COLOURS = {"truth": (0, 200, 0), "before": (230, 60, 40), "after": (40, 110, 240)}
 
 
-def verdict(pairs: int, gain: float, interval: tuple[float, float]) -> str:
+def verdict(pairs: int, gain: float, interval: tuple[float, float], basis: str = "held-out",
+            empty_reason: str = "no pair improved the search split") -> str:
+    """One line a user can act on, read off the 90% interval of the gain (``basis`` says what it was measured on)."""
     low, high = interval
     if pairs == 0:
-        return "no pair improved the search split: the tuned model is the original"
+        return f"{empty_reason}: the tuned model is the original"
     if low > 0:
-        return f"improvement: held-out gain {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}]"
+        return f"improvement: {basis} gain {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}]"
     if high < 0:
-        return f"harmful: held-out change {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}]; do not ship"
-    return (f"no reliable improvement: held-out change {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}] "
+        return f"harmful: {basis} change {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}]; do not ship"
+    return (f"no reliable improvement: {basis} change {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}] "
             "includes 0")
 
 
@@ -41,9 +44,10 @@ def plot_curve(curve: list[dict[str, Any]], chosen: int, path: Path) -> None:
     sizes = [point["pairs"] for point in curve]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(sizes, [p["search_miou"] for p in curve], "o-", label="search split (chosen on)")
-    ax.plot(sizes, [p["held_out_miou"] for p in curve], "s-", label="held-out split")
+    if all(p["held_out_miou"] is not None for p in curve):
+        ax.plot(sizes, [p["held_out_miou"] for p in curve], "s-", label="held-out split")
     ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen: {chosen} pair(s)")
-    ax.set_xlabel("number of pairs (best subset of that size on the search split)")
+    ax.set_xlabel("number of pairs (exhaustive: best subset of that size; fast: greedy path)")
     ax.set_ylabel("mIoU (%)")
     ax.set_xticks(sizes)
     ax.grid(alpha=0.3)
@@ -77,40 +81,58 @@ def overlay(image_path: Path, truth: np.ndarray, before: np.ndarray, after: np.n
     sheet.save(path, format="PNG")
 
 
+def _estimate_lines(report: dict[str, Any]) -> list[str]:
+    held, search = report["held_out"], report["search"]
+    rows = ["| split | images | original mIoU | tuned mIoU | change |", "|---|---:|---:|---:|---:|",
+            f"| search (chosen on) | {search['images']} | {search['baseline_miou']:.2f} | {search['tuned_miou']:.2f} "
+            f"| {search['tuned_miou'] - search['baseline_miou']:+.2f} |"]
+    if held is None:
+        estimate = report["estimate"]
+        low, high = estimate["gain_interval_90"]
+        return rows + ["", f"No held-out split. {estimate['basis'].capitalize()} estimate of the gain on unseen "
+                       f"images: {estimate['gain']:+.2f} mIoU (90% CI [{low:+.2f}, {high:+.2f}]). Each image is "
+                       "scored with a map chosen without it; screening and racing saw every image, so the "
+                       "estimate leans optimistic. Keep images back (`--holdout-images`) for a firmer figure."]
+    low, high = held["gain_interval_90"]
+    return rows + [f"| held-out | {held['images']} | {held['baseline_miou']:.2f} | {held['tuned_miou']:.2f} "
+                   f"| {held['gain']:+.2f} (90% CI [{low:+.2f}, {high:+.2f}]) |", "",
+                   f"Held-out images improved / unchanged / worse: {held['improved']} / {held['unchanged']} / "
+                   f"{held['worse']}."]
+
+
+def _miou(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """report.md: the figures a user needs to decide whether to ship the tuned model."""
-    held, search, cost = report["held_out"], report["search"], report["cost"]
+    search, cost = report["search"], report["cost"]
     pairs = report["reuse_map"]["sites"][report["site"]["name"]]["pairs"]
+    held_images = report["held_out"]["images"] if report["held_out"] else 0
+    settings = report["settings"]
     lines = [
         "# sam-reuse tuning report",
         "",
-        f"**Verdict:** {held['verdict']}",
+        f"**Verdict:** {report['verdict']}",
         "",
         f"- Model: `{report['model']['encoder']}` (fingerprint {report['model']['encoder_fingerprint'][:12]})",
         f"- Data: `{report['data']['source']}`; prompts: {report['data']['prompt']}; "
-        f"{search['images']} search / {held['images']} held-out images"
+        f"{search['images']} search / {held_images} held-out images"
         + (f"; {len(report['data']['skipped'])} skipped" if report["data"]["skipped"] else ""),
         f"- Site: `{report['site']['name']}` ({report['site']['channels']} channels); strategy "
-        f"`{report['settings']['strategy']}`, top N = {report['settings']['top_n']}, "
-        f"{search['pairs_scored']} pairs scored (targets `{report['settings']['targets']}`, "
-        f"sources `{report['settings']['sources']}`)",
+        f"`{settings['strategy']}`" + (f" ({settings['selection']} selection)" if settings["strategy"] == "fast" else "")
+        + f", top N = {settings['top_n']}, {search['pairs_scored']} pairs scored on every search image "
+        f"(targets `{settings['targets']}`, sources `{settings['sources']}`)",
         f"- Chosen pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}",
         "",
-        "| split | images | original mIoU | tuned mIoU | change |",
-        "|---|---:|---:|---:|---:|",
-        f"| search (chosen on) | {search['images']} | {search['baseline_miou']:.2f} | {search['tuned_miou']:.2f} "
-        f"| {search['tuned_miou'] - search['baseline_miou']:+.2f} |",
-        f"| held-out | {held['images']} | {held['baseline_miou']:.2f} | {held['tuned_miou']:.2f} "
-        f"| {held['gain']:+.2f} (90% CI [{held['gain_interval_90'][0]:+.2f}, {held['gain_interval_90'][1]:+.2f}]) |",
-        "",
-        f"Held-out images improved / unchanged / worse: {held['improved']} / {held['unchanged']} / {held['worse']}.",
+        *_estimate_lines(report),
         "",
         "## mIoU against the number of pairs",
         "",
         "| pairs | map | search mIoU | held-out mIoU |",
         "|---:|---|---:|---:|",
         *[f"| {p['pairs']} | {', '.join(f'{t}<-{s}' for t, s in p['map']) or '-'} | {p['search_miou']:.2f} "
-          f"| {p['held_out_miou']:.2f} |" for p in report["curve"]],
+          f"| {_miou(p['held_out_miou'])} |" for p in report["curve"]],
         "",
         "![mIoU against pairs](miou_vs_pairs.png)",
         "",
@@ -118,14 +140,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- Decoder evaluations: {cost['decoder_evaluations']['search']:,} (search) + "
         f"{cost['decoder_evaluations']['held_out']:,} (held-out); "
-        f"{cost['maps_reused_from_journal']:,} maps read back from `search.jsonl`",
+        f"{cost['maps_reused_from_journal']:,} units of work read back from `search.jsonl`",
         f"- Wall time: {', '.join(f'{k} {v:.1f} s' for k, v in cost['wall_s'].items())}",
         f"- Tuned encoder check on `{report['tuned_encoder_check']['image']}`: max |diff| vs the searched "
         f"embedding {report['tuned_encoder_check']['max_abs_diff']:.2e} ({report['tuned_encoder_check']['rewrite']})",
         "",
-        "## Overlays (held-out: green truth, red original, blue tuned)",
-        "",
-        *[f"![{name}]({name})" for name in report["overlays"]],
-        "",
     ]
+    if report["overlays"]:
+        lines += ["## Overlays (held-out: green truth, red original, blue tuned)", "",
+                  *[f"![{name}]({name})" for name in report["overlays"]], ""]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Pair search at one site: the reference method's exhaustive strategy, resumable.
+"""Pair search at one site: shared pieces, and the reference method's exhaustive strategy.
 
 ``exhaustive`` (Long et al., faithful to the public release):
 
@@ -14,7 +14,9 @@
 The pair space defaults to all C x (C - 1) pairs (65,280 for SAM's embedding:
 about 27 hours of decoder runs at 50 images on a 2-core CPU); restrict it
 with ``parse_channels`` specs such as ``unsalient:16`` / ``salient:16``.
-Every finished evaluation goes to a ``Journal``, so a killed search resumes.
+The default strategy is ``calibrate.fast``. Both measure through a
+``Scorer``, which writes every finished unit of work to a ``Journal``, so a
+killed search resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -85,10 +87,6 @@ def top_distinct_targets(scored: Sequence[tuple[Pair, float]], count: int) -> li
     return chosen
 
 
-def _key(pairs: Sequence[Pair]) -> str:
-    return ";".join(f"{t}<-{s}" for t, s in pairs) or "none"
-
-
 @dataclass
 class SearchResult:
     """Everything the search measured on the search split (per-image IoUs, 0..1)."""
@@ -99,7 +97,9 @@ class SearchResult:
     subsets: list[tuple[tuple[Pair, ...], np.ndarray]] = field(default_factory=list)
     best: tuple[Pair, ...] = ()
     evaluations: int = 0  # decoder runs done by this process
-    reused: int = 0  # maps read back from the journal instead of evaluated
+    reused: int = 0  # units of work read back from the journal instead of evaluated
+    curve: list[tuple[Pair, ...]] = field(default_factory=list)  # the map of each size 0, 1, ... the report plots
+    details: dict[str, Any] = field(default_factory=dict)  # strategy-specific facts for report.json
 
     def best_of_size(self, size: int) -> tuple[Pair, ...] | None:
         """Best subset with exactly ``size`` pairs (size 0: the empty map)."""
@@ -114,46 +114,83 @@ class SearchResult:
         return next(ious for p, ious in self.subsets if p == pairs)
 
 
-Evaluate = Callable[[np.ndarray], np.ndarray]
+Evaluate = Callable[[np.ndarray, Sequence[int]], np.ndarray]  # (gather index, image rows) -> IoU per row
+
+
+def map_key(pairs: Sequence[Pair]) -> str:
+    """Journal key of a reuse map: ``t<-s;t<-s`` in the given order, ``none`` when empty."""
+    return ";".join(f"{t}<-{s}" for t, s in pairs) or "none"
+
+
+class Scorer:
+    """Per-image search-split IoUs of maps, each measured once.
+
+    A unit of work is one map on a range of image rows; it is read back from
+    the journal when a previous run finished it, else evaluated and recorded.
+    ``evaluations`` counts decoder runs done here (one per image and map),
+    ``reused`` the units an earlier run left in the journal.
+    """
+
+    def __init__(self, evaluate: Evaluate, channels: int, images: int, journal: Journal, bar: tqdm):
+        self.evaluate, self.channels, self.images = evaluate, channels, images
+        self.journal, self.bar = journal, bar
+        self.evaluations = 0
+        self._measured: set[tuple[str, str]] = set()
+        self._read_back: set[tuple[str, str]] = set()
+
+    @property
+    def reused(self) -> int:
+        return len(self._read_back)
+
+    def measure(self, kind: str, key: str, index: np.ndarray, rows: range | None = None) -> np.ndarray:
+        """IoUs of the map ``(kind, key)`` (gather ``index``) on ``rows`` (None: every image)."""
+        rows = range(self.images) if rows is None else rows
+        if not len(rows):
+            return np.empty(0, dtype=np.float64)
+        unit = key if len(rows) == self.images else f"{key}@{rows.start}:{rows.stop}"
+        entry = self.journal.get(kind, unit)
+        if entry is None:
+            entry = self.journal.add(kind, unit, ious=[float(v) for v in self.evaluate(index, rows)])
+            self.evaluations += len(rows)
+            self._measured.add((kind, unit))
+            self.bar.update(len(rows))
+        elif (kind, unit) not in self._measured and (kind, unit) not in self._read_back:
+            self._read_back.add((kind, unit))
+            self.bar.update(len(rows))
+        return np.asarray(entry["ious"], dtype=np.float64)
+
+    def pairs(self, pairs: Sequence[Pair], rows: range | None = None, kind: str = "subset") -> np.ndarray:
+        return self.measure(kind, map_key(pairs), reuse_index(self.channels, pairs), rows)
 
 
 def exhaustive(evaluate: Evaluate, channels: int, pairs: Sequence[Pair], top_n: int, journal: Journal,
                images: int, progress: bool = True) -> SearchResult:
-    """Run the exhaustive strategy; ``evaluate(index)`` returns per-image IoUs on the search split."""
+    """Run the exhaustive strategy; ``evaluate(index, rows)`` returns per-image IoUs on the search split."""
     if top_n < 1:
         raise ValueError("top N must be at least 1")
     n_subsets = planned_subsets(pairs, top_n)
-    done = [0, 0]  # evaluated, reused
-
-    def measured(kind: str, key: str, index: np.ndarray) -> np.ndarray:
-        entry = journal.get(kind, key)
-        if entry is None:
-            entry = journal.add(kind, key, ious=[float(v) for v in evaluate(index)])
-            done[0] += 1
-        else:
-            done[1] += 1
-        bar.update(1)
-        return np.asarray(entry["ious"], dtype=np.float64)
-
-    with tqdm(total=1 + len(pairs) + n_subsets, desc="exhaustive search", unit="map", disable=not progress,
-              dynamic_ncols=True) as bar:
-        baseline = measured("baseline", "none", reuse_index(channels, ()))
+    with tqdm(total=(1 + len(pairs) + n_subsets) * images, desc="exhaustive search", unit="run",
+              disable=not progress, dynamic_ncols=True) as bar:
+        scorer = Scorer(evaluate, channels, images, journal, bar)
+        baseline = scorer.pairs((), kind="baseline")
         scored = []
         for pair in pairs:
-            delta = measured("pair", _key([pair]), reuse_index(channels, [pair])).mean() - baseline.mean()
+            delta = scorer.pairs([pair], kind="pair").mean() - baseline.mean()
             scored.append((pair, float(delta)))
             bar.set_postfix(best=f"{max(d for _, d in scored) * 100:+.2f}")
         candidates = top_distinct_targets(scored, top_n)
-        bar.total = 1 + len(pairs) + 2 ** len(candidates) - 1
+        bar.total = (1 + len(pairs) + 2 ** len(candidates) - 1) * images
         subsets = []
         for size in range(1, len(candidates) + 1):
             for subset in itertools.combinations(candidates, size):
-                subsets.append((subset, measured("subset", _key(subset), reuse_index(channels, subset))))
+                subsets.append((subset, scorer.pairs(subset)))
     best: tuple[Pair, ...] = ()
     best_miou = baseline.mean()
     for subset, ious in subsets:  # strict '>': ties keep the smaller, earlier subset
         if ious.mean() > best_miou:
             best, best_miou = subset, ious.mean()
-    return SearchResult(baseline=baseline, pair_scores=sorted(scored, key=lambda item: (-item[1], item[0])),
-                        candidates=candidates, subsets=subsets, best=best,
-                        evaluations=done[0] * images, reused=done[1])
+    result = SearchResult(baseline=baseline, pair_scores=sorted(scored, key=lambda item: (-item[1], item[0])),
+                          candidates=candidates, subsets=subsets, best=best,
+                          evaluations=scorer.evaluations, reused=scorer.reused)
+    result.curve = [result.best_of_size(size) for size in range(len(candidates) + 1)]
+    return result

@@ -20,6 +20,7 @@ import onnx
 from calibrate.activations import encode
 from calibrate.data import MASK_RULE, CalibrationSet, Sample, load_calibration
 from calibrate.evaluator import EMBEDDING_INPUT, MaskEvaluator
+from calibrate.fast import SELECTIONS, FastPlan, fast
 from calibrate.journal import Journal
 from calibrate.metrics import bootstrap_interval
 from calibrate.report import markdown, overlay, plot_curve, verdict
@@ -35,7 +36,7 @@ from graphops.rewrites import apply_reuse_map
 from graphops.sites import find_sites
 
 REPORT_FORMAT = "sam-reuse/report@1"
-STRATEGIES = ("exhaustive",)
+STRATEGIES = ("fast", "exhaustive")
 JOURNAL = "search.jsonl"
 CHECK_TOLERANCE = 1e-4
 
@@ -45,7 +46,8 @@ class TuneSettings:
     """Every knob of a tuning run; recorded in report.json."""
 
     site: str = "embedding"
-    strategy: str = "exhaustive"
+    strategy: str = "fast"
+    selection: str = "guarded"  # fast strategy: "guarded" prefix of the greedy path, or the "naive" whole path
     top_n: int = 10
     targets: str = "all"
     sources: str = "all"
@@ -55,6 +57,7 @@ class TuneSettings:
     holdout_images: int | None = None
     min_images: int = 2
     batch_size: int = 8
+    cv_folds: int = 5  # used only without a held-out split
     overlays: int = 4
     cache_dir: str | None = None
     progress: bool = True
@@ -115,12 +118,24 @@ def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str):
 def _check_settings(settings: TuneSettings) -> None:
     if settings.strategy not in STRATEGIES:
         raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
+    if settings.selection not in SELECTIONS:
+        raise SamReuseError(f"unknown selection '{settings.selection}' (choose from {', '.join(SELECTIONS)})")
     if settings.top_n < 1:
         raise SamReuseError("--top-pairs must be at least 1")
     if settings.batch_size < 1:
         raise SamReuseError("--batch-size must be at least 1")
+    if settings.cv_folds < 2:
+        raise SamReuseError("--cv-folds must be at least 2")
     if settings.min_images < 1:
-        raise SamReuseError("--min-images must be at least 1: tuning needs search and held-out images")
+        raise SamReuseError("--min-images must be at least 1")
+
+
+def _empty_reason(result: SearchResult) -> str:
+    """Why the map is empty, in the user's terms."""
+    if result.details.get("naive_pairs"):
+        return ("the greedy path raised the search-split mean, but no prefix's lower 90% bound of per-image "
+                "gain is above 0 (guarded selection)")
+    return "no pair improved the search split"
 
 
 def _check_channel_specs(settings: TuneSettings, channels: int) -> None:
@@ -139,8 +154,7 @@ def _held_out_curve(result: SearchResult, held_eval: MaskEvaluator
     Also returns the held-out logits of the original and the chosen map, which the overlays draw.
     """
     curve, held_by_size, logits_kept = [], {}, {}
-    for size in range(len(result.candidates) + 1):
-        subset = result.best_of_size(size)
+    for size, subset in enumerate(result.curve):
         logits = held_eval.low_res_logits(reuse_index(held_eval.channels, subset))
         held_by_size[size] = held_eval.ious_of(logits)
         if size in (0, len(result.best)):
@@ -178,6 +192,12 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     _check_channel_specs(settings, site.channels)
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                    settings.holdout_images, settings.min_images)
+    if not calibration.held_out and settings.strategy != "fast":
+        raise SamReuseError(f"--strategy {settings.strategy} needs a held-out split (--holdout-images > 0); "
+                            "without one, the fast strategy reports a cross-validated estimate")
+    if not calibration.held_out and len(calibration.search) < settings.cv_folds:
+        raise SamReuseError(f"{data}: {len(calibration.search)} search images cannot make "
+                            f"{settings.cv_folds} cross-validation folds (keep a held-out split or add images)")
     ensure_writable_dir(out_dir)
     encoder_fp, decoder_fp = fingerprint(encoder_model), fingerprint(decoder_model)
     wall["load"] = time.perf_counter() - started
@@ -196,19 +216,31 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     pairs = pair_space(targets, sources)
     if not pairs:
         raise SamReuseError("--targets/--sources leave no pair (a pair needs a target different from its source)")
+    plan = FastPlan(top_n=settings.top_n, max_pairs=settings.top_n)
+    # The selection rule is left out: it changes no measurement, so naive and guarded share a journal.
     config = {"strategy": settings.strategy, "encoder": encoder_fp, "decoder": decoder_fp, "site": site.tensor,
               "mask_rule": MASK_RULE, "images": [_sample_identity(s) for s in calibration.search],
-              "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size}
+              "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size,
+              **({"plan": plan.to_json()} if settings.strategy == "fast" else {})}
     journal = Journal(out_dir / JOURNAL, config)
-    if settings.progress:
-        print(f"exhaustive search: {len(pairs):,} pairs + up to {planned_subsets(pairs, settings.top_n):,} subsets, "
-              f"each scored on {len(calibration.search)} search images "
-              f"({len(journal.entries):,} maps already in {JOURNAL})")
     if journal.restarted:
         print(f"{out_dir / JOURNAL}: written for other settings; starting the search over")
+    images = len(calibration.search)
+    if settings.progress:
+        if settings.strategy == "fast":
+            work = (f"screening {len(set(targets) | set(sources))} channels, then pairs and a greedy path: "
+                    f"at most {plan.planned_runs(len(set(targets) | set(sources)), images):,} decoder runs")
+        else:
+            work = (f"{len(pairs):,} pairs + up to {planned_subsets(pairs, settings.top_n):,} subsets, "
+                    f"each scored on {images} search images")
+        print(f"{settings.strategy} search: {work} ({len(journal.entries):,} units already in {JOURNAL})")
     search_eval = MaskEvaluator(decoder_model, calibration.search, search_emb, settings.batch_size)
-    result = exhaustive(search_eval.ious, site.channels, pairs, settings.top_n, journal,
-                        images=len(calibration.search), progress=settings.progress)
+    if settings.strategy == "fast":
+        result = fast(search_eval.ious, site.channels, targets, sources, journal, images, plan, settings.selection,
+                      cv_folds=0 if calibration.held_out else settings.cv_folds, progress=settings.progress)
+    else:
+        result = exhaustive(search_eval.ious, site.channels, pairs, settings.top_n, journal, images,
+                            progress=settings.progress)
     wall["search"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -216,24 +248,37 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     reuse_map = ReuseMap(model_fingerprint=encoder_fp, sites={settings.site: reuse},
                          meta={"strategy": settings.strategy, "data": str(data),
                                "search_images": [s.key for s in calibration.search]})
-    held_eval = MaskEvaluator(decoder_model, calibration.held_out, held_emb, settings.batch_size)
-    curve, held_by_size, held_logits = _held_out_curve(result, held_eval)
-    held_base, held_tuned = held_by_size[0], held_by_size[len(result.best)]
-    gains = (held_tuned - held_base) * 100
-    interval = bootstrap_interval(gains)
     tuned_model, applied = apply_reuse_map(encoder_model, reuse_map)
+    keys = [s.key for s in calibration.held_out]
+    if calibration.held_out:
+        held_eval = MaskEvaluator(decoder_model, calibration.held_out, held_emb, settings.batch_size)
+        curve, held_by_size, held_logits = _held_out_curve(result, held_eval)
+        held_base, held_tuned = held_by_size[0], held_by_size[len(result.best)]
+        gains = (held_tuned - held_base) * 100
+        interval = bootstrap_interval(gains)
+        basis = "held-out"
+        check_samples, check_embeddings = calibration.held_out, held_emb
+    else:  # the user keeps no images back: judge by the cross-validated estimate instead
+        curve = [{"pairs": size, "map": [list(p) for p in subset], "search_miou": _pct(result.ious_of(subset)),
+                  "held_out_miou": None} for size, subset in enumerate(result.curve)]
+        estimate = result.details["cross_validation"]
+        gains, interval = np.asarray(estimate["per_image_gain"]), tuple(estimate["gain_interval_90"])
+        basis = f"cross-validated ({estimate['folds']} folds of the search split, no held-out split)"
+        check_samples, check_embeddings = calibration.search, search_emb
+    conclusion = verdict(len(result.best), float(gains.mean()), interval, basis, _empty_reason(result))
     check_sample = int(np.argmax(np.abs(gains))) if len(gains) else 0
-    index = reuse.index()
-    max_diff = _check_tuned_encoder(tuned_model, calibration.held_out[check_sample], held_emb[check_sample], index)
+    max_diff = _check_tuned_encoder(tuned_model, check_samples[check_sample], check_embeddings[check_sample],
+                                    reuse.index())
     if max_diff > CHECK_TOLERANCE:
         raise SamReuseError(f"tuned encoder disagrees with the searched embedding by {max_diff:.2e} "
-                            f"on {calibration.held_out[check_sample].key}: the rewrite is not exact")
+                            f"on {check_samples[check_sample].key}: the rewrite is not exact")
     wall["held_out"] = time.perf_counter() - mark
 
-    keys = [s.key for s in calibration.held_out]
-    chosen = _choose_overlays(keys, gains, settings.overlays)
+    chosen = _choose_overlays(keys, gains, settings.overlays) if calibration.held_out else []
     report = {
         "format": REPORT_FORMAT,
+        "verdict": conclusion,
+        "estimate": {"basis": basis, "gain": float(gains.mean()), "gain_interval_90": list(interval)},
         "model": {"encoder": str(encoder), "decoder": str(decoder), "encoder_fingerprint": encoder_fp,
                   "decoder_fingerprint": decoder_fp},
         "data": {"source": str(data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
@@ -241,24 +286,26 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         "settings": asdict(settings),
         "site": {"name": settings.site, "tensor": site.tensor, "axis": site.axis, "channels": site.channels},
         "search": {"images": len(calibration.search), "baseline_miou": _pct(result.baseline),
-                   "tuned_miou": _pct(result.ious_of(result.best)), "pairs_scored": len(pairs),
+                   "tuned_miou": _pct(result.ious_of(result.best)), "pairs_scored": len(result.pair_scores),
                    "targets": targets, "sources": sources,
                    "top_pairs": [[t, s, d * 100] for (t, s), d in result.pair_scores[:20]],
                    "candidates": [list(p) for p in result.candidates], "subsets": len(result.subsets),
                    "salience": [float(v) for v in salience]},
-        "held_out": {"images": len(keys), "baseline_miou": _pct(held_base), "tuned_miou": _pct(held_tuned),
-                     "gain": float(gains.mean()), "gain_interval_90": list(interval),
-                     "improved": int((gains > 0).sum()), "unchanged": int((gains == 0).sum()),
-                     "worse": int((gains < 0).sum()),
-                     "per_image": [{"key": k, "baseline": float(b * 100), "tuned": float(t * 100)}
-                                   for k, b, t in zip(keys, held_base, held_tuned)],
-                     "verdict": verdict(len(result.best), float(gains.mean()), interval)},
+        "held_out": None if not calibration.held_out else {
+            "images": len(keys), "baseline_miou": _pct(held_base), "tuned_miou": _pct(held_tuned),
+            "gain": float(gains.mean()), "gain_interval_90": list(interval),
+            "improved": int((gains > 0).sum()), "unchanged": int((gains == 0).sum()), "worse": int((gains < 0).sum()),
+            "per_image": [{"key": k, "baseline": float(b * 100), "tuned": float(t * 100)}
+                          for k, b, t in zip(keys, held_base, held_tuned)],
+            "verdict": conclusion},
         "curve": curve,
+        "strategy_details": result.details,
         "reuse_map": reuse_map.to_json(),
-        "tuned_encoder_check": {"image": keys[check_sample], "max_abs_diff": max_diff,
+        "tuned_encoder_check": {"image": check_samples[check_sample].key, "max_abs_diff": max_diff,
                                 "rewrite": ", ".join(f"{k}: {v}" for k, v in applied.items()) or "none (empty map)"},
         "overlays": [f"overlay-{keys[i]}.png" for i in chosen],
-        "cost": {"decoder_evaluations": {"search": result.evaluations, "held_out": held_eval.evaluations},
+        "cost": {"decoder_evaluations": {"search": result.evaluations,
+                                         "held_out": held_eval.evaluations if calibration.held_out else 0},
                  "maps_reused_from_journal": result.reused, "encoded_images": len(search_emb) + len(held_emb),
                  "wall_s": wall},
     }
@@ -267,8 +314,9 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         onnx.save(tuned_model, str(staging / "encoder.tuned.onnx"))
         reuse_map.save(staging / "reuse_map.json")
         plot_curve(curve, len(result.best), staging / "miou_vs_pairs.png")
-        _write_overlays(held_eval, overlays, held_logits[0], held_logits[len(result.best)], held_base, held_tuned,
-                        staging)
+        if overlays:
+            _write_overlays(held_eval, overlays, held_logits[0], held_logits[len(result.best)], held_base,
+                            held_tuned, staging)
         wall["total"] = time.perf_counter() - started
         write_json(staging / "report.json", report)
         (staging / "report.md").write_text(markdown(report))

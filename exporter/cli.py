@@ -38,6 +38,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -> None:
     from calibrate.data import DEFAULT_MIN_IMAGES, PROMPT_MODES
+    from calibrate.fast import SELECTIONS
     from calibrate.tune import STRATEGIES, TuneSettings
 
     defaults = TuneSettings()
@@ -50,13 +51,23 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
                       help="given: the records' points/box (else a point derived from the mask); "
                            "point: the interior point farthest from the mask border; box: the mask's bounding box")
     data.add_argument("--search-images", type=int, help="first K records form the search split (default: first half)")
-    data.add_argument("--holdout-images", type=int, help="last M records are held out (default: all after the search split)")
+    data.add_argument("--holdout-images", type=int,
+                      help="last M records are held out (default: all after the search split; 0: none, and the "
+                           "report gives a cross-validated estimate instead)")
     data.add_argument("--min-images", type=int, default=DEFAULT_MIN_IMAGES,
                       help=f"fail if a split has fewer usable images (default: {DEFAULT_MIN_IMAGES})")
     search = parser.add_argument_group("search")
-    search.add_argument("--strategy", default=defaults.strategy, choices=STRATEGIES)
+    search.add_argument("--strategy", default=defaults.strategy, choices=STRATEGIES,
+                        help="fast: ablation screening, racing and a greedy path, minutes (default); exhaustive: "
+                             "the reference method, every pair then 2^N-1 subsets, hours unless restricted")
+    search.add_argument("--selection", default=defaults.selection, choices=SELECTIONS,
+                        help="fast strategy: guarded keeps the greedy-path prefix with the best lower 90%% bound "
+                             "of per-image gain (default); naive keeps the whole path")
     search.add_argument("--top-pairs", type=int, default=defaults.top_n,
-                        help=f"N best pairs (distinct targets) whose 2^N-1 subsets are tried (default: {defaults.top_n})")
+                        help="N best pairs (distinct targets): fast walks a greedy path of up to N of them, "
+                             f"exhaustive tries all 2^N-1 subsets (default: {defaults.top_n})")
+    search.add_argument("--cv-folds", type=int, default=defaults.cv_folds,
+                        help=f"folds of the cross-validated estimate used without a held-out split (default: {defaults.cv_folds})")
     search.add_argument("--targets", default=defaults.targets,
                         help="channels that may be replaced: all, unsalient:K, salient:K or a list like 0-15,40 (default: all)")
     search.add_argument("--sources", default=defaults.sources, help="channels that may be copied (same forms; default: all)")
@@ -69,7 +80,7 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
 def _tune_settings(args: argparse.Namespace):
     from calibrate.tune import TuneSettings
 
-    return TuneSettings(strategy=args.strategy, top_n=args.top_pairs, targets=args.targets, sources=args.sources,
+    return TuneSettings(strategy=args.strategy, selection=args.selection, cv_folds=args.cv_folds, top_n=args.top_pairs, targets=args.targets, sources=args.sources,
                         prompt=args.prompt, masks=str(args.masks) if args.masks else None,
                         search_images=args.search_images, holdout_images=args.holdout_images,
                         min_images=args.min_images, batch_size=args.batch_size, overlays=args.overlays,
@@ -207,10 +218,11 @@ def _print_report(report: dict) -> None:
     pairs = report["reuse_map"]["sites"][report["site"]["name"]]["pairs"]
     print(f"pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}")
     print(f"search split   ({search['images']} images): mIoU {search['baseline_miou']:.2f} -> {search['tuned_miou']:.2f}")
-    low, high = held["gain_interval_90"]
-    print(f"held-out split ({held['images']} images): mIoU {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f} "
-          f"({held['gain']:+.2f}, 90% CI [{low:+.2f}, {high:+.2f}])")
-    print(f"verdict: {held['verdict']}")
+    if held:
+        low, high = held["gain_interval_90"]
+        print(f"held-out split ({held['images']} images): mIoU {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f} "
+              f"({held['gain']:+.2f}, 90% CI [{low:+.2f}, {high:+.2f}])")
+    print(f"verdict: {report['verdict']}")
 
 
 def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace) -> int:

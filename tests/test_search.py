@@ -1,4 +1,4 @@
-"""IoU, bootstrap, salience, channel specs, the exhaustive strategy and its resumable journal."""
+"""IoU, bootstrap, salience, channel specs, the exhaustive and fast strategies and their resumable journal."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from calibrate.fast import FastPlan, fast, guarded_prefix
 from calibrate.journal import Journal
 from calibrate.metrics import binary_iou, bootstrap_interval
 from calibrate.salience import channel_salience, salience_order
@@ -87,14 +88,14 @@ class PlantedTask:
         self.base = rng.uniform(0.3, 0.6, size=images)
         self.calls = 0
 
-    def __call__(self, index: np.ndarray) -> np.ndarray:
+    def __call__(self, index: np.ndarray, rows=None) -> np.ndarray:
         self.calls += 1
         present = {(t, int(s)) for t, s in enumerate(index) if s != t}
         score = self.base.copy()
         score += 0.05 * ((1, 4) in present) + 0.03 * ((6, 2) in present) + 0.02 * ((3, 5) in present)
         score -= 0.04 * ({(1, 4), (3, 5)} <= present)
         score -= 0.01 * len(present - {(1, 4), (6, 2), (3, 5)})
-        return score
+        return score if rows is None else score[list(rows)]
 
 
 def _brute_force_best(task: PlantedTask, candidates):
@@ -121,7 +122,7 @@ def test_exhaustive_finds_the_planted_best_subset(tmp_path):
 
 
 def test_no_helpful_pair_gives_an_empty_map(tmp_path):
-    def harmful(index):
+    def harmful(index, rows):
         return np.full(3, 0.5) - 0.1 * np.count_nonzero(index != np.arange(len(index)))
 
     result = exhaustive(harmful, 4, pair_space(range(4), range(4)), top_n=3,
@@ -138,10 +139,10 @@ def test_resume_after_interruption_gives_the_same_result_without_repeating_work(
     reference = exhaustive(PlantedTask(), 8, pairs, 4, Journal(tmp_path / "ref.jsonl", {"x": 1}), 5, progress=False)
 
     class Dying(PlantedTask):
-        def __call__(self, index):
+        def __call__(self, index, rows):
             if self.calls == 30:
                 raise Interrupt
-            return super().__call__(index)
+            return super().__call__(index, rows)
 
     with pytest.raises(Interrupt):
         exhaustive(Dying(), 8, pairs, 4, Journal(tmp_path / "j.jsonl", {"x": 1}), 5, progress=False)
@@ -165,3 +166,103 @@ def test_journal_for_other_settings_is_replaced(tmp_path):
     other = Journal(path, {"top_n": 4})
     assert other.restarted and other.get("pair", "1<-2") is None
     assert len(path.read_text().splitlines()) == 1
+
+
+class ScreeningTask:
+    """A planted task for the fast strategy, on 16 channels and 20 images.
+
+    Zeroing a target (1, 3, 6, 9) raises every image's IoU a little, zeroing
+    a source (2, 4, 5, 10) lowers it; (1 <- 4) and (6 <- 2) help every image,
+    (3 <- 5) helps alone but hurts beside (1 <- 4), and (9 <- 10) is a fluke:
+    +0.5 on image 0, -0.005 on every other image. Its mean gain (+0.02) is real
+    on the search split, but carried by one image, so a guarded choice drops it.
+    """
+
+    channels, images = 16, 20
+    zero_effect = {1: 0.01, 3: 0.01, 6: 0.01, 9: 0.01, 2: -0.02, 4: -0.02, 5: -0.02, 10: -0.02}
+
+    def __init__(self, real_pairs: bool = True):
+        self.base = np.random.default_rng(0).uniform(0.3, 0.6, size=self.images)
+        self.helpful = {(1, 4): 0.05, (6, 2): 0.03, (3, 5): 0.02} if real_pairs else {}
+        self.rows_scored: list[int] = []
+
+    def __call__(self, index: np.ndarray, rows) -> np.ndarray:
+        rows = list(rows)
+        self.rows_scored.append(len(rows))
+        present = {(t, int(s)) for t, s in enumerate(index) if s != t}
+        score = self.base.copy()
+        for t, s in present:
+            if s == self.channels:  # zeroed
+                score += self.zero_effect.get(t, -0.001 * (t % 4))
+            elif (t, s) == (9, 10):
+                score += np.where(np.arange(self.images) == 0, 0.5, -0.005)
+            else:
+                score += self.helpful.get((t, s), -0.01)
+        score -= 0.04 * ({(1, 4), (3, 5)} <= present and bool(self.helpful))
+        return score[rows]
+
+
+PLAN = FastPlan(race_images=8, screen_keep=4, channels_paired=4, pair_keep=6, top_n=4, max_pairs=4)
+
+
+def _fast(tmp_path, task, selection="guarded", name="j.jsonl"):
+    return fast(task, task.channels, range(task.channels), range(task.channels),
+                Journal(tmp_path / name, {"fast": selection}), task.images, PLAN, selection, progress=False)
+
+
+def test_fast_screens_races_and_guards_against_a_fluke(tmp_path):
+    task = ScreeningTask()
+    guarded = _fast(tmp_path, task)
+    assert guarded.details["screening"]["targets"] == [1, 3, 6, 9]
+    assert guarded.details["screening"]["sources"] == [2, 4, 5, 10]
+    assert guarded.candidates == [(1, 4), (6, 2), (9, 10), (3, 5)]
+    assert guarded.details["path"] == [[1, 4], [6, 2], [9, 10]]  # the naive path takes the fluke ...
+    assert guarded.best == ((1, 4), (6, 2))  # ... the guarded choice does not
+    assert guarded.curve == [(), ((1, 4),), ((1, 4), (6, 2)), ((1, 4), (6, 2), (9, 10))]
+    np.testing.assert_allclose(guarded.ious_of(guarded.best) - task.base, 0.08)
+    # Racing: 16 zeroings and 16 pairs on 8 images; only 8 channels and 6 pairs on the other 12.
+    assert task.rows_scored.count(8) == 16 + 16 and task.rows_scored.count(12) == 8 + 6
+    assert guarded.evaluations == sum(task.rows_scored)
+    exhaustive_runs = (1 + 16 * 15 + 2 ** 4 - 1) * 20
+    assert guarded.evaluations < exhaustive_runs / 2
+    naive = _fast(tmp_path, ScreeningTask(), "naive", "naive.jsonl")
+    assert naive.best == ((1, 4), (6, 2), (9, 10)) and naive.curve == guarded.curve
+
+
+def test_guard_returns_the_empty_map_when_only_a_fluke_helps(tmp_path):
+    result = _fast(tmp_path, ScreeningTask(real_pairs=False))
+    assert result.details["path"] == [[9, 10]] and result.best == ()
+    assert result.details["guarded_pairs"] == 0 and result.details["naive_pairs"] == 1
+
+
+def test_guarded_prefix_keeps_the_best_positive_lower_bound():
+    base = np.zeros(30)
+    steady = np.full(30, 0.02)
+    lucky = np.where(np.arange(30) == 0, 0.9, 0.0)
+    assert guarded_prefix(base, [steady, steady + 0.01, steady + 0.01 + lucky])[0] == 2
+    assert guarded_prefix(base, [lucky])[0] == 0
+    assert guarded_prefix(base, [])[0] == 0
+
+
+def test_fast_resumes_from_its_journal_without_new_work(tmp_path):
+    first = _fast(tmp_path, ScreeningTask())
+    again_task = ScreeningTask()
+    again = _fast(tmp_path, again_task)
+    assert again.best == first.best and again.pair_scores == first.pair_scores
+    assert again_task.rows_scored == [] and again.evaluations == 0 and again.reused > 0
+
+
+def test_cross_validation_scores_each_image_by_a_map_chosen_without_it(tmp_path):
+    def run(selection):
+        task = ScreeningTask()
+        return fast(task, task.channels, range(16), range(16), Journal(tmp_path / f"{selection}.jsonl", {}),
+                    task.images, PLAN, selection, cv_folds=5, progress=False).details["cross_validation"]
+
+    guarded, naive = run("guarded"), run("naive")
+    assert guarded["fold_maps"] == [[[1, 4], [6, 2]]] * 5
+    np.testing.assert_allclose(guarded["per_image_gain"], 8.0)
+    # Naive folds that see image 0 keep the fluke, which costs 0.5 points on each of the 16 other images.
+    assert [len(m) for m in naive["fold_maps"]] == [2, 3, 3, 3, 3]
+    assert naive["gain"] == pytest.approx((16 * 7.5 + 4 * 8.0) / 20)
+    with pytest.raises(ValueError, match="2 to 20 folds"):
+        fast(ScreeningTask(), 16, range(16), range(16), Journal(tmp_path / "x.jsonl", {}), 20, PLAN, cv_folds=1)

@@ -37,8 +37,16 @@ def _settings(task, **kwargs) -> TuneSettings:
     return TuneSettings(progress=False, cache_dir=str(task["cache"]), **{"top_n": 3, **kwargs})
 
 
-def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path):
-    result = tune(task["encoder"], task["decoder"], task["data"], tmp_path, _settings(task, overlays=2))
+# units of work (maps x row ranges) each strategy measures on the synthetic task, and the curve it reports:
+# exhaustive: baseline + 56 pairs + 7 subsets; fast: baseline + 8 zeroings + 56 pairs + 2 greedy trials.
+STRATEGY_WORK = {"exhaustive": (1 + 56 + 7, [0, 1, 2, 3]), "fast": (1 + 8 + 56 + 2, [0, 1])}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_WORK))
+def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path, strategy):
+    units, curve = STRATEGY_WORK[strategy]
+    result = tune(task["encoder"], task["decoder"], task["data"], tmp_path,
+                  _settings(task, overlays=2, strategy=strategy))
     pairs = result.reuse_map.sites["embedding"].pairs
     assert pairs == ((synthetic.TARGET, synthetic.HELPER),)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -46,9 +54,10 @@ def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path):
     assert held["images"] == 6 and held["baseline_miou"] < 5 and held["tuned_miou"] > 90
     assert held["gain_interval_90"][0] > 50 and held["verdict"].startswith("improvement")
     assert report["search"]["candidates"][0] == [synthetic.TARGET, synthetic.HELPER]
-    assert report["cost"]["decoder_evaluations"]["search"] == (1 + 56 + 7) * 6
+    assert report["cost"]["decoder_evaluations"]["search"] == units * 6
+    assert _journal_entries(tmp_path / "search.jsonl") == units
     assert report["tuned_encoder_check"]["max_abs_diff"] == 0.0
-    assert [p["pairs"] for p in report["curve"]] == [0, 1, 2, 3]
+    assert [p["pairs"] for p in report["curve"]] == curve
     for name in OUTPUTS + report["overlays"]:
         assert (tmp_path / name).stat().st_size > 0, name
     assert len(report["overlays"]) == 2
@@ -59,10 +68,11 @@ def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path):
     original = evaluate(task["encoder"], task["decoder"], task["data"], settings=_settings(task))
     assert original.miou == pytest.approx(held["baseline_miou"], abs=1e-9)
     # Same inputs, same map; the second run reads every map back from the journal.
-    again = tune(task["encoder"], task["decoder"], task["data"], tmp_path, _settings(task, overlays=2))
+    again = tune(task["encoder"], task["decoder"], task["data"], tmp_path,
+                 _settings(task, overlays=2, strategy=strategy))
     assert again.reuse_map.to_json() == result.reuse_map.to_json()
     assert again.report["cost"]["decoder_evaluations"]["search"] == 0
-    assert again.report["cost"]["maps_reused_from_journal"] == 1 + 56 + 7
+    assert again.report["cost"]["maps_reused_from_journal"] == units
 
 
 def test_restricted_pair_space_without_the_helper_finds_nothing(task, tmp_path):
@@ -74,12 +84,32 @@ def test_restricted_pair_space_without_the_helper_finds_nothing(task, tmp_path):
     onnx.checker.check_model(str(tmp_path / "encoder.tuned.onnx"))
 
 
+def test_without_a_held_out_split_the_report_gives_a_cross_validated_estimate(task, tmp_path, capsys):
+    result = tune(task["encoder"], task["decoder"], task["data"], tmp_path,
+                  _settings(task, search_images=12, holdout_images=0, cv_folds=3))
+    report = result.report
+    assert result.reuse_map.sites["embedding"].pairs == ((synthetic.TARGET, synthetic.HELPER),)
+    assert report["held_out"] is None and report["overlays"] == []
+    cv = report["strategy_details"]["cross_validation"]
+    assert cv["folds"] == 3 and len(cv["per_image_gain"]) == 12 and cv["fold_maps"] == [[[2, 5]]] * 3
+    assert report["estimate"]["basis"].startswith("cross-validated (3 folds")
+    assert report["estimate"]["gain_interval_90"][0] > 50 and report["verdict"].startswith("improvement: cross")
+    assert "No held-out split" in (tmp_path / "report.md").read_text()
+    assert all(p["held_out_miou"] is None for p in report["curve"])
+    assert (tmp_path / "miou_vs_pairs.png").stat().st_size > 0
+    args = ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]), "--data", str(task["data"]),
+            "--holdout-images", "0", "--cache-dir", str(task["cache"]), "--no-progress"]
+    assert "needs a held-out split" in _cli_error(capsys, args + ["--strategy", "exhaustive", "--out", str(tmp_path / "x")])
+    assert "cannot make 20 cross-validation folds" in _cli_error(capsys, args + ["--cv-folds", "20", "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def _journal_entries(path: Path) -> int:
     return len(path.read_text().splitlines()) - 1 if path.exists() else 0
 
 
 def test_killed_search_resumes_to_the_identical_map(task, tmp_path):
-    """SIGKILL the CLI mid-search, rerun it: same map, and finished maps are not evaluated again."""
+    """SIGKILL the CLI mid-search (default strategy), rerun it: same map, finished work is not redone."""
     args = ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["slow_decoder"]),
             "--data", str(task["data"]), "--top-pairs", "3", "--cache-dir", str(task["cache"]), "--no-progress",
             "--overlays", "0"]
@@ -96,13 +126,14 @@ def test_killed_search_resumes_to_the_identical_map(task, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = _journal_entries(out / "search.jsonl")
-    assert 10 <= done < 64 and not (out / "reuse_map.json").exists()
+    units = _journal_entries(reference / "search.jsonl")
+    assert 10 <= done < units and not (out / "reuse_map.json").exists()
     assert main(args + ["--out", str(out)]) == 0
     assert (out / "reuse_map.json").read_text() == (reference / "reuse_map.json").read_text()
     resumed = json.loads((out / "report.json").read_text())
     first = json.loads((reference / "report.json").read_text())
     assert resumed["cost"]["maps_reused_from_journal"] >= done - 1  # the line being written may be lost
-    assert resumed["cost"]["decoder_evaluations"]["search"] == (64 - resumed["cost"]["maps_reused_from_journal"]) * 6
+    assert resumed["cost"]["decoder_evaluations"]["search"] == (units - resumed["cost"]["maps_reused_from_journal"]) * 6
     assert resumed["search"] == first["search"] and resumed["held_out"] == first["held_out"]
 
 
@@ -170,7 +201,8 @@ def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsy
     assert main(argv) == 0
     second = capsys.readouterr().out
     assert "reusing the verified export" in second
-    assert json.loads((out / "report.json").read_text())["cost"]["maps_reused_from_journal"] == 1 + 6 + 3
+    reused = json.loads((out / "report.json").read_text())["cost"]["maps_reused_from_journal"]
+    assert reused == _journal_entries(out / "search.jsonl") >= 1 + 5 + 6  # baseline, 5 zeroings, 6 pairs
 
 
 def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mobilesam_checkpoint, sample_records):
@@ -236,13 +268,18 @@ def test_evaluator_batches_mixed_prompts_and_image_sizes_like_one_at_a_time(task
     index = np.arange(synthetic.CHANNELS)
     index[synthetic.TARGET] = synthetic.HELPER
     batched = MaskEvaluator(task["decoder"], samples, embeddings, batch_size=4)
-    assert sorted(len(b) for b in batched.batches) == [2, 2, 4]
+    assert sorted(len(b) for b in batched.batches()) == [2, 2, 4]
     one_by_one = MaskEvaluator(task["decoder"], samples, embeddings, batch_size=1)
-    np.testing.assert_array_equal(batched.ious(index), one_by_one.ious(index))
+    everything = batched.ious(index)
+    np.testing.assert_array_equal(everything, one_by_one.ious(index))
+    np.testing.assert_array_equal(batched.ious(index, rows=[6, 2, 5]), everything[[6, 2, 5]])  # any subset, in order
+    zeroed = index.copy()
+    zeroed[synthetic.TARGET] = batched.zero  # the mask channel reads zeros: the mask is empty, IoU 0
+    assert everything.min() > 0.5 and batched.ious(zeroed).max() == 0.0
     plain = ort_session(str(task["decoder"]))
     for i, sample in enumerate(samples):  # the plain decoder on the gathered embedding, upscaled by hand
         coords, labels = prompt_arrays(sample.prompt, sample.hw)
         logits = plain.run(["low_res_masks"], decoder_feeds(embeddings[i:i + 1][:, index], coords, labels))[0]
         expected = binary_iou(logits_to_mask(upscale_logits(logits[0, 0], sample.hw)), sample.mask)
         assert batched.ious(index)[i] == pytest.approx(expected, abs=1e-12)
-    assert batched.evaluations == 8 * 9
+    assert batched.evaluations == 8 + 3 + 8 + 8 * 8

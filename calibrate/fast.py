@@ -1,0 +1,248 @@
+"""The default search: ablation screening, racing, a greedy path, and a guarded choice along it.
+
+Why each stage (measured on real MobileSAM, see benchmarks/README.md):
+
+1. **Screening.** Zeroing one channel at a time ranks channels without
+   looking at pairs: a channel whose removal *raises* mIoU is a candidate
+   target (useless or harmful for the domain), one whose removal *lowers* it
+   most is a candidate source (effective). C maps instead of C x (C - 1).
+2. **Racing.** Every screening map and every pair is first scored on the
+   first ``race_images`` search images only; just the leaders are scored on
+   the rest. Every later decision uses all search images.
+3. **Greedy path.** From the best pairs with distinct targets, add at each
+   step the pair that raises search-split mIoU most, until none does. The
+   whole path is the "naive" map: it trusts any rise of the search-split mean.
+4. **Guarded choice.** A rise of the mean over 50 images is often carried by
+   a few images and does not transfer. Along the path, keep the prefix whose
+   per-image gain over the original has the highest lower 90% bootstrap
+   bound, and only if that bound is above zero; otherwise the map is empty.
+
+With no held-out split, ``cv_folds`` > 0 estimates how the choice transfers:
+stages 3-4 are rerun on each (K-1)/K of the search images (the candidates
+re-ranked on those images alone) and the chosen map is scored on the
+remaining fold. Screening and racing are not redone per fold, so the
+estimate is slightly optimistic; a real held-out split is better.
+
+Every unit of work goes through ``search.Scorer``, so the search resumes
+from its journal after a kill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from calibrate.journal import Journal
+from calibrate.metrics import bootstrap_interval
+from calibrate.search import Evaluate, Pair, Scorer, SearchResult, map_key, pair_space, top_distinct_targets
+from graphops.reuse_map import reuse_index
+
+SELECTIONS = ("guarded", "naive", "robust")
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """Sizes of each stage (defaults chosen for 256 channels and about 50 search images)."""
+
+    race_images: int = 16  # images every candidate is scored on before the cut
+    screen_keep: int = 24  # channels per role (target, source) scored on every image after the race
+    channels_paired: int = 12  # targets and sources that form the pair space (each)
+    pair_keep: int = 48  # pairs scored on every image after the race
+    top_n: int = 10  # greedy candidates: the best pairs with distinct targets
+    max_pairs: int = 10  # longest greedy path
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+    def planned_runs(self, channels: int, images: int) -> int:
+        """Upper bound of decoder runs (images x maps) a search with this plan does."""
+        race = min(self.race_images, images)
+        rest = images - race
+        pairs = self.channels_paired * self.channels_paired
+        greedy = sum(max(self.top_n - step, 0) for step in range(1, self.max_pairs))
+        return (images + channels * race + min(2 * self.screen_keep, channels) * rest
+                + pairs * race + min(self.pair_keep, pairs) * rest + greedy * images)
+
+
+def guarded_prefix(baseline: np.ndarray, path_ious: Sequence[np.ndarray]) -> tuple[int, list[float]]:
+    """Length of the path prefix with the highest positive lower 90% bound of per-image gain (0: none).
+
+    Also returns the bound of each prefix length 1..len(path), in mIoU points.
+    """
+    bounds = [bootstrap_interval((ious - baseline) * 100)[0] for ious in path_ious]
+    best, best_bound = 0, 0.0
+    for length, bound in enumerate(bounds, start=1):  # strict '>': ties keep the shorter prefix
+        if bound > best_bound:
+            best, best_bound = length, bound
+    return best, bounds
+
+
+def _race(scorer: Scorer, kind: str, candidates: dict[str, np.ndarray], baseline: np.ndarray, race: range,
+          rest: range, leaders: Callable[[dict[str, float]], list[str]]) -> dict[str, np.ndarray]:
+    """Per-image IoUs on every row for the candidates ``leaders`` picks from their race-row mIoU change."""
+    early = {key: float(scorer.measure(kind, key, index, race).mean() - baseline[race].mean())
+             for key, index in candidates.items()}
+    return {key: np.concatenate([scorer.measure(kind, key, candidates[key], race),
+                                 scorer.measure(kind, key, candidates[key], rest)]) for key in leaders(early)}
+
+
+def _top(change: dict[str, float], allowed: Sequence[str], count: int, rising: bool) -> list[str]:
+    """The ``count`` allowed keys with the largest rise (or drop); ties go to the earlier key."""
+    order = {key: i for i, key in enumerate(allowed)}
+    sign = -1.0 if rising else 1.0
+    return sorted((k for k in allowed if k in change), key=lambda k: (sign * change[k], order[k]))[:count]
+
+
+def _screen(scorer: Scorer, targets: Sequence[int], sources: Sequence[int], baseline: np.ndarray,
+            race: range, rest: range, plan: FastPlan) -> tuple[list[int], list[int], dict[int, float]]:
+    """Zero each channel; return the targets (largest rise), the sources (largest drop) and every rise."""
+    channels = sorted(set(targets) | set(sources))
+    zeroed = {}
+    for channel in channels:
+        index = np.arange(scorer.channels, dtype=np.int64)
+        index[channel] = scorer.channels  # the evaluator's all-zero channel
+        zeroed[str(channel)] = index
+    target_keys, source_keys = [str(c) for c in sorted(targets)], [str(c) for c in sorted(sources)]
+
+    def leaders(change: dict[str, float]) -> list[str]:
+        return sorted(set(_top(change, target_keys, plan.screen_keep, rising=True))
+                      | set(_top(change, source_keys, plan.screen_keep, rising=False)), key=int)
+
+    full = _race(scorer, "zero", zeroed, baseline, race, rest, leaders)
+    rise = {key: float(ious.mean() - baseline.mean()) for key, ious in full.items()}
+    chosen_targets = [int(k) for k in _top(rise, target_keys, plan.channels_paired, rising=True)]
+    chosen_sources = [int(k) for k in _top(rise, source_keys, plan.channels_paired, rising=False)]
+    return chosen_targets, chosen_sources, {int(k): v for k, v in rise.items()}
+
+
+def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], single: dict[Pair, np.ndarray],
+                 max_pairs: int, rows: np.ndarray | None = None, by: str = "mean"
+                 ) -> tuple[list[Pair], list[tuple[tuple[Pair, ...], np.ndarray]]]:
+    """Add the pair that raises the criterion on ``rows`` (None: all) most until none does.
+
+    ``by="mean"``: search mIoU; ``by="bound"``: the lower 90% bootstrap bound of the per-image gain over
+    the original. Returns the path and every map tried, with its IoUs. Maps are always scored on every
+    search image, so paths of different folds share their work.
+    """
+    rows = np.arange(len(baseline)) if rows is None else rows
+
+    def value(ious: np.ndarray) -> float:
+        if by == "mean":
+            return float(ious[rows].mean())
+        return bootstrap_interval((ious[rows] - baseline[rows]) * 100)[0]
+
+    path: list[Pair] = []
+    current = baseline
+    tried: list[tuple[tuple[Pair, ...], np.ndarray]] = []
+    while len(path) < max_pairs:
+        used = {t for t, _ in path}
+        trials = []
+        for pair in (p for p in candidates if p[0] not in used):
+            subset = tuple(sorted(path + [pair]))
+            ious = single[pair] if not path else scorer.pairs(subset)
+            trials.append((pair, subset, ious))
+            tried.append((subset, ious))
+        if not trials:
+            break
+        pair, _, ious = max(trials, key=lambda trial: value(trial[2]))  # max keeps the first of equals
+        if value(ious) <= value(current):
+            break
+        path.append(pair)
+        current = ious
+    return path, tried
+
+
+def _choose(baseline: np.ndarray, path: list[Pair], tried: list[tuple[tuple[Pair, ...], np.ndarray]],
+            selection: str, rows: np.ndarray) -> tuple[int, list[float]]:
+    """How many pairs of the path to keep, judged on ``rows``; also the lower bounds of each prefix."""
+    measured = dict(tried)
+    path_ious = [measured[tuple(sorted(path[:k]))][rows] for k in range(1, len(path) + 1)]
+    guarded, bounds = guarded_prefix(baseline[rows], path_ious)
+    return (guarded if selection == "guarded" else len(path)), bounds
+
+
+def _criterion(selection: str) -> str:
+    return "bound" if selection == "robust" else "mean"
+
+
+def _ranked_pairs(single: dict[Pair, np.ndarray], baseline: np.ndarray, rows: np.ndarray) -> list[tuple[Pair, float]]:
+    return sorted(((p, float(ious[rows].mean() - baseline[rows].mean())) for p, ious in single.items()),
+                  key=lambda item: (-item[1], item[0]))
+
+
+def _cross_validate(scorer: Scorer, baseline: np.ndarray, single: dict[Pair, np.ndarray], plan: FastPlan,
+                    selection: str, folds: int) -> dict:
+    """Out-of-fold gain of stages 3-4: choose on K-1 folds (images i % K != k), score on fold k."""
+    images = np.arange(len(baseline))
+    gains = np.zeros(len(baseline))
+    maps = []
+    for fold in range(folds):
+        train, valid = images[images % folds != fold], images[images % folds == fold]
+        candidates = top_distinct_targets(_ranked_pairs(single, baseline, train), plan.top_n)
+        path, tried = _greedy_path(scorer, baseline, candidates, single, plan.max_pairs, train, _criterion(selection))
+        keep, _ = _choose(baseline, path, tried, selection, train)
+        chosen = dict(tried)[tuple(sorted(path[:keep]))] if keep else baseline
+        gains[valid] = (chosen[valid] - baseline[valid]) * 100
+        maps.append([list(p) for p in sorted(path[:keep])])
+    return {"folds": folds, "gain": float(gains.mean()), "gain_interval_90": list(bootstrap_interval(gains)),
+            "improved": int((gains > 0).sum()), "unchanged": int((gains == 0).sum()), "worse": int((gains < 0).sum()),
+            "per_image_gain": [float(g) for g in gains], "fold_maps": maps}
+
+
+def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Sequence[int], journal: Journal,
+         images: int, plan: FastPlan = FastPlan(), selection: str = "guarded", cv_folds: int = 0,
+         progress: bool = True) -> SearchResult:
+    """Run the fast strategy; ``evaluate(index, rows)`` returns per-image IoUs on the search split.
+
+    ``selection="naive"`` keeps the whole greedy path instead of the guarded prefix. ``cv_folds`` > 1
+    adds a cross-validated estimate of the gain (``details["cross_validation"]``).
+    """
+    if cv_folds == 1 or cv_folds > images:
+        raise ValueError(f"cross-validation needs 2 to {images} folds, not {cv_folds}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection '{selection}' (choose from {', '.join(SELECTIONS)})")
+    race, rest = range(min(plan.race_images, images)), range(min(plan.race_images, images), images)
+    screened = len(set(targets) | set(sources))
+    with tqdm(total=plan.planned_runs(screened, images), desc="fast search: screening", unit="run",
+              disable=not progress, dynamic_ncols=True) as bar:
+        scorer = Scorer(evaluate, channels, images, journal, bar)
+        baseline = scorer.pairs((), kind="baseline")
+        chosen_targets, chosen_sources, rise = _screen(scorer, targets, sources, baseline, race, rest, plan)
+
+        bar.set_description("fast search: pairs")
+        pairs = {map_key([p]): p for p in pair_space(chosen_targets, chosen_sources)}
+        keys = list(pairs)
+
+        def pair_leaders(change: dict[str, float]) -> list[str]:
+            return _top(change, keys, plan.pair_keep, rising=True)
+
+        raced = _race(scorer, "pair", {k: reuse_index(channels, [p]) for k, p in pairs.items()}, baseline,
+                      race, rest, pair_leaders)
+        single = {pairs[k]: ious for k, ious in raced.items()}
+        everything = np.arange(images)
+        scored = _ranked_pairs(single, baseline, everything)
+        candidates = top_distinct_targets(scored, plan.top_n)
+
+        bar.set_description("fast search: greedy")
+        path, tried = _greedy_path(scorer, baseline, candidates, single, plan.max_pairs, by=_criterion(selection))
+        if cv_folds:
+            bar.set_description("fast search: cross-validation")
+            bar.total += cv_folds * (bar.total - bar.n)  # a rough bound: folds mostly retrace the path
+            cross_validation = _cross_validate(scorer, baseline, single, plan, selection, cv_folds)
+        bar.total = bar.n  # the path may stop before its longest: end the bar full
+    chosen, bounds = _choose(baseline, path, tried, selection, everything)
+    guarded, _ = _choose(baseline, path, tried, "guarded", everything)
+    details = {"plan": plan.to_json(), "selection": selection,
+               "screening": {"channels": screened, "targets": chosen_targets, "sources": chosen_sources,
+                             "rise_when_zeroed": {str(c): r * 100 for c, r in sorted(rise.items())}},
+               "path": [list(p) for p in path], "path_lower_bounds_90": bounds,
+               "guarded_pairs": guarded, "naive_pairs": len(path)}
+    if cv_folds:
+        details["cross_validation"] = cross_validation
+    return SearchResult(
+        baseline=baseline, pair_scores=scored, candidates=candidates, subsets=tried,
+        best=tuple(sorted(path[:chosen])), evaluations=scorer.evaluations, reused=scorer.reused,
+        curve=[tuple(sorted(path[:k])) for k in range(len(path) + 1)], details=details)
