@@ -1,5 +1,5 @@
 # Two entry points, each doing its own idempotent set-up in ./.venv:
-#   make demo  - fetch MobileSAM, export it to ONNX and run the pipeline on the bundled CC0 images
+#   make demo  - fetch MobileSAM, export it to ONNX, tune it on the bundled CC0 images, build engines
 #   make test  - run the test suite (fetches the MobileSAM weights first, so real-model tests run)
 PYTHON ?= python3
 VENV := .venv
@@ -15,17 +15,16 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -c constraints.txt -e '.[export,test]'
+	$(PIP) install -q -c constraints.txt -e '.[export,test,trt]'
 	touch $(STAMP)
 
 weights: $(STAMP)
 	$(VENV)/bin/export-and-tune fetch-weights mobilesam
 
-# A reduced exhaustive search that finishes in a few minutes on 2 cores: 8 x 8 candidate pairs on the
-# 12 bundled search images, all subsets of the best 4; held-out = the other 12 bundled images.
+# The default pipeline on the bundled CC0 images: fast search on the 12 search images (held-out: the other
+# 12), then TensorRT-RTX engines (fp32, fp16) of the tuned encoder and the decoder, built without a GPU.
 demo: weights
-	$(VENV)/bin/export-and-tune run --model-type vit_t --data samples/data/isic2016 --out $(OUT) \
-		--targets unsalient:8 --sources salient:8 --top-pairs 4
+	$(VENV)/bin/export-and-tune run --model-type vit_t --out $(OUT)
 
 test: weights
 	$(PY) -m pytest -q tests

@@ -88,6 +88,7 @@ def _tune_settings(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporter.engine import BACKENDS, PRECISIONS
     from exporter.verify import DEFAULT_ATOL, DEFAULT_RTOL
 
     parser = argparse.ArgumentParser(prog="export-and-tune", description=__doc__.splitlines()[0])
@@ -134,12 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="also write the per-image figures to this JSON file")
     _add_tune_args(evaluate, None)
 
-    run = sub.add_parser("run", help="the whole pipeline: export (or take an ONNX pair), then tune")
+    run = sub.add_parser("run", help="the whole pipeline: export (or take an ONNX pair), tune, build engines")
     _add_model_args(run)
     run.add_argument("--out", type=Path, required=True, help="output directory")
     run.add_argument("--encoder", type=Path, help="tune this encoder ONNX instead of exporting (with --decoder)")
     run.add_argument("--decoder", type=Path, help="decoder ONNX to go with --encoder")
+    run.add_argument("--engines", default="fp32,fp16",
+                     help="precisions of the TensorRT engines built from the tuned encoder and the decoder, "
+                          "comma-separated, or 'none' (default: fp32,fp16; skipped with a note without TensorRT)")
     _add_tune_args(run, BUNDLED_DATA)
+
+    engine = sub.add_parser("engine", help="build a TensorRT (or TensorRT-RTX, no GPU needed) engine from an ONNX model")
+    engine.add_argument("onnx", type=Path)
+    engine.add_argument("--out", type=Path, help="engine path (default: MODEL.<precision>.engine beside the ONNX)")
+    engine.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    engine.add_argument("--batch", default="1", help="batch range MIN:OPT:MAX or one number (default: 1)")
+    engine.add_argument("--points", default="1:2:16",
+                        help="decoder prompt points MIN:OPT:MAX, the padding point included (default: 1:2:16)")
+    engine.add_argument("--compute-capability", action="append", default=[], metavar="X.Y",
+                        help="TensorRT-RTX target GPU, repeatable, e.g. 8.6 (default: its portable set)")
+    engine.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="auto: standard TensorRT when installed, else TensorRT-RTX")
     return parser
 
 
@@ -279,11 +295,57 @@ def _run(args: argparse.Namespace) -> int:
         copy_model(args.decoder, args.out / "decoder.onnx")
     else:
         _export_and_report(args, reuse=True)
-    return _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
+    precisions = _engine_precisions(args.engines)
+    _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
+    if precisions:
+        _deployment_engines(args.out, precisions)
+    return 0
+
+
+def _engine_precisions(text: str) -> tuple[str, ...]:
+    from exporter.engine import PRECISIONS
+
+    if text == "none":
+        return ()
+    chosen = tuple(p.strip() for p in text.split(","))
+    bad = [p for p in chosen if p not in PRECISIONS]
+    if bad:
+        raise SamReuseError(f"--engines: unknown precision {', '.join(bad)} (choose from {', '.join(PRECISIONS)}, or none)")
+    return chosen
+
+
+def _print_engine(sidecar: dict, path: Path) -> None:
+    shapes = ", ".join(f"{i['name']} {i['min']}..{i['max']}" if i["min"] != i["max"] else f"{i['name']} {i['min']}"
+                       for i in sidecar["inputs"])
+    print(f"wrote {path} ({sidecar['backend']} {sidecar['backend_version']}, {sidecar['precision']}, "
+          f"{sidecar['engine_bytes'] / 1e6:.1f} MB, {sidecar['build_s']:.1f} s; {shapes}) and {path}.json")
+
+
+def _deployment_engines(out: Path, precisions: tuple[str, ...]) -> None:
+    from exporter.engine import ENABLE_HINT, build_deployment_engines, engine_name, load_backend
+
+    try:
+        backend = load_backend()
+    except SamReuseError:
+        print(f"engines skipped: {ENABLE_HINT}. The ONNX models in {out} are complete without them.")
+        return
+    for sidecar in build_deployment_engines(out, precisions, backend):
+        _print_engine(sidecar, engine_name(Path(sidecar["source_onnx"]), sidecar["precision"]))
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from exporter.engine import build_engine, engine_name, load_backend, parse_range
+
+    out = args.out or engine_name(args.onnx, args.precision)
+    sidecar = build_engine(args.onnx, out, args.precision, parse_range(args.batch, "--batch"),
+                           parse_range(args.points, "--points"), tuple(args.compute_capability),
+                           load_backend(args.backend))
+    _print_engine(sidecar, out)
+    return 0
 
 
 COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "verify": _verify, "tune": _tune,
-            "evaluate": _evaluate, "run": _run}
+            "evaluate": _evaluate, "run": _run, "engine": _engine}
 
 
 @contextlib.contextmanager

@@ -198,6 +198,11 @@ def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsy
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     assert report["search"]["pairs_scored"] == 6 and report["held_out"]["images"] == 2
+    if "engines skipped" not in first:  # TensorRT(-RTX) installed: the deployable engines come with the ONNX
+        for name in ("encoder.tuned", "decoder"):
+            for precision in ("fp32", "fp16"):
+                assert (out / f"{name}.{precision}.engine").stat().st_size > 0
+                assert json.loads((out / f"{name}.{precision}.engine.json").read_text())["precision"] == precision
     assert main(argv) == 0
     second = capsys.readouterr().out
     assert "reusing the verified export" in second

@@ -1,0 +1,229 @@
+"""TensorRT engines from the exported ONNX models, with a JSON sidecar describing each.
+
+Two backends share one code path: standard TensorRT (module ``tensorrt``),
+used when installed, and TensorRT-RTX (``tensorrt_rtx_bindings`` from the
+PyPI wheels ``tensorrt-rtx-cu13-bindings`` + ``tensorrt-rtx-cu13-libs``),
+which compiles ahead of time on a machine without a GPU: its engines are
+finished for the target GPU when they are loaded there.
+
+Precision: TensorRT-RTX (and TensorRT >= 9.1 with strongly typed networks)
+takes precision from the ONNX types, so ``fp16`` converts the ONNX to half
+precision first, keeping LayerNorm (also the decomposed LayerNorm2d of the
+neck, as a whole chain) and Softmax in fp32 - an all-fp16 SAM encoder
+overflows there. Inputs and outputs stay fp32. A TensorRT without
+strongly typed networks gets the fp32 ONNX and its FP16 builder flag.
+``fp32`` turns TF32 off, so an fp32 engine computes in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import onnx
+
+from exporter.errors import SamReuseError
+from exporter.files import atomic_path, sha256_file, write_json
+
+SIDECAR_FORMAT = "sam-reuse/engine@1"
+PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
+FP32_OPS = ["LayerNormalization", "Softmax"]
+ENABLE_HINT = ("TensorRT engines need TensorRT or TensorRT-RTX: pip install 'sam-reuse[trt]' "
+               "(TensorRT-RTX from PyPI; builds engines without a GPU)")
+_MODULES = {"tensorrt": ["tensorrt"], "tensorrt-rtx": ["tensorrt_rtx_bindings", "tensorrt_rtx"]}
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "tensorrt" or "tensorrt-rtx"
+    trt: ModuleType
+
+    @property
+    def version(self) -> str:
+        return str(getattr(self.trt, "__version__", "unknown"))
+
+    @property
+    def strongly_typed(self) -> bool:
+        """Precision comes from the ONNX types (TensorRT-RTX always; TensorRT when it has the flag)."""
+        return self.name == "tensorrt-rtx" or hasattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+
+
+def load_backend(name: str = "auto") -> Backend:
+    """The TensorRT flavour to build with; ``auto`` prefers standard TensorRT, then TensorRT-RTX."""
+    if name not in BACKENDS:
+        raise SamReuseError(f"unknown TensorRT backend '{name}' (choose from {', '.join(BACKENDS)})")
+    for candidate in (["tensorrt", "tensorrt-rtx"] if name == "auto" else [name]):
+        for module in _MODULES[candidate]:
+            try:
+                return Backend(candidate, importlib.import_module(module))
+            except ImportError:
+                continue
+    raise SamReuseError(ENABLE_HINT if name == "auto" else f"backend '{name}' is not installed. {ENABLE_HINT}")
+
+
+def parse_range(text: str, what: str) -> tuple[int, int, int]:
+    """``MIN:OPT:MAX`` (or one number for all three) -> a validated (min, opt, max)."""
+    parts = text.split(":")
+    if len(parts) == 1:
+        parts = parts * 3
+    try:
+        low, opt, high = (int(p) for p in parts)
+    except ValueError:
+        raise SamReuseError(f"{what} '{text}': expected MIN:OPT:MAX or one number") from None
+    if len(parts) != 3 or not 1 <= low <= opt <= high:
+        raise SamReuseError(f"{what} '{text}': need 1 <= MIN <= OPT <= MAX")
+    return low, opt, high
+
+
+def input_profile(model: onnx.ModelProto, batch: tuple[int, int, int] = (1, 1, 1),
+                  points: tuple[int, int, int] = (1, 2, 16)) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shape of every input: the first symbolic dim is the batch, later ones the point count."""
+    profile = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        shapes: list[list[int]] = [[], [], []]
+        for position, dim in enumerate(dims):
+            if dim.dim_value > 0:
+                fixed = (dim.dim_value,) * 3
+            elif position == 0:
+                fixed = batch
+            else:
+                fixed = points
+            for which in range(3):
+                shapes[which].append(fixed[which])
+        profile[value.name] = tuple(tuple(s) for s in shapes)
+    return profile
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Half-precision weights and activations; fp32 inputs/outputs, LayerNorms and softmaxes.
+
+    Written-out LayerNorms are fused into ``LayerNormalization`` first (``graphops.fuse``), so they can be
+    kept fp32 as a whole.
+    """
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from graphops.fuse import fuse_decomposed_layernorm
+    from graphops.graph import finalize, load_graph
+
+    graph = load_graph(onnx.shape_inference.infer_shapes(model))
+    fuse_decomposed_layernorm(graph)
+    converted = convert_float_to_float16(finalize(graph), keep_io_types=True,
+                                         op_block_list=DEFAULT_OP_BLOCK_LIST + FP32_OPS)
+    return finalize(load_graph(converted))  # the converter leaves nodes unsorted
+
+
+def _compute_capability(trt: ModuleType, text: str):
+    name = "SM" + text.replace(".", "")
+    value = getattr(trt.ComputeCapability, name, None)
+    if value is None:
+        known = [n[2:] for n in dir(trt.ComputeCapability) if n.startswith("SM")]
+        raise SamReuseError(f"compute capability '{text}' is not a target of this TensorRT-RTX (known: "
+                            f"{', '.join(f'{k[:-1]}.{k[-1]}' for k in known)})")
+    return value
+
+
+def _io(trt: ModuleType, network, profile: dict[str, tuple[tuple[int, ...], ...]]) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes, shapes (-1: dynamic) and the profile's min/opt/max of the engine's bindings."""
+    def describe(tensor) -> dict[str, Any]:
+        return {"name": tensor.name, "dtype": np.dtype(trt.nptype(tensor.dtype)).name, "shape": list(tensor.shape)}
+
+    inputs = []
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        low, opt, high = profile[tensor.name]
+        inputs.append({**describe(tensor), "min": list(low), "opt": list(opt), "max": list(high)})
+    return {"inputs": inputs, "outputs": [describe(network.get_output(i)) for i in range(network.num_outputs)]}
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str = "fp32",
+                 batch: tuple[int, int, int] = (1, 1, 1), points: tuple[int, int, int] = (1, 2, 16),
+                 compute_capabilities: tuple[str, ...] = (), backend: Backend | None = None) -> dict[str, Any]:
+    """Build ``engine_path`` (and ``<engine>.json``) from an ONNX model; returns the sidecar.
+
+    Both files are written atomically; on any failure neither is touched.
+    """
+    if precision not in PRECISIONS:
+        raise SamReuseError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    from exporter.runtime import load_model
+
+    model = load_model(onnx_path, "ONNX model")
+    backend = backend or load_backend()
+    trt = backend.trt
+    if compute_capabilities and backend.name != "tensorrt-rtx":
+        raise SamReuseError("--compute-capability applies to TensorRT-RTX only (standard TensorRT builds for "
+                            "the GPU it runs on)")
+    typed_fp16 = precision == "fp16" and backend.strongly_typed
+    source = to_fp16(model) if typed_fp16 else model
+    profile_shapes = input_profile(model, batch, points)
+
+    started = time.perf_counter()
+    logger = trt.Logger(trt.Logger.VERBOSE if os.environ.get("SAM_REUSE_TRT_VERBOSE") else trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    flags = 0
+    if backend.name == "tensorrt" and backend.strongly_typed and typed_fp16:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(source.SerializeToString()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise SamReuseError(f"{onnx_path}: {backend.name} cannot parse it: {errors}")
+    config = builder.create_builder_config()
+    if hasattr(trt.BuilderFlag, "TF32") and precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if precision == "fp16" and not typed_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if compute_capabilities:
+        config.num_compute_capabilities = len(compute_capabilities)
+        for i, text in enumerate(compute_capabilities):
+            config.set_compute_capability(_compute_capability(trt, text), i)
+    profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile_shapes.items():
+        profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise SamReuseError(f"{onnx_path}: {backend.name} could not build an engine ({precision}); "
+                            "rerun with SAM_REUSE_TRT_VERBOSE=1 for the builder log")
+    build_s = time.perf_counter() - started
+
+    sidecar = {"format": SIDECAR_FORMAT, "backend": backend.name, "backend_version": backend.version,
+               "precision": precision, "fp16_by": ("onnx types" if typed_fp16 else "builder flag") if precision == "fp16" else None,
+               "fp32_ops": FP32_OPS if typed_fp16 else [],
+               "compute_capabilities": list(compute_capabilities) or ("portable default" if backend.name == "tensorrt-rtx" else "build GPU"),
+               "source_onnx": str(onnx_path), "source_onnx_sha256": sha256_file(onnx_path),
+               **_io(trt, network, profile_shapes), "build_s": round(build_s, 2)}
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    sidecar["engine_bytes"] = engine_path.stat().st_size
+    sidecar["engine_sha256"] = sha256_file(engine_path)
+    write_json(sidecar_path(engine_path), sidecar)
+    return sidecar
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    return Path(f"{engine_path}.json")
+
+
+def engine_name(onnx_path: str | Path, precision: str) -> Path:
+    """``encoder.tuned.onnx`` -> ``encoder.tuned.fp16.engine`` beside it."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(f"{onnx_path.name.removesuffix('.onnx')}.{precision}.engine")
+
+
+def build_deployment_engines(out_dir: str | Path, precisions: tuple[str, ...] = PRECISIONS,
+                             backend: Backend | None = None) -> list[dict[str, Any]]:
+    """Engines of what ``tune`` ships - ``encoder.tuned.onnx`` and ``decoder.onnx`` - at each precision."""
+    out_dir = Path(out_dir)
+    backend = backend or load_backend()
+    return [build_engine(out_dir / name, engine_name(out_dir / name, precision), precision, backend=backend)
+            for precision in precisions for name in ("encoder.tuned.onnx", "decoder.onnx")]
