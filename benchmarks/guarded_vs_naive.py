@@ -2,16 +2,17 @@
 
 Usage:
     python benchmarks/guarded_vs_naive.py EXPORT_DIR [--sets isic2016 kvasir-seg camo] [--work out/guard]
+        [--search-images 50]
 
 EXPORT_DIR is an `export-and-tune export --model-type vit_t` output. For each
-set: search split = first 50 manifest records, held-out = last 50, the
+set: search split = first 50 (--search-images) manifest records, held-out = last 50, the
 records' single positive point. The fast strategy runs once with
 ``selection="naive"`` (the whole greedy path: it trusts any rise of the
 search-split mean) on a cold activation cache, so its wall time includes
 encoding; then again with ``selection="guarded"`` on the same journal, which
 redoes no search work. Both maps are scored on the held-out split.
 
-Writes benchmarks/results/guarded_vs_naive.{json,md}: search-split and
+Writes benchmarks/results/guarded_vs_naive[-N].{json,md} (N: search images when not 50): search-split and
 held-out mIoU before/after, the per-image held-out gain distribution, the 90%
 paired bootstrap interval of the held-out gain, decoder runs, and the tune
 time as a ratio to one encoder pass over the 50 search images.
@@ -59,34 +60,38 @@ def main() -> None:
     parser.add_argument("export", type=Path)
     parser.add_argument("--sets", nargs="+", default=["isic2016", "kvasir-seg", "camo"])
     parser.add_argument("--work", type=Path, default=REPO / "out" / "guard")
+    parser.add_argument("--search-images", type=int, default=50)
     args = parser.parse_args()
+    stem = "guarded_vs_naive" + ("" if args.search_images == 50 else f"-{args.search_images}")
+    work = args.work if args.search_images == 50 else args.work.with_name(f"{args.work.name}-{args.search_images}")
 
     rows = []
     for name in args.sets:
         row: dict = {"set": name}
         with tempfile.TemporaryDirectory(prefix="sam-reuse-cold-cache-") as cold_cache:
             for selection in SELECTIONS:
-                out = args.work / name / selection
+                out = work / name / selection
                 if selection == "guarded":  # same search, read back: only the choice along the path differs
                     out.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(args.work / name / "naive" / JOURNAL, out / JOURNAL)
-                settings = TuneSettings(selection=selection, search_images=50, holdout_images=50,
+                    shutil.copyfile(work / name / "naive" / JOURNAL, out / JOURNAL)
+                settings = TuneSettings(selection=selection, search_images=args.search_images, holdout_images=50,
                                         cache_dir=cold_cache, progress=False)
                 report = tune(args.export / "encoder.onnx", args.export / "decoder.onnx", SHARED / name, out,
                               settings).report
                 row[selection] = _summary(report)
         naive_wall = row["naive"]["wall_s"]
-        encode_search = naive_wall["encode"] / 2  # 100 images encoded: 50 search + 50 held-out, same cost each
+        # search + 50 held-out images were encoded, at the same cost per image
+        encode_search = naive_wall["encode"] * args.search_images / (args.search_images + 50)
         row["tune_minutes"] = (encode_search + naive_wall["search"]) / 60
         row["tune_over_encode"] = (encode_search + naive_wall["search"]) / encode_search
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "guarded_vs_naive.json",
+    write_json(RESULTS / f"{stem}.json",
                {"export": str(args.export), "machine": f"{platform.machine()}, {platform.python_version()}",
                 "rows": rows})
-    lines = ["Fast search (default plan), MobileSAM, image-embedding site, 50 search / 50 held-out images, "
+    lines = [f"Fast search (default plan), MobileSAM, image-embedding site, {args.search_images} search / 50 held-out images, "
              "ONNX Runtime CPU (2 threads). Gains in mIoU points; per-image gain quantiles are 5/25/50/75/95%.", "",
              "| set | selection | pairs | search before -> after | held-out before -> after | held-out gain [90% CI] "
              "| better/same/worse | per-image gain quantiles |",
@@ -103,12 +108,13 @@ def main() -> None:
     for selection in SELECTIONS:
         mean = np.mean([r[selection]["held_out_gain"] for r in rows])
         lines.append(f"\nAverage held-out gain, {selection}: {mean:+.2f}")
-    lines += ["", "| set | search decoder runs | tune time (encode 50 + search) | ratio to encoding 50 images |",
+    lines += ["", f"| set | search decoder runs | tune time (encode {args.search_images} + search) "
+              f"| ratio to encoding {args.search_images} images |",
               "|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['set']} | {r['naive']['decoder_evaluations']['search']:,} | {r['tune_minutes']:.1f} min "
                      f"| {r['tune_over_encode']:.1f} |")
-    (RESULTS / "guarded_vs_naive.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -40,7 +40,7 @@ from calibrate.metrics import bootstrap_interval
 from calibrate.search import Evaluate, Pair, Scorer, SearchResult, map_key, pair_space, top_distinct_targets
 from graphops.reuse_map import reuse_index
 
-SELECTIONS = ("guarded", "naive", "robust")
+SELECTIONS = ("guarded", "naive")
 
 
 @dataclass(frozen=True)
@@ -119,20 +119,14 @@ def _screen(scorer: Scorer, targets: Sequence[int], sources: Sequence[int], base
 
 
 def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], single: dict[Pair, np.ndarray],
-                 max_pairs: int, rows: np.ndarray | None = None, by: str = "mean"
+                 max_pairs: int, rows: np.ndarray | None = None
                  ) -> tuple[list[Pair], list[tuple[tuple[Pair, ...], np.ndarray]]]:
-    """Add the pair that raises the criterion on ``rows`` (None: all) most until none does.
+    """Add the pair that raises mIoU on ``rows`` (None: all) most until none does.
 
-    ``by="mean"``: search mIoU; ``by="bound"``: the lower 90% bootstrap bound of the per-image gain over
-    the original. Returns the path and every map tried, with its IoUs. Maps are always scored on every
-    search image, so paths of different folds share their work.
+    Returns the path and every map tried, with its IoUs. Maps are always scored on every search image,
+    so paths of different folds share their work.
     """
     rows = np.arange(len(baseline)) if rows is None else rows
-
-    def value(ious: np.ndarray) -> float:
-        if by == "mean":
-            return float(ious[rows].mean())
-        return bootstrap_interval((ious[rows] - baseline[rows]) * 100)[0]
 
     path: list[Pair] = []
     current = baseline
@@ -147,8 +141,8 @@ def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], s
             tried.append((subset, ious))
         if not trials:
             break
-        pair, _, ious = max(trials, key=lambda trial: value(trial[2]))  # max keeps the first of equals
-        if value(ious) <= value(current):
+        pair, _, ious = max(trials, key=lambda trial: trial[2][rows].mean())  # max keeps the first of equals
+        if ious[rows].mean() <= current[rows].mean():
             break
         path.append(pair)
         current = ious
@@ -162,10 +156,6 @@ def _choose(baseline: np.ndarray, path: list[Pair], tried: list[tuple[tuple[Pair
     path_ious = [measured[tuple(sorted(path[:k]))][rows] for k in range(1, len(path) + 1)]
     guarded, bounds = guarded_prefix(baseline[rows], path_ious)
     return (guarded if selection == "guarded" else len(path)), bounds
-
-
-def _criterion(selection: str) -> str:
-    return "bound" if selection == "robust" else "mean"
 
 
 def _ranked_pairs(single: dict[Pair, np.ndarray], baseline: np.ndarray, rows: np.ndarray) -> list[tuple[Pair, float]]:
@@ -182,7 +172,7 @@ def _cross_validate(scorer: Scorer, baseline: np.ndarray, single: dict[Pair, np.
     for fold in range(folds):
         train, valid = images[images % folds != fold], images[images % folds == fold]
         candidates = top_distinct_targets(_ranked_pairs(single, baseline, train), plan.top_n)
-        path, tried = _greedy_path(scorer, baseline, candidates, single, plan.max_pairs, train, _criterion(selection))
+        path, tried = _greedy_path(scorer, baseline, candidates, single, plan.max_pairs, train)
         keep, _ = _choose(baseline, path, tried, selection, train)
         chosen = dict(tried)[tuple(sorted(path[:keep]))] if keep else baseline
         gains[valid] = (chosen[valid] - baseline[valid]) * 100
@@ -227,7 +217,7 @@ def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Seq
         candidates = top_distinct_targets(scored, plan.top_n)
 
         bar.set_description("fast search: greedy")
-        path, tried = _greedy_path(scorer, baseline, candidates, single, plan.max_pairs, by=_criterion(selection))
+        path, tried = _greedy_path(scorer, baseline, candidates, single, plan.max_pairs)
         if cv_folds:
             bar.set_description("fast search: cross-validation")
             bar.total += cv_folds * (bar.total - bar.n)  # a rough bound: folds mostly retrace the path
