@@ -1,0 +1,55 @@
+// The TensorRT-free half of the sample, for checking against exporter/imaging.py (tests/test_cpp_sample.py):
+//   sam_preprocess_check IMAGE X Y OUT_DIR [LOW_RES_LOGITS.f32]
+// writes OUT_DIR/input.f32 (1x3x1024x1024 float32, the encoder input), OUT_DIR/prompt.f32 (point_coords
+// 1x2x2 then point_labels 1x2) and, given 256x256 float32 logits, OUT_DIR/mask.png at the image's size.
+#include <cstdio>
+#include <exception>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "sam_image.hpp"
+
+namespace {
+
+void write_floats(const std::string& path, const std::vector<float>& values) {
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(values.data()), static_cast<std::streamsize>(values.size() * sizeof(float)));
+    if (!out) throw std::runtime_error(path + ": cannot write");
+}
+
+std::vector<float> read_floats(const std::string& path, size_t count) {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<float> values(count);
+    in.read(reinterpret_cast<char*>(values.data()), static_cast<std::streamsize>(count * sizeof(float)));
+    if (!in) throw std::runtime_error(path + ": expected " + std::to_string(count) + " float32 values");
+    return values;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 5 && argc != 6) {
+        std::cerr << "usage: sam_preprocess_check IMAGE X Y OUT_DIR [LOW_RES_LOGITS.f32]\n";
+        return 2;
+    }
+    try {
+        const sam::RgbImage image = sam::load_image_rgb(argv[1]);
+        const std::string out = argv[4];
+        write_floats(out + "/input.f32", sam::preprocess(image));
+        std::vector<float> coords, labels;
+        sam::point_prompt(std::stof(argv[2]), std::stof(argv[3]), image.height, image.width, &coords, &labels);
+        coords.insert(coords.end(), labels.begin(), labels.end());
+        write_floats(out + "/prompt.f32", coords);
+        if (argc == 6) {
+            const auto logits = read_floats(argv[5], static_cast<size_t>(sam::kLowResSize) * sam::kLowResSize);
+            sam::write_mask_png(out + "/mask.png", sam::upscale_mask(logits, image.height, image.width),
+                                image.height, image.width);
+        }
+    } catch (const std::exception& error) {
+        std::cerr << "sam_preprocess_check: " << error.what() << "\n";
+        return 1;
+    }
+    return 0;
+}
