@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "comma-separated, or 'none' (default: fp32,fp16; skipped with a note without TensorRT)")
     _add_tune_args(run, BUNDLED_DATA)
 
+    verify_engine = sub.add_parser("verify-engine", help="compare a TensorRT engine with its source ONNX on ONNX "
+                                   "Runtime (polygraphy; needs an NVIDIA GPU)")
+    verify_engine.add_argument("engine", type=Path, help="an engine built by export-and-tune (with its .json sidecar)")
+    verify_engine.add_argument("--data", type=Path, default=BUNDLED_DATA, help="images (and prompts) to compare on")
+    verify_engine.add_argument("--images", type=int, default=2, help="number of images (default: 2)")
+
     engine = sub.add_parser("engine", help="build a TensorRT (or TensorRT-RTX, no GPU needed) engine from an ONNX model")
     engine.add_argument("onnx", type=Path)
     engine.add_argument("--out", type=Path, help="engine path (default: MODEL.<precision>.engine beside the ONNX)")
@@ -274,13 +280,20 @@ def _verify(args: argparse.Namespace) -> int:
         raise SamReuseError("--images must be at least 1")
     result = verify_tuned(args.reference, args.tuned, read_records(args.data)[: args.images], args.reuse_map,
                           args.atol, args.rtol)
+    return _verdict(result, "tuned - reference",
+                    f"verify FAILED: {args.tuned} differs from {args.reference} + its reuse map beyond atol "
+                    f"{args.atol:g} / rtol {args.rtol:g}",
+                    f"verify passed: {args.tuned} equals {args.reference} + its reuse map (gather reference)")
+
+
+def _verdict(result, difference: str, failed: str, passed: str) -> int:
+    """Print a verify result's worst differences; exit 0 when it passed, 1 when not."""
     for name, figures in result.outputs.items():
-        print(f"{name}: max |tuned - reference| {figures['max_abs_diff']:.2e} over {result.images} image(s)")
+        print(f"{name}: max |{difference}| {figures['max_abs_diff']:.2e} over {result.images} image(s)")
     if not result.passed:
-        print(f"export-and-tune: verify FAILED: {args.tuned} differs from {args.reference} + its reuse map "
-              f"beyond atol {args.atol:g} / rtol {args.rtol:g}", file=sys.stderr)
+        print(f"export-and-tune: {failed}", file=sys.stderr)
         return 1
-    print(f"verify passed: {args.tuned} equals {args.reference} + its reuse map (gather reference)")
+    print(passed)
     return 0
 
 
@@ -333,6 +346,19 @@ def _deployment_engines(out: Path, precisions: tuple[str, ...]) -> None:
         _print_engine(sidecar, engine_name(Path(sidecar["source_onnx"]), sidecar["precision"]))
 
 
+def _verify_engine(args: argparse.Namespace) -> int:
+    from calibrate.data import read_records
+    from exporter.verify import ENGINE_TOLERANCES, verify_engine
+
+    if args.images < 1:
+        raise SamReuseError("--images must be at least 1")
+    result = verify_engine(args.engine, read_records(args.data)[: args.images])
+    return _verdict(result, "engine - onnxrt",
+                    f"verify-engine FAILED: {args.engine} differs from its ONNX beyond the precision's tolerances "
+                    f"{ENGINE_TOLERANCES}",
+                    f"verify-engine passed: {args.engine} agrees with its source ONNX on ONNX Runtime")
+
+
 def _engine(args: argparse.Namespace) -> int:
     from exporter.engine import build_engine, engine_name, load_backend, parse_range
 
@@ -345,7 +371,7 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "verify": _verify, "tune": _tune,
-            "evaluate": _evaluate, "run": _run, "engine": _engine}
+            "evaluate": _evaluate, "run": _run, "engine": _engine, "verify-engine": _verify_engine}
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ strongly typed networks gets the fp32 ONNX and its FP16 builder flag.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import time
@@ -66,6 +67,16 @@ def load_backend(name: str = "auto") -> Backend:
             except ImportError:
                 continue
     raise SamReuseError(ENABLE_HINT if name == "auto" else f"backend '{name}' is not installed. {ENABLE_HINT}")
+
+
+def gpu_available() -> bool:
+    """Whether an NVIDIA driver with at least one GPU is present (engines can only run there)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def parse_range(text: str, what: str) -> tuple[int, int, int]:

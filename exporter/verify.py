@@ -19,7 +19,7 @@ import onnx
 
 from calibrate.data import Record
 from exporter.errors import SamReuseError
-from exporter.imaging import load_image_rgb, preprocess
+from exporter.imaging import load_image_rgb, preprocess, prompt_arrays
 from exporter.runtime import load_model
 from graphops.reuse_map import ReuseMap
 from graphops.rewrites import apply_reuse_map
@@ -27,6 +27,8 @@ from graphops.rewrites import apply_reuse_map
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 MAP_PROPERTY = "sam_reuse.reuse_map"
+# engine vs ONNX Runtime, per engine precision: (atol, rtol)
+ENGINE_TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2)}
 
 
 @dataclass
@@ -52,8 +54,6 @@ def verify_tuned(original: str | Path, tuned: str | Path, records: Sequence[Reco
                  rtol: float = DEFAULT_RTOL) -> VerifyResult:
     """Compare ``tuned`` with ``original`` + the map by gather, output by output, on ``records``' images."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
-    from polygraphy.logger import G_LOGGER
 
     if not records:
         raise SamReuseError("verify needs at least one image")
@@ -63,12 +63,69 @@ def verify_tuned(original: str | Path, tuned: str | Path, records: Sequence[Reco
     feeds = [{"image": preprocess(load_image_rgb(r.image))} for r in records]
     runners = [OnnxrtRunner(SessionFromOnnx(reference.SerializeToString(), providers=["cpu"]), name="reference"),
                OnnxrtRunner(SessionFromOnnx(tuned_model.SerializeToString(), providers=["cpu"]), name="tuned")]
+    return _compare(runners, feeds, atol, rtol)
+
+
+def _compare(runners: list, feeds: list[dict[str, Any]], atol: float, rtol: float) -> VerifyResult:
+    """polygraphy: run both runners on ``feeds``, compare every output; worst max |diff| per output."""
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         results = Comparator.run(runners, data_loader=feeds)
         accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))[0]
     outputs: dict[str, dict[str, float]] = {}
-    for per_image in accuracy[("reference", "tuned")]:
+    for per_image in accuracy[(runners[0].name, runners[1].name)]:
         for name, compared in per_image.items():
             worst = outputs.setdefault(name, {"max_abs_diff": 0.0})
             worst["max_abs_diff"] = max(worst["max_abs_diff"], float(compared.max_absdiff))
     return VerifyResult(passed=bool(accuracy), images=len(feeds), outputs=outputs)
+
+
+def _engine_feeds(sidecar: dict[str, Any], engine: Path, records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Real inputs for an engine: images for an encoder; embeddings (from encoder.onnx beside it) and prompts."""
+    from calibrate.data import load_sample
+    from exporter.onnx_export import decoder_feeds
+    from exporter.runtime import ort_session
+
+    names = [i["name"] for i in sidecar["inputs"]]
+    images = [preprocess(load_image_rgb(r.image)) for r in records]
+    if names == ["image"]:
+        return [{"image": image} for image in images]
+    encoder_path = Path(sidecar["source_onnx"]).with_name("encoder.onnx")
+    if not encoder_path.is_file():
+        raise SamReuseError(f"{engine}: decoder engine, but no {encoder_path} to compute embeddings with")
+    encoder = ort_session(encoder_path)
+    feeds = []
+    for record, image in zip(records, images):
+        sample = load_sample(record)
+        embedding = encoder.run(["image_embeddings"], {"image": image})[0]
+        feeds.append(decoder_feeds(embedding, *prompt_arrays(sample.prompt, sample.hw)))
+    return feeds
+
+
+def verify_engine(engine: str | Path, records: Sequence[Record]) -> VerifyResult:
+    """A TensorRT engine against its source ONNX on ONNX Runtime (polygraphy), with the precision's tolerances.
+
+    Needs an NVIDIA GPU: engines are finished for, and run on, the GPU.
+    """
+    from exporter.engine import gpu_available, sidecar_path
+
+    engine = Path(engine)
+    if not sidecar_path(engine).is_file():
+        raise SamReuseError(f"{engine}: no sidecar {sidecar_path(engine).name} (build engines with export-and-tune)")
+    sidecar = json.loads(sidecar_path(engine).read_text())
+    if not gpu_available():
+        raise SamReuseError(f"{engine}: comparing an engine with ONNX Runtime needs an NVIDIA GPU (none found)")
+    from polygraphy import config
+
+    config.USE_TENSORRT_RTX = sidecar["backend"] == "tensorrt-rtx"  # read when backend.trt is first imported
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    atol, rtol = ENGINE_TOLERANCES[sidecar["precision"]]
+    feeds = _engine_feeds(sidecar, engine, records)
+    runners = [OnnxrtRunner(SessionFromOnnx(sidecar["source_onnx"], providers=["cpu"]), name="onnxrt"),
+               TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="engine")]
+    return _compare(runners, feeds, atol, rtol)

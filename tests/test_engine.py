@@ -167,3 +167,49 @@ def test_run_without_tensorrt_still_delivers_the_onnx_models(tmp_path, capsys, m
     assert "engines skipped: TensorRT engines need TensorRT or TensorRT-RTX: pip install 'sam-reuse[trt]'" in \
         capsys.readouterr().out
     assert (out / "encoder.tuned.onnx").exists() and not list(out.glob("*.engine"))
+
+
+def test_onnx_model_predicts_like_the_search_evaluator(mobilesam_export, sample_records):
+    """SamModel (the runtime wrapper) on ONNX Runtime: the same mask the tuner scores."""
+    from calibrate.activations import encode
+    from calibrate.data import load_sample
+    from calibrate.evaluator import MaskEvaluator
+    from exporter.imaging import load_image_rgb
+    from exporter.predictor import SamModel
+
+    model = SamModel.from_onnx(mobilesam_export.encoder, mobilesam_export.decoder)
+    samples = [load_sample(r) for r in sample_records[:2]]
+    evaluator = MaskEvaluator(str(mobilesam_export.decoder), samples,
+                              encode(mobilesam_export.encoder, samples, progress=False))
+    for i, sample in enumerate(samples):
+        prediction = model.predict(load_image_rgb(sample.record.image), sample.prompt)
+        np.testing.assert_array_equal(prediction.mask, evaluator.predicted_mask(evaluator.low_res_logits(rows=[i])[0], i))
+        assert prediction.mask.shape == sample.hw and 0 < prediction.iou_prediction <= 1.5
+
+
+def test_engines_run_like_onnx_runtime_on_a_gpu(mobilesam_export, sample_records, tmp_path, capsys):
+    """Engine vs ONNX Runtime (verify-engine, polygraphy) and the runtime wrapper; without a GPU, a clear error."""
+    from calibrate.data import load_sample
+    from exporter.engine import gpu_available
+    from exporter.imaging import load_image_rgb
+    from exporter.predictor import SamModel
+
+    _backend()
+    engines = {}
+    for name in ("encoder", "decoder"):
+        engines[name] = tmp_path / f"{name}.fp32.engine"
+        build_engine(getattr(mobilesam_export, name), engines[name], "fp32")
+    if not gpu_available():
+        assert main(["verify-engine", str(engines["encoder"]), "--images", "1"]) == 2
+        assert "needs an NVIDIA GPU" in capsys.readouterr().err
+        with pytest.raises(SamReuseError, match="needs an NVIDIA GPU"):
+            SamModel.from_engines(engines["encoder"], engines["decoder"])
+        pytest.skip("engines built and refused cleanly; running them needs an NVIDIA GPU")
+    for engine in engines.values():
+        assert main(["verify-engine", str(engine), "--images", "2"]) == 0
+    sample = load_sample(sample_records[0])
+    image = load_image_rgb(sample.record.image)
+    on_gpu = SamModel.from_engines(engines["encoder"], engines["decoder"]).predict(image, sample.prompt)
+    on_cpu = SamModel.from_onnx(mobilesam_export.encoder, mobilesam_export.decoder).predict(image, sample.prompt)
+    intersection = np.logical_and(on_gpu.mask, on_cpu.mask).sum()
+    assert intersection / np.logical_or(on_gpu.mask, on_cpu.mask).sum() > 0.98
