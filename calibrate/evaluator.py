@@ -5,9 +5,10 @@ Gather on its ``image_embeddings`` input whose indices are a runtime input,
 so one session evaluates every candidate map and the identity index is the
 unmodified model; index value ``channels`` reads an all-zero channel, so the
 same session scores channel ablation. Any subset of the images can be
-scored (the fast search races candidates on a few images first). Images are batched (one map per batch); images whose
-prompts have different lengths go in different batches, because padding a
-prompt would change SAM's output.
+scored (the fast search races candidates on a few images first). Images
+are batched (one map per batch); images whose prompts have different
+lengths go in different batches, because padding a prompt would change
+SAM's output.
 
 Each mask is scored the way ``SamPredictor.predict(multimask_output=False)``
 is: mask token 0, low-resolution logits upscaled to the image's own size

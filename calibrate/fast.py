@@ -99,12 +99,8 @@ def _top(change: dict[str, float], allowed: Sequence[str], count: int, rising: b
 def _screen(scorer: Scorer, targets: Sequence[int], sources: Sequence[int], baseline: np.ndarray,
             race: range, rest: range, plan: FastPlan) -> tuple[list[int], list[int], dict[int, float]]:
     """Zero each channel; return the targets (largest rise), the sources (largest drop) and every rise."""
-    channels = sorted(set(targets) | set(sources))
-    zeroed = {}
-    for channel in channels:
-        index = np.arange(scorer.channels, dtype=np.int64)
-        index[channel] = scorer.channels  # the evaluator's all-zero channel
-        zeroed[str(channel)] = index
+    zero = scorer.channels  # the index value of the evaluator's all-zero channel
+    zeroed = {str(c): reuse_index(scorer.channels, [(c, zero)]) for c in sorted(set(targets) | set(sources))}
     target_keys, source_keys = [str(c) for c in sorted(targets)], [str(c) for c in sorted(sources)]
 
     def leaders(change: dict[str, float]) -> list[str]:
@@ -223,8 +219,8 @@ def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Seq
             bar.total += cv_folds * (bar.total - bar.n)  # a rough bound: folds mostly retrace the path
             cross_validation = _cross_validate(scorer, baseline, single, plan, selection, cv_folds)
         bar.total = bar.n  # the path may stop before its longest: end the bar full
-    chosen, bounds = _choose(baseline, path, tried, selection, everything)
-    guarded, _ = _choose(baseline, path, tried, "guarded", everything)
+    guarded, bounds = _choose(baseline, path, tried, "guarded", everything)
+    chosen = guarded if selection == "guarded" else len(path)
     details = {"plan": plan.to_json(), "selection": selection,
                "screening": {"channels": screened, "targets": chosen_targets, "sources": chosen_sources,
                              "rise_when_zeroed": {str(c): r * 100 for c, r in sorted(rise.items())}},

@@ -147,9 +147,15 @@ def _check_channel_specs(settings: TuneSettings, channels: int) -> None:
             raise SamReuseError(f"{option}: {exc}") from None
 
 
+def _curve_point(result: SearchResult, size: int, held_out: np.ndarray | None) -> dict[str, Any]:
+    subset = result.curve[size]
+    return {"pairs": size, "map": [list(p) for p in subset], "search_miou": _pct(result.ious_of(subset)),
+            "held_out_miou": None if held_out is None else _pct(held_out)}
+
+
 def _held_out_curve(result: SearchResult, held_eval: MaskEvaluator
                     ) -> tuple[list[dict[str, Any]], dict[int, np.ndarray], dict[int, list[np.ndarray]]]:
-    """Search and held-out mIoU of the best subset of each size (size 0: the original model).
+    """Search and held-out mIoU of each map of ``result.curve`` (size 0: the original model).
 
     Also returns the held-out logits of the original and the chosen map, which the overlays draw.
     """
@@ -159,8 +165,7 @@ def _held_out_curve(result: SearchResult, held_eval: MaskEvaluator
         held_by_size[size] = held_eval.ious_of(logits)
         if size in (0, len(result.best)):
             logits_kept[size] = logits
-        curve.append({"pairs": size, "map": [list(p) for p in subset],
-                      "search_miou": _pct(result.ious_of(subset)), "held_out_miou": _pct(held_by_size[size])})
+        curve.append(_curve_point(result, size, held_by_size[size]))
     return curve, held_by_size, logits_kept
 
 
@@ -228,8 +233,9 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     images = len(calibration.search)
     if settings.progress:
         if settings.strategy == "fast":
-            work = (f"screening {len(set(targets) | set(sources))} channels, then pairs and a greedy path: "
-                    f"at most {plan.planned_runs(len(set(targets) | set(sources)), images):,} decoder runs")
+            screened = len(set(targets) | set(sources))
+            work = (f"screening {screened} channels, then pairs and a greedy path: "
+                    f"at most {plan.planned_runs(screened, images):,} decoder runs")
         else:
             work = (f"{len(pairs):,} pairs + up to {planned_subsets(pairs, settings.top_n):,} subsets, "
                     f"each scored on {images} search images")
@@ -259,8 +265,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         basis = "held-out"
         check_samples, check_embeddings = calibration.held_out, held_emb
     else:  # the user keeps no images back: judge by the cross-validated estimate instead
-        curve = [{"pairs": size, "map": [list(p) for p in subset], "search_miou": _pct(result.ious_of(subset)),
-                  "held_out_miou": None} for size, subset in enumerate(result.curve)]
+        curve = [_curve_point(result, size, None) for size in range(len(result.curve))]
         estimate = result.details["cross_validation"]
         gains, interval = np.asarray(estimate["per_image_gain"]), tuple(estimate["gain_interval_90"])
         basis = f"cross-validated ({estimate['folds']} folds of the search split, no held-out split)"

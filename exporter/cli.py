@@ -80,7 +80,8 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
 def _tune_settings(args: argparse.Namespace):
     from calibrate.tune import TuneSettings
 
-    return TuneSettings(strategy=args.strategy, selection=args.selection, cv_folds=args.cv_folds, top_n=args.top_pairs, targets=args.targets, sources=args.sources,
+    return TuneSettings(strategy=args.strategy, selection=args.selection, cv_folds=args.cv_folds,
+                        top_n=args.top_pairs, targets=args.targets, sources=args.sources,
                         prompt=args.prompt, masks=str(args.masks) if args.masks else None,
                         search_images=args.search_images, holdout_images=args.holdout_images,
                         min_images=args.min_images, batch_size=args.batch_size, overlays=args.overlays,
@@ -335,15 +336,15 @@ def _print_engine(sidecar: dict, path: Path) -> None:
 
 
 def _deployment_engines(out: Path, precisions: tuple[str, ...]) -> None:
-    from exporter.engine import ENABLE_HINT, build_deployment_engines, engine_name, load_backend
+    from exporter.engine import ENABLE_HINT, build_deployment_engines, load_backend
 
     try:
         backend = load_backend()
     except SamReuseError:
         print(f"engines skipped: {ENABLE_HINT}. The ONNX models in {out} are complete without them.")
         return
-    for sidecar in build_deployment_engines(out, precisions, backend):
-        _print_engine(sidecar, engine_name(Path(sidecar["source_onnx"]), sidecar["precision"]))
+    for path, sidecar in build_deployment_engines(out, precisions, backend):
+        _print_engine(sidecar, path)
 
 
 def _verify_engine(args: argparse.Namespace) -> int:

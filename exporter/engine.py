@@ -232,9 +232,16 @@ def engine_name(onnx_path: str | Path, precision: str) -> Path:
 
 
 def build_deployment_engines(out_dir: str | Path, precisions: tuple[str, ...] = PRECISIONS,
-                             backend: Backend | None = None) -> list[dict[str, Any]]:
-    """Engines of what ``tune`` ships - ``encoder.tuned.onnx`` and ``decoder.onnx`` - at each precision."""
+                             backend: Backend | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """Engines of what ``tune`` ships - ``encoder.tuned.onnx`` and ``decoder.onnx`` - at each precision.
+
+    Returns (engine path, sidecar) per engine.
+    """
     out_dir = Path(out_dir)
     backend = backend or load_backend()
-    return [build_engine(out_dir / name, engine_name(out_dir / name, precision), precision, backend=backend)
-            for precision in precisions for name in ("encoder.tuned.onnx", "decoder.onnx")]
+    built = []
+    for precision in precisions:
+        for name in ("encoder.tuned.onnx", "decoder.onnx"):
+            path = engine_name(out_dir / name, precision)
+            built.append((path, build_engine(out_dir / name, path, precision, backend=backend)))
+    return built

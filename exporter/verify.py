@@ -60,7 +60,7 @@ def verify_tuned(original: str | Path, tuned: str | Path, records: Sequence[Reco
     tuned_model = load_model(tuned)
     mapping = ReuseMap.load(reuse_map) if reuse_map else embedded_reuse_map(tuned_model, str(tuned))
     reference, _ = apply_reuse_map(load_model(original), mapping, strategy="gather")
-    feeds = [{"image": preprocess(load_image_rgb(r.image))} for r in records]
+    feeds = encoder_inputs(records)
     runners = [OnnxrtRunner(SessionFromOnnx(reference.SerializeToString(), providers=["cpu"]), name="reference"),
                OnnxrtRunner(SessionFromOnnx(tuned_model.SerializeToString(), providers=["cpu"]), name="tuned")]
     return _compare(runners, feeds, atol, rtol)
@@ -82,26 +82,34 @@ def _compare(runners: list, feeds: list[dict[str, Any]], atol: float, rtol: floa
     return VerifyResult(passed=bool(accuracy), images=len(feeds), outputs=outputs)
 
 
-def _engine_feeds(sidecar: dict[str, Any], engine: Path, records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Real inputs for an engine: images for an encoder; embeddings (from encoder.onnx beside it) and prompts."""
+def encoder_inputs(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """``{"image": 1x3x1024x1024}`` per record: real preprocessed images, what deployment feeds."""
+    return [{"image": preprocess(load_image_rgb(r.image))} for r in records]
+
+
+def decoder_inputs(records: Sequence[Record], encoder: str | Path) -> list[dict[str, Any]]:
+    """Decoder inputs per record: the embedding ``encoder`` (ONNX) computes for its image, and its prompt."""
     from calibrate.data import load_sample
     from exporter.onnx_export import decoder_feeds
     from exporter.runtime import ort_session
 
-    names = [i["name"] for i in sidecar["inputs"]]
-    images = [preprocess(load_image_rgb(r.image)) for r in records]
-    if names == ["image"]:
-        return [{"image": image} for image in images]
+    session = ort_session(encoder)
+    feeds = []
+    for record, image in zip(records, encoder_inputs(records)):
+        sample = load_sample(record)
+        embedding = session.run(["image_embeddings"], image)[0]
+        feeds.append(decoder_feeds(embedding, *prompt_arrays(sample.prompt, sample.hw)))
+    return feeds
+
+
+def _engine_feeds(sidecar: dict[str, Any], engine: Path, records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Real inputs for an engine: images for an encoder; embeddings (from encoder.onnx beside it) and prompts."""
+    if [i["name"] for i in sidecar["inputs"]] == ["image"]:
+        return encoder_inputs(records)
     encoder_path = Path(sidecar["source_onnx"]).with_name("encoder.onnx")
     if not encoder_path.is_file():
         raise SamReuseError(f"{engine}: decoder engine, but no {encoder_path} to compute embeddings with")
-    encoder = ort_session(encoder_path)
-    feeds = []
-    for record, image in zip(records, images):
-        sample = load_sample(record)
-        embedding = encoder.run(["image_embeddings"], {"image": image})[0]
-        feeds.append(decoder_feeds(embedding, *prompt_arrays(sample.prompt, sample.hw)))
-    return feeds
+    return decoder_inputs(records, encoder_path)
 
 
 def verify_engine(engine: str | Path, records: Sequence[Record]) -> VerifyResult:

@@ -14,8 +14,9 @@ accuracy checks feed what deployment feeds. Environment:
 - ``SAM_REUSE_ENCODER``: the encoder ONNX whose embeddings feed the decoder
   (``load_decoder_data`` only; default ``out/demo/encoder.onnx``).
 
-The preprocessing and prompt encoding are the project's own
-(``exporter.imaging``), the same code the ONNX path and the tuner use.
+The inputs come from ``exporter.verify.encoder_inputs`` / ``decoder_inputs``
+(built on ``exporter.imaging``): the same code ``export-and-tune verify``
+and ``verify-engine`` feed, and the same preprocessing the tuner uses.
 """
 
 from __future__ import annotations
@@ -26,30 +27,23 @@ from typing import Iterator
 
 import numpy as np
 
-from calibrate.data import load_sample, read_records
-from exporter.imaging import load_image_rgb, preprocess, prompt_arrays
-from exporter.onnx_export import decoder_feeds
-from exporter.runtime import ort_session
+from calibrate.data import read_records
+from exporter.verify import decoder_inputs, encoder_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _samples():
+def _records():
     folder = Path(os.environ.get("SAM_REUSE_DATA") or REPO / "samples" / "data" / "isic2016")
     count = int(os.environ.get("SAM_REUSE_IMAGES", "2"))
-    return [load_sample(record) for record in read_records(folder)[:count]]
+    return read_records(folder)[:count]
 
 
 def load_encoder_data() -> Iterator[dict[str, np.ndarray]]:
     """``{"image": 1x3x1024x1024}`` per calibration image."""
-    for sample in _samples():
-        yield {"image": preprocess(load_image_rgb(sample.record.image))}
+    yield from encoder_inputs(_records())
 
 
 def load_decoder_data() -> Iterator[dict[str, np.ndarray]]:
     """Decoder inputs per calibration image: its embedding (from ``SAM_REUSE_ENCODER``) and its prompt."""
-    encoder = ort_session(os.environ.get("SAM_REUSE_ENCODER") or REPO / "out" / "demo" / "encoder.onnx")
-    for sample in _samples():
-        embedding = encoder.run(None, {"image": preprocess(load_image_rgb(sample.record.image))})[0]
-        coords, labels = prompt_arrays(sample.prompt, sample.hw)
-        yield decoder_feeds(embedding, coords, labels)
+    yield from decoder_inputs(_records(), os.environ.get("SAM_REUSE_ENCODER") or REPO / "out" / "demo" / "encoder.onnx")
