@@ -121,7 +121,7 @@ def markdown(report: dict[str, Any]) -> str:
         + (f"; {len(report['data']['skipped'])} skipped" if report["data"]["skipped"] else ""),
         f"- Site: `{report['site']['name']}` ({report['site']['channels']} channels); strategy "
         f"`{settings['strategy']}`" + (f" ({settings['selection']} selection)" if settings["strategy"] == "fast" else "")
-        + f", top N = {settings['top_n']}, {search['pairs_scored']} pairs scored on every search image "
+        + f", top N = {settings['top_n']}, {search['pairs_scored']} pairs ranked on all search images "
         f"(targets `{settings['targets']}`, sources `{settings['sources']}`)",
         f"- Chosen pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}",
         "",
