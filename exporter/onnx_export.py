@@ -222,26 +222,53 @@ def export_model(model_type: str, out_dir: str | Path, checkpoint: str | Path | 
     Nothing appears in ``out_dir`` unless both models were written and passed
     verification on ``verify_records``; existing files are replaced atomically.
     """
+    check_export_request(model_type, exporter, verify_records)
+    sam = build_sam(model_type, checkpoint, seed=seed)
+    return export_sam(sam, out_dir, verify_records, export_identity(model_type, checkpoint, seed, exporter, opset))
+
+
+def check_export_request(model_type: str, exporter: str, verify_records: Sequence[Record]) -> None:
+    """Fail before any model is built when the request cannot be exported and verified."""
     spec_for(model_type)
     if exporter not in EXPORTERS:
         raise SamReuseError(f"unknown exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
     if not verify_records:
         raise SamReuseError("export needs at least one image to verify the ONNX models against torch")
-    sam = build_sam(model_type, checkpoint, seed=seed)
+
+
+def export_identity(model_type: str, checkpoint: str | Path | None, seed: int, exporter: str,
+                    opset: int) -> dict[str, Any]:
+    """What an export was made from; ``existing_export`` compares it before reusing a folder."""
+    return {
+        "model_type": model_type,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "seed": seed if checkpoint is None else None,
+        "exporter": exporter,
+        "opset": opset,
+    }
+
+
+def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info: dict[str, Any],
+               reference=None) -> ExportResult:
+    """Export a built ``sam`` into ``out_dir`` and verify it against ``reference`` (default: ``sam`` itself).
+
+    A fine-tuned model is exported with its adapters merged and verified
+    against the unmerged model, so the parity figures cover the merge too.
+    ``info`` must name the exporter and opset; it is completed and saved as
+    ``export.json``.
+    """
     out_dir = Path(out_dir)
+    exporter, opset = info["exporter"], info["opset"]
     with staged_outputs(out_dir) as staging:
         started = time.perf_counter()
         export_encoder(sam, staging / "encoder.onnx", exporter, opset)
         export_decoder(sam, staging / "decoder.onnx", exporter, opset)
         export_seconds = time.perf_counter() - started
-        parity = verify_export(sam, staging / "encoder.onnx", staging / "decoder.onnx", verify_records)
+        parity = verify_export(reference if reference is not None else sam, staging / "encoder.onnx",
+                               staging / "decoder.onnx", verify_records)
         info = {
-            "model_type": model_type,
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
-            "seed": seed if checkpoint is None else None,
-            "exporter": exporter,
-            "opset": opset,
+            **info,
             "export_seconds": round(export_seconds, 2),
             "models": {
                 "encoder": {"file": "encoder.onnx", "sha256": sha256_file(staging / "encoder.onnx"),
