@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TensorRT-RTX target GPU, repeatable, e.g. 8.6 (default: its portable set)")
     engine.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="auto: standard TensorRT when installed, else TensorRT-RTX")
+
+    from finetune.cli import add_commands
+
+    add_commands(sub, _add_model_args, BUNDLED_DATA)
     return parser
 
 
@@ -371,8 +375,27 @@ def _engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peft_train(args: argparse.Namespace) -> int:
+    from finetune.cli import peft_train
+
+    return peft_train(args, _resolve_checkpoint(args.model_type, args.checkpoint))
+
+
+def _peft_export(args: argparse.Namespace) -> int:
+    from finetune.cli import peft_export
+
+    return peft_export(args, _resolve_checkpoint(args.model_type, args.checkpoint), _verify_records(args))
+
+
+def _peft_import(args: argparse.Namespace) -> int:
+    from finetune.cli import peft_import
+
+    return peft_import(args)
+
+
 COMMANDS = {"fetch-weights": _fetch, "export": _export, "sites": _sites, "apply": _apply, "verify": _verify, "tune": _tune,
-            "evaluate": _evaluate, "run": _run, "engine": _engine, "verify-engine": _verify_engine}
+            "evaluate": _evaluate, "run": _run, "engine": _engine, "verify-engine": _verify_engine,
+            "peft-train": _peft_train, "peft-export": _peft_export, "peft-import": _peft_import}
 
 
 @contextlib.contextmanager

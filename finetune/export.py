@@ -1,0 +1,78 @@
+"""Export a fine-tuned model: merge what is linear in a base weight, keep the rest as graph pieces.
+
+The ONNX pair is verified against the *unmerged* torch model (adapters as
+separate modules), so the parity figures in ``export.json`` cover both the
+merge and the export. The result is an ordinary export folder: ``tune``,
+``run --encoder/--decoder`` and ``engine`` take it as they take any other.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from calibrate.data import Record
+from exporter import imaging
+from exporter.errors import SamReuseError
+from exporter.files import sha256_file
+from exporter.models import build_sam
+from exporter.onnx_export import DEFAULT_OPSET, ExportResult, check_export_request, export_identity, export_sam
+from finetune.checkpoint import read_adapters
+from finetune.methods import attach, load_adapter_state, merge_adapters, trainable_count
+
+MERGE_MAX_ABS_DIFF = 1e-3  # merged vs unmerged torch embedding (float re-association only)
+
+
+def load_finetuned(model_type: str, checkpoint: str | Path | None, adapters: str | Path, seed: int = 0):
+    """(model with adapters attached and loaded, config, training record)."""
+    config, state, record = read_adapters(adapters)
+    sam = build_sam(model_type, checkpoint, seed=seed)
+    try:
+        attach(sam, config)
+        load_adapter_state(sam, state)
+    except SamReuseError as exc:
+        raise SamReuseError(f"{adapters}: does not fit {model_type}: {exc}") from None
+    return sam, config, record
+
+
+@torch.no_grad()
+def merge_difference(merged, unmerged, records: Sequence[Record]) -> float:
+    """Largest |embedding difference| between the merged and unmerged torch models on real images."""
+    worst = 0.0
+    for record in records:
+        x = torch.from_numpy(imaging.preprocess(imaging.load_image_rgb(record.image)))
+        diff = (merged.image_encoder(x) - unmerged.image_encoder(x)).abs().max()
+        worst = max(worst, float(diff))
+    return worst
+
+
+def export_finetuned(model_type: str, adapters: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,
+                     verify_records: Sequence[Record] = (), exporter: str = "legacy", opset: int = DEFAULT_OPSET,
+                     seed: int = 0) -> ExportResult:
+    """Export ``encoder.onnx``/``decoder.onnx``/``export.json`` of the base model plus ``adapters``."""
+    check_export_request(model_type, exporter, verify_records)
+    unmerged, config, record = load_finetuned(model_type, checkpoint, adapters, seed)
+    merged = copy.deepcopy(unmerged)
+    pieces = merge_adapters(merged)
+    merge_diff = merge_difference(merged, unmerged, verify_records)
+    if not np.isfinite(merge_diff) or merge_diff > MERGE_MAX_ABS_DIFF:
+        raise SamReuseError(f"{adapters}: merged model differs from the unmerged one by {merge_diff:.3g} "
+                            f"(limit {MERGE_MAX_ABS_DIFF})")
+    info: dict[str, Any] = {
+        **export_identity(model_type, checkpoint, seed, exporter, opset),
+        "peft": {
+            "adapters": str(adapters),
+            "adapters_sha256": sha256_file(adapters),
+            "method": config.method,
+            "config": config.to_json(),
+            "trainable_parameters": trainable_count(unmerged),
+            **pieces,
+            "merge_max_abs_diff": merge_diff,
+            "training": {k: record.get(k) for k in ("device", "train_seconds", "initial_loss", "final_loss")},
+        },
+    }
+    return export_sam(merged, out_dir, verify_records, info, reference=unmerged)
