@@ -11,6 +11,6 @@ Four methods, on both encoder families (SAM ViT and MobileSAM TinyViT):
   block-by-block relation matrix and a quaternion projection per block.
 
 Every adapter that is linear in a base weight is merged into that weight
-before export (``merge.merge_adapters``), so the engine costs nothing extra;
+before export (``methods.merge_adapters``), so the engine costs nothing extra;
 the others stay as small graph pieces. torch is needed here, as for export.
 """

@@ -152,13 +152,13 @@ class Trainer:
         self.decoder = SingleMaskDecoder(sam).eval()
         self.initial_state = adapter_state(sam)  # what SFA rewinds its external adapters to
         self.history: list[dict[str, Any]] = []
-        self.optimizer = self._new_optimizer()
+        self.optimizer = self.new_optimizer()
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
+    def new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(list(adapter_parameters(self.sam).values()), lr=self.settings.lr,
                                  weight_decay=self.settings.weight_decay)
 
-    def _lr(self, epoch: int) -> float:
+    def lr_at(self, epoch: int) -> float:
         """Cosine decay over the phase the epoch is in (SFA restarts it after pruning)."""
         start, length = (0, self.settings.epochs)
         if self.config.method == "sfa":
@@ -180,7 +180,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
         order = torch.randperm(len(self.examples), generator=generator).tolist()
         for group in self.optimizer.param_groups:
-            group["lr"] = self._lr(epoch)
+            group["lr"] = self.lr_at(epoch)
         total = 0.0
         size = self.settings.batch_size
         for start in range(0, len(order), size):
@@ -209,7 +209,7 @@ class Trainer:
             for name, module in external.items():
                 for key, value in module.state_dict().items():
                     value.copy_(self.initial_state[f"{name}.{key}"])
-        self.optimizer = self._new_optimizer()
+        self.optimizer = self.new_optimizer()
         return {"kept": kept, "candidates": int(magnitudes.numel())}
 
     @torch.no_grad()
@@ -253,11 +253,13 @@ def train(model_type: str, checkpoint: str | Path | None, data: str | Path, out_
     first_epoch, train_seconds, pruning = 0, 0.0, None
     if resumed is not None:
         load_adapter_state(sam, resumed["adapters"])
-        trainer.optimizer = trainer._new_optimizer()
+        trainer.optimizer = trainer.new_optimizer()
         trainer.optimizer.load_state_dict(resumed["optimizer"])
         trainer.history = resumed["history"]
-        first_epoch, train_seconds, pruning = resumed["epoch"] + 1, resumed["train_seconds"], resumed.get("pruning")
-    initial_loss = trainer.history[0]["initial_loss"] if trainer.history else trainer.mean_loss()
+        first_epoch, train_seconds, pruning = resumed["epoch"] + 1, resumed["train_seconds"], resumed["pruning"]
+        initial_loss = resumed["initial_loss"]
+    else:
+        initial_loss = trainer.mean_loss()
     bar = tqdm(range(first_epoch, settings.epochs), desc=f"train {config.method}", disable=not settings.progress,
                initial=first_epoch, total=settings.epochs)
     for epoch in bar:
@@ -266,11 +268,11 @@ def train(model_type: str, checkpoint: str | Path | None, data: str | Path, out_
         if config.method == "sfa" and epoch + 1 == trainer.prune_epoch and settings.epochs > 1:
             pruning = trainer.prune_and_rewind()
         train_seconds += time.perf_counter() - epoch_started
-        trainer.history.append({"epoch": epoch, "loss": loss, "lr": trainer._lr(epoch), "initial_loss": initial_loss})
+        trainer.history.append({"epoch": epoch, "loss": loss, "lr": trainer.lr_at(epoch)})
         bar.set_postfix(loss=f"{loss:.4f}")
         save_checkpoint(out_dir / PARTIAL, identity, config, adapter_state(sam), trainer.optimizer.state_dict(),
                         {"epoch": epoch, "history": trainer.history, "train_seconds": train_seconds,
-                         "pruning": pruning})
+                         "pruning": pruning, "initial_loss": initial_loss})
     record = {
         "method": config.method,
         "config": config.to_json(),
