@@ -1,0 +1,222 @@
+"""PEFT methods against parameter-free reuse, and reuse on top of each, with real MobileSAM.
+
+Usage:
+    python benchmarks/peft_vs_reuse.py train --data DATA_ROOT --checkpoint mobile_sam.pt --work out/peft
+        [--sets isic2016 kvasir-seg camo] [--blocks all] [--epochs 30]
+    python benchmarks/peft_vs_reuse.py evaluate EXPORT_DIR --work out/peft [--reuse-work out/guard]
+
+``train`` fits every method (lora, sct, sfa, cobot) on the search split
+(first 50 records) of each set, on a GPU when torch sees one, and writes
+``WORK/<set>/<method>/{adapters.pt,train.json}``. It needs torch only, so it
+can run on a lent GPU machine whose adapters come back as small files.
+
+``evaluate`` runs here, on ONNX Runtime CPU: it exports each fine-tuned model
+(adapters merged where linear), scores the held-out split (last 50 records),
+tunes channel reuse on top with the default fast guarded search, and times
+the exported encoder against the original one, side by side. The reuse-only
+row is the guarded search of ``benchmarks/guarded_vs_naive.py`` (same split,
+same plan), read from ``--reuse-work``. Writes
+benchmarks/results/peft_vs_reuse.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results"
+SETS = ("isic2016", "kvasir-seg", "camo")
+METHODS = ("lora", "sct", "sfa", "cobot")
+SEARCH, HELD_OUT = 50, 50
+
+
+def train_all(args: argparse.Namespace) -> None:
+    import torch
+
+    from finetune.config import PeftConfig, TrainSettings
+    from finetune.train import train
+
+    print(f"torch {torch.__version__}, cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
+          flush=True)
+    for name in args.sets:
+        for method in args.methods:
+            config = PeftConfig(method=method, blocks=args.blocks, seed=0)
+            settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                     search_images=SEARCH, holdout_images=HELD_OUT, progress=False)
+            record = train("vit_t", args.checkpoint, args.data / name, args.work / name / method, config, settings)
+            print(f"{name} {method}: {record['trainable_parameters']} params, loss {record['initial_loss']:.4f} -> "
+                  f"{record['final_loss']:.4f}, {record['train_seconds']:.1f} s on {record['device']}", flush=True)
+
+
+def _settings(**changes):
+    from calibrate.tune import TuneSettings
+
+    return TuneSettings(search_images=SEARCH, holdout_images=HELD_OUT, progress=False, **changes)
+
+
+def evaluate_all(args: argparse.Namespace) -> None:
+    """Export, score held-out, then (with --reuse) tune reuse on top; each step is skipped when already done."""
+    from calibrate.data import read_manifest
+    from calibrate.tune import evaluate, tune
+    from exporter.files import write_json
+    from finetune.export import export_finetuned
+
+    verify = read_manifest(REPO / "samples" / "data" / "isic2016")[:2]
+    jobs = [(name, method) for name in args.sets for method in args.methods]
+    for name, method in jobs:
+        folder = args.work / name / method
+        export = folder / "export"
+        if not (export / "export.json").exists():
+            export_finetuned("vit_t", folder / "adapters.pt", export, args.checkpoint, verify)
+        if not (folder / "held_out.json").exists():
+            held = evaluate(export / "encoder.onnx", export / "decoder.onnx", args.data / name, "held-out", _settings())
+            write_json(folder / "held_out.json", held.to_json())
+        print(f"{name} {method}: held-out mIoU {json.loads((folder / 'held_out.json').read_text())['miou']:.2f}",
+              flush=True)
+    for name, method in jobs if args.reuse else []:
+        folder = args.work / name / method
+        if not (folder / "reuse" / "report.json").exists():
+            tune(folder / "export" / "encoder.onnx", folder / "export" / "decoder.onnx", args.data / name,
+                 folder / "reuse", _settings())
+        report = json.loads((folder / "reuse" / "report.json").read_text())
+        print(f"{name} {method} + reuse: {report['held_out']['baseline_miou']:.2f} -> "
+              f"{report['held_out']['tuned_miou']:.2f}", flush=True)
+
+
+def _interval(base: dict[str, float], other: dict[str, float]) -> dict:
+    from calibrate.metrics import bootstrap_interval
+
+    keys = sorted(base)
+    gains = np.array([other[k] - base[k] for k in keys])
+    low, high = bootstrap_interval(gains)
+    return {"gain": float(gains.mean()), "gain_interval_90": [low, high]}
+
+
+def _latency_ratios(original: Path, encoders: dict[str, Path], repeats: int) -> dict[str, float]:
+    """Median encoder latency of each model over the original's, timed interleaved in one run."""
+    import statistics
+    import time
+
+    from calibrate.data import read_manifest
+    from exporter import imaging
+    from exporter.runtime import ort_session
+
+    record = read_manifest(REPO / "samples" / "data" / "isic2016")[0]
+    x = imaging.preprocess(imaging.load_image_rgb(record.image))
+    sessions = {"original": ort_session(original, threads=2),
+                **{k: ort_session(v, threads=2) for k, v in encoders.items()}}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for round_ in range(repeats + 1):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, {"image": x})
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["original"])
+    return {name: statistics.median(t) / base for name, t in times.items() if name != "original"}
+
+
+def report_all(args: argparse.Namespace) -> None:
+    from exporter.files import write_json
+
+    rows = {}
+    for name in args.sets:
+        reuse_report = json.loads((args.reuse_work / name / "guarded" / "report.json").read_text())
+        base = {p["key"]: p["baseline"] for p in reuse_report["held_out"]["per_image"]}
+        reuse = {p["key"]: p["tuned"] for p in reuse_report["held_out"]["per_image"]}
+        set_rows = {"baseline": {"held_out_miou": reuse_report["held_out"]["baseline_miou"]},
+                    "reuse": {"held_out_miou": reuse_report["held_out"]["tuned_miou"], **_interval(base, reuse),
+                              "pairs": len(reuse_report["reuse_map"]["sites"]["embedding"]["pairs"])}}
+        for method in args.methods:
+            folder = args.work / name / method
+            trained = json.loads((folder / "train.json").read_text())
+            held = json.loads((folder / "held_out.json").read_text())
+            peft = held["per_image"]
+            set_rows[method] = {"held_out_miou": held["miou"], **_interval(base, peft),
+                                "trainable_parameters": trained["trainable_parameters"],
+                                "train_seconds": trained["train_seconds"], "device": trained["device"],
+                                "final_train_loss": trained["final_loss"]}
+            reuse_file = folder / "reuse" / "report.json"
+            if reuse_file.exists():
+                on_top = json.loads(reuse_file.read_text())["held_out"]
+                tuned = {p["key"]: p["tuned"] for p in on_top["per_image"]}
+                set_rows[f"{method}+reuse"] = {"held_out_miou": on_top["tuned_miou"], **_interval(base, tuned),
+                                               "over_peft": _interval(peft, tuned)}
+        rows[name] = set_rows
+    first = args.sets[0]
+    latency = _latency_ratios(args.original / "encoder.onnx",
+                              {m: args.work / first / m / "export" / "encoder.onnx" for m in args.methods},
+                              args.repeats)
+    result = {"machine": platform.processor() or platform.machine(), "search_images": SEARCH,
+              "held_out_images": HELD_OUT, "sets": rows, "encoder_latency_ratio_vs_original": latency,
+              "latency_models_from": first}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "peft_vs_reuse.json", result)
+    (RESULTS / "peft_vs_reuse.md").write_text(_markdown(result))
+    print(_markdown(result))
+
+
+def _fmt(row: dict) -> str:
+    low, high = row["gain_interval_90"]
+    return f"{row['gain']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _markdown(result: dict) -> str:
+    lines = ["# PEFT vs parameter-free reuse, MobileSAM (held-out mIoU, 50 search / 50 held-out)", "",
+             "Gain: held-out mIoU minus the original model's; '+reuse over PEFT': the reuse search's gain on top "
+             "of the fine-tuned model. Both with their 90% paired bootstrap interval.", ""]
+    for name, rows in result["sets"].items():
+        lines += [f"## {name}", "",
+                  "| model | held-out mIoU | gain [90% CI] | +reuse over PEFT [90% CI] | trainable params | training |",
+                  "|---|---:|---|---|---:|---|"]
+        for label, row in rows.items():
+            gain = _fmt(row) if "gain" in row else ""
+            over = _fmt(row["over_peft"]) if "over_peft" in row else ""
+            params = row.get("trainable_parameters", "0" if label in ("baseline", "reuse") else "")
+            train = f"{row['train_seconds']:.0f} s, {row['device']}" if "train_seconds" in row else ""
+            lines.append(f"| {label} | {row['held_out_miou']:.2f} | {gain} | {over} | {params} | {train} |")
+        lines.append("")
+    lines += ["Encoder latency on ONNX Runtime CPU (2 threads), median ratio to the original, timed interleaved "
+              f"(models of {result['latency_models_from']}):", ""]
+    lines += [f"- {method}: {ratio:.3f}" for method, ratio in result["encoder_latency_ratio_vs_original"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--data", type=Path, default=SHARED)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=REPO / "out" / "peft")
+    parser.add_argument("--sets", nargs="+", default=list(SETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    return parser
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    trainer = _common(commands.add_parser("train"))
+    trainer.add_argument("--blocks", default="all")
+    trainer.add_argument("--epochs", type=int, default=30)
+    trainer.add_argument("--lr", type=float, default=1e-3)
+    trainer.add_argument("--batch-size", type=int, default=4)
+    evaluator = _common(commands.add_parser("evaluate"))
+    evaluator.add_argument("--reuse", action="store_true", help="also tune channel reuse on top of each model")
+    reporter = commands.add_parser("report")
+    reporter.add_argument("--original", type=Path, required=True, help="export folder of the original model")
+    reporter.add_argument("--work", type=Path, default=REPO / "out" / "peft")
+    reporter.add_argument("--reuse-work", type=Path, default=REPO / "out" / "guard")
+    reporter.add_argument("--sets", nargs="+", default=list(SETS))
+    reporter.add_argument("--methods", nargs="+", default=list(METHODS))
+    reporter.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    {"train": train_all, "evaluate": evaluate_all, "report": report_all}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
