@@ -58,21 +58,39 @@ class ActivationCache:
                 np.save(f, np.ascontiguousarray(value, dtype=np.float32))
 
 
+def encode_tensors(encoder: str | Path | onnx.ModelProto, samples: Sequence[Sample], tensors: Sequence[str],
+                   cache_dir: str | Path | None = None, progress: bool = True, desc: str = "encode"
+                   ) -> dict[str, list[np.ndarray]]:
+    """Activations of each of ``tensors`` for each sample (batch axis dropped), one encoder pass per image.
+
+    Values stay per image (memory maps of the cache files): an MLP site of a
+    late encoder block is about 20 MB per image, too much to stack for free.
+    """
+    model = encoder if isinstance(encoder, onnx.ModelProto) else onnx.load(str(encoder))
+    outputs = [o.name for o in model.graph.output]
+    model_fp = fingerprint(model)
+    caches = {name: ActivationCache(model_fp, name, cache_dir) for name in tensors}
+    session = None
+    values: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+    for sample in tqdm(samples, desc=desc, unit="img", disable=not progress, leave=False):
+        found = {name: cache.get(sample.image_sha256) for name, cache in caches.items()}
+        missing = [name for name, value in found.items() if value is None]
+        if missing:
+            if session is None:
+                hidden = [name for name in tensors if name not in outputs]
+                session = ort_session((expose(model, hidden) if hidden else model).SerializeToString())
+            image = preprocess(load_image_rgb(sample.record.image))
+            computed = session.run(missing, {session.get_inputs()[0].name: image})
+            for name, value in zip(missing, computed):
+                caches[name].put(sample.image_sha256, value[0])
+                found[name] = value[0]
+        for name in tensors:
+            values[name].append(found[name])
+    return values
+
+
 def encode(encoder: str | Path | onnx.ModelProto, samples: Sequence[Sample], tensor: str = "image_embeddings",
            cache_dir: str | Path | None = None, progress: bool = True, desc: str = "encode") -> np.ndarray:
     """Activations of ``tensor`` for each sample, stacked on a new first axis (batch 1 each)."""
-    model = encoder if isinstance(encoder, onnx.ModelProto) else onnx.load(str(encoder))
-    outputs = [o.name for o in model.graph.output]
-    cache = ActivationCache(fingerprint(model), tensor, cache_dir)
-    session = None
-    values = []
-    for sample in tqdm(samples, desc=desc, unit="img", disable=not progress, leave=False):
-        value = cache.get(sample.image_sha256)
-        if value is None:
-            if session is None:
-                session = ort_session((model if tensor in outputs else expose(model, [tensor])).SerializeToString())
-            image = preprocess(load_image_rgb(sample.record.image))
-            value = session.run([tensor], {session.get_inputs()[0].name: image})[0][0]
-            cache.put(sample.image_sha256, value)
-        values.append(value)
+    values = encode_tensors(encoder, samples, [tensor], cache_dir, progress, desc)[tensor]
     return np.stack(values) if values else np.zeros((0,), dtype=np.float32)

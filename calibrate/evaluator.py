@@ -10,6 +10,10 @@ are batched (one map per batch); images whose prompts have different
 lengths go in different batches, because padding a prompt would change
 SAM's output.
 
+Reuse inside the encoder is scored the same way, with the embeddings of
+each candidate computed by a ``calibrate.suffix.SuffixEmbedder`` (the
+encoder's suffix after the site) and fed to the decoder unchanged.
+
 Each mask is scored the way ``SamPredictor.predict(multimask_output=False)``
 is: mask token 0, low-resolution logits upscaled to the image's own size
 (``exporter.imaging.upscale_matrices``), thresholded at 0, IoU against the
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import onnx
@@ -45,18 +49,34 @@ def _batches(samples: Sequence[Sample], prompts: list[tuple[np.ndarray, np.ndarr
             for start in range(0, len(members), batch_size)]
 
 
+class Embedder(Protocol):
+    """Embeddings for a gather index at a site before the embedding (``calibrate.suffix.SuffixEmbedder``)."""
+
+    channels: int
+
+    def embeddings(self, index: np.ndarray, rows: Sequence[int]) -> np.ndarray: ...
+
+
 class MaskEvaluator:
-    """Per-image IoU of the decoder's single mask for a gather index on the image embedding."""
+    """Per-image IoU of the decoder's single mask for a gather index at a site.
+
+    The site is the image embedding (``embeddings`` cached, the index applied
+    in the decoder) or, with ``embedder``, a tensor inside the encoder (the
+    index applied there; ``embeddings`` are those of the unmodified model).
+    """
 
     def __init__(self, decoder: str | Path | onnx.ModelProto, samples: Sequence[Sample], embeddings: np.ndarray,
-                 batch_size: int = DEFAULT_BATCH):
+                 batch_size: int = DEFAULT_BATCH, embedder: Embedder | None = None):
         if len(samples) != len(embeddings):
             raise ValueError(f"{len(samples)} samples but {len(embeddings)} embeddings")
         if batch_size < 1:
             raise ValueError("batch size must be at least 1")
         model = decoder if isinstance(decoder, onnx.ModelProto) else onnx.load(str(decoder))
-        self.channels = int(embeddings.shape[1])
-        probe = with_index_input(model, EMBEDDING_INPUT, axis=1, channels=self.channels, zero_channel=True)
+        self.embedder = embedder
+        self.embedding_channels = int(embeddings.shape[1])
+        self.channels = embedder.channels if embedder is not None else self.embedding_channels
+        probe = with_index_input(model, EMBEDDING_INPUT, axis=1, channels=self.embedding_channels,
+                                 zero_channel=True)
         self.session = ort_session(probe.SerializeToString())
         self.samples = list(samples)
         self.embeddings = embeddings
@@ -94,10 +114,14 @@ class MaskEvaluator:
         rows = self._rows(rows)
         logits: dict[int, np.ndarray] = {}
         for batch in self.batches(rows):
-            feeds = decoder_feeds(np.ascontiguousarray(self.embeddings[batch]),
-                                  np.concatenate([self.prompts[i][0] for i in batch]),
+            if self.embedder is None:
+                embeddings, decoder_index = np.ascontiguousarray(self.embeddings[batch]), index
+            else:
+                embeddings = self.embedder.embeddings(index, batch)
+                decoder_index = np.arange(self.embedding_channels, dtype=np.int64)
+            feeds = decoder_feeds(embeddings, np.concatenate([self.prompts[i][0] for i in batch]),
                                   np.concatenate([self.prompts[i][1] for i in batch]))
-            feeds[index_input_name(EMBEDDING_INPUT)] = index
+            feeds[index_input_name(EMBEDDING_INPUT)] = decoder_index
             masks = self.session.run(["low_res_masks"], feeds)[0]
             for row, i in enumerate(batch):
                 logits[i] = masks[row, 0]

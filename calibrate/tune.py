@@ -3,6 +3,14 @@
 ``tune`` chooses pairs on the search split only and reports the held-out
 split; ``evaluate`` scores any encoder/decoder pair end to end. Neither
 imports torch.
+
+Sites: the image embedding (the reference method's) or an MLP-hidden site
+``mlp.<i>`` inside the encoder, scored through the encoder's suffix after
+the site (``calibrate.suffix``). Inner sites are wider (MobileSAM's last
+blocks: 1,280 channels) and each candidate costs about 2.5 decoder runs, so
+their default pair space and plan are smaller (``INNER_SITE_CHANNELS``,
+``INNER_SITE_PLAN``); the map found there is applied by ``prune`` when it
+is exact, which removes the replaced channels and makes the encoder cheaper.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import numpy as np
 import onnx
 
 from calibrate.activations import encode
+from calibrate.suffix import SuffixEmbedder
 from calibrate.data import MASK_RULE, CalibrationSet, Sample, load_calibration
 from calibrate.evaluator import EMBEDDING_INPUT, MaskEvaluator
 from calibrate.fast import SELECTIONS, FastPlan, fast
@@ -39,6 +48,10 @@ REPORT_FORMAT = "sam-reuse/report@1"
 STRATEGIES = ("fast", "exhaustive")
 JOURNAL = "search.jsonl"
 CHECK_TOLERANCE = 1e-4
+# Defaults for sites inside the encoder: the least salient channels may be replaced (pruned) by copies of
+# the most salient, and the plan races on fewer images and keeps fewer candidates per stage.
+INNER_SITE_CHANNELS = 64
+INNER_SITE_PLAN = {"race_images": 8, "screen_keep": 12, "channels_paired": 8, "pair_keep": 24}
 
 
 @dataclass
@@ -49,8 +62,8 @@ class TuneSettings:
     strategy: str = "fast"
     selection: str = "guarded"  # fast strategy: "guarded" prefix of the greedy path, or the "naive" whole path
     top_n: int = 10
-    targets: str = "all"
-    sources: str = "all"
+    targets: str | None = None  # None: "all" at the embedding, "unsalient:64" inside the encoder
+    sources: str | None = None  # None: "all" at the embedding, "salient:64" inside the encoder
     prompt: str = "given"
     masks: str | None = None
     search_images: int | None = None
@@ -89,12 +102,38 @@ def _pct(values: np.ndarray) -> float:
     return float(np.mean(values) * 100)
 
 
-def _check_tuned_encoder(tuned: onnx.ModelProto, sample: Sample, cached: np.ndarray, index: np.ndarray) -> float:
-    """Max |diff| between the rewritten encoder's embedding and the searched (gathered) one."""
+def _check_tuned_encoder(tuned: onnx.ModelProto, sample: Sample, searched: np.ndarray) -> float:
+    """Max |diff| between the rewritten encoder's embedding and the one the search scored."""
     session = ort_session(tuned.SerializeToString())
     image = preprocess(load_image_rgb(sample.record.image))
     embedding = session.run([EMBEDDING_INPUT], {session.get_inputs()[0].name: image})[0][0]
-    return float(np.abs(embedding - np.take(np.asarray(cached), index, axis=0)).max())
+    return float(np.abs(embedding - searched).max())
+
+
+def _site_evaluator(encoder: onnx.ModelProto, decoder: onnx.ModelProto, site, samples: list[Sample],
+                    settings: TuneSettings, desc: str) -> tuple[MaskEvaluator, list[np.ndarray] | np.ndarray]:
+    """The split's evaluator at ``site`` and the site's activations (for salience), encoding each image once."""
+    if site.name == "embedding":
+        embeddings = encode(encoder, samples, site.tensor, settings.cache_dir, settings.progress, desc=desc)
+        return MaskEvaluator(decoder, samples, embeddings, settings.batch_size), embeddings
+    embedder = SuffixEmbedder(encoder, site, samples, settings.cache_dir, settings.progress, desc=desc)
+    evaluator = MaskEvaluator(decoder, samples, embedder.original_embeddings(), settings.batch_size, embedder)
+    return evaluator, embedder.site_activations()
+
+
+def _searched_embedding(evaluator: MaskEvaluator, row: int, index: np.ndarray) -> np.ndarray:
+    """The embedding the search scored for ``index`` on image ``row``."""
+    if evaluator.embedder is None:
+        return np.take(np.asarray(evaluator.embeddings[row]), index, axis=0)
+    return evaluator.embedder.embeddings(index, [row])[0]
+
+
+def _channel_specs(settings: TuneSettings, site_name: str, channels: int) -> tuple[str, str]:
+    """The --targets/--sources in force: the user's, else the site's default."""
+    count = min(INNER_SITE_CHANNELS, channels)
+    inner = site_name != "embedding"
+    return (settings.targets or (f"unsalient:{count}" if inner else "all"),
+            settings.sources or (f"salient:{count}" if inner else "all"))
 
 
 def _choose_overlays(keys: list[str], gains: np.ndarray, count: int) -> list[int]:
@@ -107,11 +146,11 @@ def _choose_overlays(keys: list[str], gains: np.ndarray, count: int) -> list[int
 
 
 def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str):
-    if name != "embedding":
-        raise SamReuseError(f"site '{name}': tuning searches the image embedding ('embedding') only")
     sites = find_sites(load_graph(onnx.shape_inference.infer_shapes(encoder)))
     if name not in sites:
-        raise SamReuseError(f"{encoder_path}: no '{name}' site (an output named '{EMBEDDING_INPUT}' with a channel axis)")
+        what = f"an output named '{EMBEDDING_INPUT}' with a channel axis" if name == "embedding" else "no such site"
+        raise SamReuseError(f"{encoder_path}: no site '{name}' ({what}; this encoder has: "
+                            f"{', '.join(sites) or 'none'}; 'export-and-tune sites ENCODER' lists them)")
     return sites[name]
 
 
@@ -138,9 +177,9 @@ def _empty_reason(result: SearchResult) -> str:
     return "no pair improved the search split"
 
 
-def _check_channel_specs(settings: TuneSettings, channels: int) -> None:
+def _check_channel_specs(settings: TuneSettings, site_name: str, channels: int) -> None:
     """Reject a malformed --targets/--sources now, not after minutes of encoding."""
-    for option, spec in (("--targets", settings.targets), ("--sources", settings.sources)):
+    for option, spec in zip(("--targets", "--sources"), _channel_specs(settings, site_name, channels)):
         try:
             parse_channels(spec, channels, np.zeros(channels))
         except ValueError as exc:
@@ -194,7 +233,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     encoder_model = load_model(encoder, "encoder ONNX")
     decoder_model = load_model(decoder, "decoder ONNX")
     site = _site(encoder_model, encoder, settings.site)
-    _check_channel_specs(settings, site.channels)
+    _check_channel_specs(settings, site.name, site.channels)
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                    settings.holdout_images, settings.min_images)
     if not calibration.held_out and settings.strategy != "fast":
@@ -208,20 +247,22 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     wall["load"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    search_emb = encode(encoder_model, calibration.search, site.tensor, settings.cache_dir, settings.progress,
-                        desc="encode search split")
-    held_emb = encode(encoder_model, calibration.held_out, site.tensor, settings.cache_dir, settings.progress,
-                      desc="encode held-out split")
+    search_eval, search_activations = _site_evaluator(encoder_model, decoder_model, site, calibration.search,
+                                                      settings, "encode search split")
+    held_eval = _site_evaluator(encoder_model, decoder_model, site, calibration.held_out, settings,
+                                "encode held-out split")[0] if calibration.held_out else None
     wall["encode"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    salience = channel_salience(search_emb, site.axis)
-    targets = parse_channels(settings.targets, site.channels, salience)
-    sources = parse_channels(settings.sources, site.channels, salience)
+    salience = channel_salience(search_activations, site.axis)
+    target_spec, source_spec = _channel_specs(settings, site.name, site.channels)
+    targets = parse_channels(target_spec, site.channels, salience)
+    sources = parse_channels(source_spec, site.channels, salience)
     pairs = pair_space(targets, sources)
     if not pairs:
         raise SamReuseError("--targets/--sources leave no pair (a pair needs a target different from its source)")
-    plan = FastPlan(top_n=settings.top_n, max_pairs=settings.top_n)
+    plan = FastPlan(top_n=settings.top_n, max_pairs=settings.top_n,
+                    **(INNER_SITE_PLAN if site.name != "embedding" else {}))
     # The selection rule is left out: it changes no measurement, so naive and guarded share a journal.
     config = {"strategy": settings.strategy, "encoder": encoder_fp, "decoder": decoder_fp, "site": site.tensor,
               "mask_rule": MASK_RULE, "images": [_sample_identity(s) for s in calibration.search],
@@ -240,7 +281,6 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
             work = (f"{len(pairs):,} pairs + up to {planned_subsets(pairs, settings.top_n):,} subsets, "
                     f"each scored on {images} search images")
         print(f"{settings.strategy} search: {work} ({len(journal.entries):,} units already in {JOURNAL})")
-    search_eval = MaskEvaluator(decoder_model, calibration.search, search_emb, settings.batch_size)
     if settings.strategy == "fast":
         result = fast(search_eval.ious, site.channels, targets, sources, journal, images, plan, settings.selection,
                       cv_folds=0 if calibration.held_out else settings.cv_folds, progress=settings.progress)
@@ -257,23 +297,22 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     tuned_model, applied = apply_reuse_map(encoder_model, reuse_map)
     keys = [s.key for s in calibration.held_out]
     if calibration.held_out:
-        held_eval = MaskEvaluator(decoder_model, calibration.held_out, held_emb, settings.batch_size)
         curve, held_by_size, held_logits = _held_out_curve(result, held_eval)
         held_base, held_tuned = held_by_size[0], held_by_size[len(result.best)]
         gains = (held_tuned - held_base) * 100
         interval = bootstrap_interval(gains)
         basis = "held-out"
-        check_samples, check_embeddings = calibration.held_out, held_emb
+        check_samples, check_eval = calibration.held_out, held_eval
     else:  # the user keeps no images back: judge by the cross-validated estimate instead
         curve = [_curve_point(result, size, None) for size in range(len(result.curve))]
         estimate = result.details["cross_validation"]
         gains, interval = np.asarray(estimate["per_image_gain"]), tuple(estimate["gain_interval_90"])
         basis = f"cross-validated ({estimate['folds']} folds of the search split, no held-out split)"
-        check_samples, check_embeddings = calibration.search, search_emb
+        check_samples, check_eval = calibration.search, search_eval
     conclusion = verdict(len(result.best), float(gains.mean()), interval, basis, _empty_reason(result))
     check_sample = int(np.argmax(np.abs(gains))) if len(gains) else 0
-    max_diff = _check_tuned_encoder(tuned_model, check_samples[check_sample], check_embeddings[check_sample],
-                                    reuse.index())
+    max_diff = _check_tuned_encoder(tuned_model, check_samples[check_sample],
+                                    _searched_embedding(check_eval, check_sample, reuse.index()))
     if max_diff > CHECK_TOLERANCE:
         raise SamReuseError(f"tuned encoder disagrees with the searched embedding by {max_diff:.2e} "
                             f"on {check_samples[check_sample].key}: the rewrite is not exact")
@@ -288,7 +327,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                   "decoder_fingerprint": decoder_fp},
         "data": {"source": str(data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
                  "search": [s.key for s in calibration.search], "held_out": keys, "skipped": calibration.skipped},
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "targets": target_spec, "sources": source_spec},
         "site": {"name": settings.site, "tensor": site.tensor, "axis": site.axis, "channels": site.channels},
         "search": {"images": len(calibration.search), "baseline_miou": _pct(result.baseline),
                    "tuned_miou": _pct(result.ious_of(result.best)), "pairs_scored": len(result.pair_scores),
@@ -311,7 +350,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         "overlays": [f"overlay-{keys[i]}.png" for i in chosen],
         "cost": {"decoder_evaluations": {"search": result.evaluations,
                                          "held_out": held_eval.evaluations if calibration.held_out else 0},
-                 "maps_reused_from_journal": result.reused, "encoded_images": len(search_emb) + len(held_emb),
+                 "maps_reused_from_journal": result.reused, "encoded_images": len(calibration.search) + len(calibration.held_out),
                  "wall_s": wall},
     }
     overlays = [(calibration.held_out[i], i) for i in chosen]

@@ -68,9 +68,15 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
                              f"exhaustive tries all 2^N-1 subsets (default: {defaults.top_n})")
     search.add_argument("--cv-folds", type=int, default=defaults.cv_folds,
                         help=f"folds of the cross-validated estimate used without a held-out split (default: {defaults.cv_folds})")
+    search.add_argument("--site", default=defaults.site,
+                        help="where to reuse channels: embedding (default) or an MLP-hidden site inside the encoder "
+                             "such as mlp.9 ('export-and-tune sites ENCODER' lists them)")
     search.add_argument("--targets", default=defaults.targets,
-                        help="channels that may be replaced: all, unsalient:K, salient:K or a list like 0-15,40 (default: all)")
-    search.add_argument("--sources", default=defaults.sources, help="channels that may be copied (same forms; default: all)")
+                        help="channels that may be replaced: all, unsalient:K, salient:K or a list like 0-15,40 "
+                             "(default: all at the embedding, unsalient:64 inside the encoder)")
+    search.add_argument("--sources", default=defaults.sources,
+                        help="channels that may be copied (same forms; default: all at the embedding, "
+                             "salient:64 inside the encoder)")
     search.add_argument("--batch-size", type=int, default=defaults.batch_size, help="decoder batch (default: 8)")
     search.add_argument("--overlays", type=int, default=defaults.overlays, help="held-out overlay PNGs (default: 4)")
     search.add_argument("--cache-dir", type=Path, help="activation cache (default: $SAM_REUSE_CACHE/activations)")
@@ -80,7 +86,7 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
 def _tune_settings(args: argparse.Namespace):
     from calibrate.tune import TuneSettings
 
-    return TuneSettings(strategy=args.strategy, selection=args.selection, cv_folds=args.cv_folds,
+    return TuneSettings(site=args.site, strategy=args.strategy, selection=args.selection, cv_folds=args.cv_folds,
                         top_n=args.top_pairs, targets=args.targets, sources=args.sources,
                         prompt=args.prompt, masks=str(args.masks) if args.masks else None,
                         search_images=args.search_images, holdout_images=args.holdout_images,

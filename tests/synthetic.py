@@ -11,6 +11,12 @@ segments the background (IoU 0) and ``TARGET <- HELPER`` segments the object
 with a constant channel, which gives an empty mask (IoU 0). The unique best
 map is therefore ``{TARGET <- HELPER}``.
 
+``mlp_encoder_model`` plants the same task one level deeper, at the hidden
+activation of an MLP (MatMul, bias, erf-GELU, MatMul), as SAM's encoders
+have: hidden channel ``HIDDEN_TARGET`` becomes embedding channel ``TARGET``
+and ``HIDDEN_HELPER`` becomes ``HELPER``, so the unique best map at site
+``mlp.0`` is ``{HIDDEN_TARGET <- HIDDEN_HELPER}``.
+
 ``slow`` adds a chain of matrix products to the decoder so that a search
 takes long enough to be interrupted mid-way in tests.
 """
@@ -50,6 +56,46 @@ def encoder_model() -> onnx.ModelProto:
     return _model(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", 3, SIZE, SIZE])],
                   [helper.make_tensor_value_info("image_embeddings", TensorProto.FLOAT, ["B", CHANNELS, 64, 64])],
                   [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+
+
+HIDDEN_TARGET, HIDDEN_HELPER = 6, 1
+# embedding channel j is hidden channel EMBEDDING_FROM_HIDDEN[j] (a permutation, so no channel is special)
+EMBEDDING_FROM_HIDDEN = [0, 3, HIDDEN_TARGET, 2, 4, HIDDEN_HELPER, 7, 5]
+
+
+def _erf_gelu(x: str, out: str) -> list[onnx.NodeProto]:
+    """x * 0.5 * (1 + erf(x / sqrt 2)), the node pattern torch exports for nn.GELU."""
+    return [helper.make_node("Div", [x, "sqrt2"], [f"{out}/div"]),
+            helper.make_node("Erf", [f"{out}/div"], [f"{out}/erf"]),
+            helper.make_node("Add", [f"{out}/erf", "one"], [f"{out}/add"]),
+            helper.make_node("Mul", [x, f"{out}/add"], [f"{out}/mul"]),
+            helper.make_node("Mul", [f"{out}/mul", "half"], [out])]
+
+
+def mlp_encoder_model() -> onnx.ModelProto:
+    fc1 = np.zeros((3, CHANNELS), dtype=np.float32)
+    fc1_bias = np.full((CHANNELS,), -1.0, dtype=np.float32)
+    fc1[:2, HIDDEN_HELPER] = [1.0, -1.0]
+    fc1[:2, HIDDEN_TARGET] = [-1.0, 1.0]
+    fc1_bias[[HIDDEN_HELPER, HIDDEN_TARGET]] = 0.0
+    fc2 = np.zeros((CHANNELS, CHANNELS), dtype=np.float32)
+    fc2[EMBEDDING_FROM_HIDDEN, np.arange(CHANNELS)] = 1.0
+    nodes = [helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[16, 16], strides=[16, 16]),
+             helper.make_node("Reshape", ["pooled", "flat_shape"], ["flat"]),
+             helper.make_node("Transpose", ["flat"], ["tokens"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["tokens", "fc1"], ["fc1_out"]),
+             helper.make_node("Add", ["fc1_out", "fc1_bias"], ["fc1_biased"]),
+             *_erf_gelu("fc1_biased", "hidden"),
+             helper.make_node("MatMul", ["hidden", "fc2"], ["fc2_out"]),
+             helper.make_node("Transpose", ["fc2_out"], ["channels_first"], perm=[0, 2, 1]),
+             helper.make_node("Reshape", ["channels_first", "grid_shape"], ["image_embeddings"])]
+    constants = {"flat_shape": np.array([0, 3, 64 * 64], dtype=np.int64),
+                 "grid_shape": np.array([0, CHANNELS, 64, 64], dtype=np.int64),
+                 "fc1": fc1, "fc1_bias": fc1_bias, "fc2": fc2, "sqrt2": np.array(np.sqrt(2.0), dtype=np.float32),
+                 "one": np.array(1.0, dtype=np.float32), "half": np.array(0.5, dtype=np.float32)}
+    return _model(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", 3, SIZE, SIZE])],
+                  [helper.make_tensor_value_info("image_embeddings", TensorProto.FLOAT, ["B", CHANNELS, 64, 64])],
+                  [numpy_helper.from_array(v, k) for k, v in constants.items()])
 
 
 def decoder_model(slow: int = 0) -> onnx.ModelProto:

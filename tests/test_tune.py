@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from calibrate.tune import TuneSettings, evaluate, tune
+from exporter.errors import SamReuseError
 from exporter.cli import main
 from graphops.reuse_map import ReuseMap
 from tests import synthetic
@@ -29,8 +30,11 @@ def task(tmp_path_factory):
     encoder, decoder = synthetic.write_models(root / "models")
     slow_encoder, slow_decoder = synthetic.write_models(root / "slow", slow=12)
     data = synthetic.write_dataset(root / "data", 12)
+    mlp_encoder = root / "mlp" / "encoder.onnx"
+    mlp_encoder.parent.mkdir()
+    onnx.save(synthetic.mlp_encoder_model(), str(mlp_encoder))
     return {"encoder": encoder, "decoder": decoder, "slow_decoder": slow_decoder, "data": data,
-            "cache": root / "cache"}
+            "mlp_encoder": mlp_encoder, "cache": root / "cache"}
 
 
 def _settings(task, **kwargs) -> TuneSettings:
@@ -73,6 +77,31 @@ def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path, s
     assert again.reuse_map.to_json() == result.reuse_map.to_json()
     assert again.report["cost"]["decoder_evaluations"]["search"] == 0
     assert again.report["cost"]["maps_reused_from_journal"] == units
+
+
+def test_tune_inside_the_encoder_finds_the_planted_hidden_pair_and_prunes_it(task, tmp_path):
+    result = tune(task["mlp_encoder"], task["decoder"], task["data"], tmp_path,
+                  _settings(task, site="mlp.0", overlays=0))
+    assert result.reuse_map.sites["mlp.0"].pairs == ((synthetic.HIDDEN_TARGET, synthetic.HIDDEN_HELPER),)
+    report = result.report
+    assert (report["settings"]["targets"], report["settings"]["sources"]) == ("unsalient:8", "salient:8")
+    assert report["site"]["tensor"] == "hidden" and report["strategy_details"]["plan"]["race_images"] == 8
+    held = report["held_out"]
+    assert held["baseline_miou"] < 5 and held["tuned_miou"] > 80 and held["verdict"].startswith("improvement")
+    # Pruned: the replaced hidden channel is gone from both linear layers, and the output is unchanged.
+    assert report["tuned_encoder_check"] == {"image": report["tuned_encoder_check"]["image"], "max_abs_diff": 0.0,
+                                             "rewrite": "mlp.0: prune"}
+    graph = onnx.load(str(tmp_path / "encoder.tuned.onnx")).graph
+    dims = {t.name: tuple(t.dims) for t in graph.initializer}
+    assert [dims[n.input[1]] for n in graph.node if n.op_type == "MatMul"] == [(3, 7), (7, 8)]
+    tuned = evaluate(tmp_path / "encoder.tuned.onnx", task["decoder"], task["data"], settings=_settings(task))
+    assert tuned.miou == pytest.approx(held["tuned_miou"], abs=1e-9)
+
+
+def test_unknown_site_is_an_error_naming_the_sites_there(task, tmp_path):
+    with pytest.raises(SamReuseError, match=r"no site 'mlp.7' \(no such site; this encoder has: embedding, mlp.0;"):
+        tune(task["mlp_encoder"], task["decoder"], task["data"], tmp_path, _settings(task, site="mlp.7"))
+    assert not any(tmp_path.iterdir())
 
 
 def test_restricted_pair_space_without_the_helper_finds_nothing(task, tmp_path):
@@ -158,7 +187,7 @@ def test_bad_inputs_exit_2_naming_the_problem_and_write_nothing(task, tmp_path, 
     cases = {
         "encoder ONNX not found": base[:4] + [str(tmp_path / "missing.onnx")] + base[5:],
         "not a readable ONNX model": base[:4] + [str(garbage)] + base[5:],
-        "no 'embedding' site": base[:4] + [str(no_site)] + base[5:],
+        "no site 'embedding' (an output named 'image_embeddings' with a channel axis": base[:4] + [str(no_site)] + base[5:],
         "data folder not found": base[:8] + [str(tmp_path / "nodata")] + base[9:],
         "--targets: 'salient:99': expected salient:K with 1 <= K <= 8": base + ["--targets", "salient:99"],
         "--sources: 'x'": base + ["--sources", "x"],
@@ -231,6 +260,41 @@ def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mob
         reference.append(binary_iou(masks[0], sample.mask))
     np.testing.assert_allclose(ours, reference, atol=1e-4)
     assert 0.3 < np.mean(ours) < 1.0
+
+
+def test_suffix_scoring_at_a_real_mlp_site_equals_the_pruned_encoder(mobilesam_export, sample_records, tmp_path):
+    """Scoring through the cached prefix + suffix gives the embedding the rewritten MobileSAM encoder computes."""
+    from calibrate.activations import encode
+    from calibrate.data import load_sample
+    from calibrate.suffix import SuffixEmbedder
+    from exporter.runtime import ort_session
+    from exporter.imaging import load_image_rgb, preprocess
+    from graphops.reuse_map import ReuseMap, SiteReuse
+    from graphops.rewrites import apply_reuse_map
+    from graphops.sites import sites_of
+
+    samples = [load_sample(r) for r in sample_records[:2]]
+    encoder = onnx.load(str(mobilesam_export.encoder))
+    site = sites_of(mobilesam_export.encoder)["mlp.9"]
+    embedder = SuffixEmbedder(encoder, site, samples, cache_dir=str(tmp_path), progress=False)
+    assert embedder.frontier[0] == site.tensor and len(embedder.frontier) == 2  # the site and the residual
+    identity = np.arange(site.channels)
+    np.testing.assert_array_equal(embedder.embeddings(identity, [0, 1]), embedder.original_embeddings())
+    np.testing.assert_allclose(embedder.original_embeddings(),
+                               encode(encoder, samples, progress=False, cache_dir=str(tmp_path / "full")), atol=1e-5)
+
+    pairs = ((5, 100), (17, 900), (1100, 3))
+    reuse = SiteReuse(tensor=site.tensor, axis=site.axis, channels=site.channels, pairs=pairs)
+    tuned, applied = apply_reuse_map(encoder, ReuseMap(model_fingerprint="", sites={"mlp.9": reuse}),
+                                     check_fingerprint=False)
+    assert applied == {"mlp.9": "prune"}
+    session = ort_session(tuned.SerializeToString())
+    for row, sample in enumerate(samples):
+        image = preprocess(load_image_rgb(sample.record.image))
+        pruned = session.run(["image_embeddings"], {session.get_inputs()[0].name: image})[0][0]
+        searched = embedder.embeddings(reuse.index(), [row])[0]
+        assert np.abs(searched - embedder.original_embeddings()[row]).max() > 1e-3  # the map does change it
+        np.testing.assert_allclose(pruned, searched, atol=1e-4)
 
 
 def test_run_takes_an_existing_onnx_pair(task, tmp_path, capsys):
