@@ -2,20 +2,28 @@
 
 Usage:
     python benchmarks/guarded_vs_naive.py EXPORT_DIR [--sets isic2016 kvasir-seg camo] [--work out/guard]
-        [--search-images 50]
+        [--search-images 50] [--arms naive guarded guarded-points]
 
 EXPORT_DIR is an `export-and-tune export --model-type vit_t` output. For each
 set: search split = first 50 (--search-images) manifest records, held-out = last 50, the
-records' single positive point. The fast strategy runs once with
-``selection="naive"`` (the whole greedy path: it trusts any rise of the
-search-split mean) on a cold activation cache, so its wall time includes
-encoding; then again with ``selection="guarded"`` on the same journal, which
-redoes no search work. Both maps are scored on the held-out split.
+records' single positive point. Arms:
+
+* naive: the fast strategy with ``selection="naive"`` (the whole greedy path:
+  it trusts any rise of the search-split mean), on a cold activation cache,
+  so its wall time includes encoding;
+* guarded: ``selection="guarded"`` on the naive arm's journal, which redoes
+  no search work (only the choice along the path differs);
+* guarded-points: guarded selection on a search that scores every search
+  image on its prompt plus 2 spread points (``evidence="points"``), its own
+  journal and cold cache.
+
+All maps are scored on the held-out split with the records' prompt. Arms
+not named in --arms are kept from an earlier results file.
 
 Writes benchmarks/results/guarded_vs_naive[-N].{json,md} (N: search images when not 50): search-split and
 held-out mIoU before/after, the per-image held-out gain distribution, the 90%
 paired bootstrap interval of the held-out gain, decoder runs, and the tune
-time as a ratio to one encoder pass over the 50 search images.
+time as a ratio to one encoder pass over the search images.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ from exporter.files import write_json
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
-SELECTIONS = ("naive", "guarded")
+# arm -> (selection, evidence). "guarded" reads the naive search back from its journal (only the choice
+# along the path differs); "guarded-points" searches again, scoring every search image on 3 prompts.
+ARMS = {"naive": ("naive", "given"), "guarded": ("guarded", "given"), "guarded-points": ("guarded", "points")}
 
 
 def _summary(report: dict) -> dict:
@@ -55,67 +65,82 @@ def _summary(report: dict) -> dict:
     }
 
 
+def _run_arm(args, name: str, arm: str, work: Path, cold_cache: str) -> dict:
+    selection, evidence = ARMS[arm]
+    out = work / name / arm
+    if arm == "guarded":
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(work / name / "naive" / JOURNAL, out / JOURNAL)
+    settings = TuneSettings(selection=selection, evidence=evidence, search_images=args.search_images,
+                            holdout_images=50, cache_dir=cold_cache, progress=False)
+    report = tune(args.export / "encoder.onnx", args.export / "decoder.onnx", SHARED / name, out, settings).report
+    summary = _summary(report)
+    if arm != "guarded":  # a search of its own on a cold cache: its wall time is a tune time
+        wall = summary["wall_s"]
+        encode_search = wall["encode"] * args.search_images / (args.search_images + 50)  # same cost per image
+        summary["tune_minutes"] = (encode_search + wall["search"]) / 60
+        summary["tune_over_encode"] = (encode_search + wall["search"]) / encode_search
+    return summary
+
+
+def _markdown(rows: list[dict], search_images: int) -> str:
+    arms = [arm for arm in ARMS if any(arm in r for r in rows)]
+    lines = [f"Fast search (default plan), MobileSAM, image-embedding site, {search_images} search / 50 held-out "
+             "images, ONNX Runtime CPU (2 threads). Arms: naive = whole greedy path, one prompt per search image; "
+             "guarded = the same search, prefix with the best lower bound; guarded-points = guarded, every search "
+             "image scored on its prompt + 2 spread points (`--evidence points`). Gains in mIoU points; per-image "
+             "gain quantiles are 5/25/50/75/95%.", "",
+             "| set | arm | pairs | search before -> after | held-out before -> after | held-out gain [90% CI] "
+             "| better/same/worse | per-image gain quantiles |",
+             "|---|---|---:|---|---|---|---|---|"]
+    for r in rows:
+        for arm in (a for a in arms if a in r):
+            s = r[arm]
+            lines.append(
+                f"| {r['set']} | {arm} | {len(s['pairs'])} | {s['search_miou'][0]:.2f} -> {s['search_miou'][1]:.2f} "
+                f"| {s['held_out_miou'][0]:.2f} -> {s['held_out_miou'][1]:.2f} | {s['held_out_gain']:+.2f} "
+                f"[{s['gain_interval_90'][0]:+.2f}, {s['gain_interval_90'][1]:+.2f}] "
+                f"| {'/'.join(str(v) for v in s['improved_same_worse'])} "
+                f"| {', '.join(f'{q:+.1f}' for q in s['gain_quantiles_5_25_50_75_95'])} |")
+    for arm in arms:
+        gains = [r[arm]["held_out_gain"] for r in rows if arm in r]
+        lines.append(f"\nAverage held-out gain, {arm}: {np.mean(gains):+.2f} ({len(gains)} sets)")
+    lines += ["", f"| set | arm | search decoder runs | tune time (encode {search_images} + search) "
+              f"| ratio to encoding {search_images} images |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        for arm in (a for a in arms if a in r and "tune_minutes" in r[a]):
+            lines.append(f"| {r['set']} | {arm} | {r[arm]['decoder_evaluations']['search']:,} "
+                         f"| {r[arm]['tune_minutes']:.1f} min | {r[arm]['tune_over_encode']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path)
     parser.add_argument("--sets", nargs="+", default=["isic2016", "kvasir-seg", "camo"])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                        help="arms to run now; the others are kept from an earlier results file")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "guard")
     parser.add_argument("--search-images", type=int, default=50)
     args = parser.parse_args()
     stem = "guarded_vs_naive" + ("" if args.search_images == 50 else f"-{args.search_images}")
     work = args.work if args.search_images == 50 else args.work.with_name(f"{args.work.name}-{args.search_images}")
+    results = RESULTS / f"{stem}.json"
+    earlier = json.loads(results.read_text())["rows"] if results.exists() else []
+    rows = {r["set"]: r for r in earlier}
 
-    rows = []
     for name in args.sets:
-        row: dict = {"set": name}
-        with tempfile.TemporaryDirectory(prefix="sam-reuse-cold-cache-") as cold_cache:
-            for selection in SELECTIONS:
-                out = work / name / selection
-                if selection == "guarded":  # same search, read back: only the choice along the path differs
-                    out.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(work / name / "naive" / JOURNAL, out / JOURNAL)
-                settings = TuneSettings(selection=selection, search_images=args.search_images, holdout_images=50,
-                                        cache_dir=cold_cache, progress=False)
-                report = tune(args.export / "encoder.onnx", args.export / "decoder.onnx", SHARED / name, out,
-                              settings).report
-                row[selection] = _summary(report)
-        naive_wall = row["naive"]["wall_s"]
-        # search + 50 held-out images were encoded, at the same cost per image
-        encode_search = naive_wall["encode"] * args.search_images / (args.search_images + 50)
-        row["tune_minutes"] = (encode_search + naive_wall["search"]) / 60
-        row["tune_over_encode"] = (encode_search + naive_wall["search"]) / encode_search
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{stem}.json",
-               {"export": str(args.export), "machine": f"{platform.machine()}, {platform.python_version()}",
-                "rows": rows})
-    lines = [f"Fast search (default plan), MobileSAM, image-embedding site, {args.search_images} search / 50 held-out images, "
-             "ONNX Runtime CPU (2 threads). Gains in mIoU points; per-image gain quantiles are 5/25/50/75/95%.", "",
-             "| set | selection | pairs | search before -> after | held-out before -> after | held-out gain [90% CI] "
-             "| better/same/worse | per-image gain quantiles |",
-             "|---|---|---:|---|---|---|---|---|"]
-    for r in rows:
-        for selection in SELECTIONS:
-            s = r[selection]
-            lines.append(
-                f"| {r['set']} | {selection} | {len(s['pairs'])} | {s['search_miou'][0]:.2f} -> {s['search_miou'][1]:.2f} "
-                f"| {s['held_out_miou'][0]:.2f} -> {s['held_out_miou'][1]:.2f} | {s['held_out_gain']:+.2f} "
-                f"[{s['gain_interval_90'][0]:+.2f}, {s['gain_interval_90'][1]:+.2f}] "
-                f"| {'/'.join(str(v) for v in s['improved_same_worse'])} "
-                f"| {', '.join(f'{q:+.1f}' for q in s['gain_quantiles_5_25_50_75_95'])} |")
-    for selection in SELECTIONS:
-        mean = np.mean([r[selection]["held_out_gain"] for r in rows])
-        lines.append(f"\nAverage held-out gain, {selection}: {mean:+.2f}")
-    lines += ["", f"| set | search decoder runs | tune time (encode {args.search_images} + search) "
-              f"| ratio to encoding {args.search_images} images |",
-              "|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['set']} | {r['naive']['decoder_evaluations']['search']:,} | {r['tune_minutes']:.1f} min "
-                     f"| {r['tune_over_encode']:.1f} |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        row = rows.setdefault(name, {"set": name})
+        for arm in args.arms:
+            with tempfile.TemporaryDirectory(prefix="sam-reuse-cold-cache-") as cold_cache:
+                row[arm] = _run_arm(args, name, arm, work, cold_cache)
+            print(json.dumps({"set": name, "arm": arm, "held_out_gain": row[arm]["held_out_gain"],
+                              "pairs": row[arm]["pairs"]}), flush=True)
+            RESULTS.mkdir(parents=True, exist_ok=True)  # after every arm: a long run keeps what it finished
+            write_json(results, {"export": str(args.export), "rows": list(rows.values()),
+                                 "machine": f"{platform.machine()}, {platform.python_version()}"})
+            (RESULTS / f"{stem}.md").write_text(_markdown(list(rows.values()), args.search_images))
+    print(_markdown(list(rows.values()), args.search_images))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from calibrate.activations import encode
 from calibrate.suffix import SuffixEmbedder
 from calibrate.data import MASK_RULE, CalibrationSet, Sample, load_calibration
 from calibrate.evaluator import EMBEDDING_INPUT, MaskEvaluator
+from calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
 from calibrate.fast import SELECTIONS, FastPlan, fast
 from calibrate.journal import Journal
 from calibrate.metrics import bootstrap_interval
@@ -65,6 +66,7 @@ class TuneSettings:
     targets: str | None = None  # None: "all" at the embedding, "unsalient:64" inside the encoder
     sources: str | None = None  # None: "all" at the embedding, "salient:64" inside the encoder
     prompt: str = "given"
+    evidence: str = "given"  # search split only: "points" adds 2 spread points per image (calibrate.evidence)
     masks: str | None = None
     search_images: int | None = None
     holdout_images: int | None = None
@@ -159,6 +161,8 @@ def _check_settings(settings: TuneSettings) -> None:
         raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
     if settings.selection not in SELECTIONS:
         raise SamReuseError(f"unknown selection '{settings.selection}' (choose from {', '.join(SELECTIONS)})")
+    if settings.evidence not in EVIDENCE:
+        raise SamReuseError(f"unknown evidence '{settings.evidence}' (choose from {', '.join(EVIDENCE)})")
     if settings.top_n < 1:
         raise SamReuseError("--top-pairs must be at least 1")
     if settings.batch_size < 1:
@@ -247,8 +251,12 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     wall["load"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    search_eval, search_activations = _site_evaluator(encoder_model, decoder_model, site, calibration.search,
+    # Each search image appears once per prompt of its evidence (the encoder still runs once per image).
+    search_prompts = evidence_samples(calibration.search, settings.evidence)
+    per_image = 1 + EVIDENCE[settings.evidence]
+    search_eval, search_activations = _site_evaluator(encoder_model, decoder_model, site, search_prompts,
                                                       settings, "encode search split")
+    search_scorer = MeanOverPrompts(search_eval, per_image)
     held_eval = _site_evaluator(encoder_model, decoder_model, site, calibration.held_out, settings,
                                 "encode held-out split")[0] if calibration.held_out else None
     wall["encode"] = time.perf_counter() - mark
@@ -265,7 +273,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                     **(INNER_SITE_PLAN if site.name != "embedding" else {}))
     # The selection rule is left out: it changes no measurement, so naive and guarded share a journal.
     config = {"strategy": settings.strategy, "encoder": encoder_fp, "decoder": decoder_fp, "site": site.tensor,
-              "mask_rule": MASK_RULE, "images": [_sample_identity(s) for s in calibration.search],
+              "mask_rule": MASK_RULE, "images": [_sample_identity(s) for s in search_prompts],
               "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size,
               **({"plan": plan.to_json()} if settings.strategy == "fast" else {})}
     journal = Journal(out_dir / JOURNAL, config)
@@ -282,10 +290,10 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                     f"each scored on {images} search images")
         print(f"{settings.strategy} search: {work} ({len(journal.entries):,} units already in {JOURNAL})")
     if settings.strategy == "fast":
-        result = fast(search_eval.ious, site.channels, targets, sources, journal, images, plan, settings.selection,
+        result = fast(search_scorer.ious, site.channels, targets, sources, journal, images, plan, settings.selection,
                       cv_folds=0 if calibration.held_out else settings.cv_folds, progress=settings.progress)
     else:
-        result = exhaustive(search_eval.ious, site.channels, pairs, settings.top_n, journal, images,
+        result = exhaustive(search_scorer.ious, site.channels, pairs, settings.top_n, journal, images,
                             progress=settings.progress)
     wall["search"] = time.perf_counter() - mark
 
@@ -302,17 +310,17 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         gains = (held_tuned - held_base) * 100
         interval = bootstrap_interval(gains)
         basis = "held-out"
-        check_samples, check_eval = calibration.held_out, held_eval
+        check_samples, check_eval, check_stride = calibration.held_out, held_eval, 1
     else:  # the user keeps no images back: judge by the cross-validated estimate instead
         curve = [_curve_point(result, size, None) for size in range(len(result.curve))]
         estimate = result.details["cross_validation"]
         gains, interval = np.asarray(estimate["per_image_gain"]), tuple(estimate["gain_interval_90"])
         basis = f"cross-validated ({estimate['folds']} folds of the search split, no held-out split)"
-        check_samples, check_eval = calibration.search, search_eval
+        check_samples, check_eval, check_stride = calibration.search, search_eval, per_image
     conclusion = verdict(len(result.best), float(gains.mean()), interval, basis, _empty_reason(result))
     check_sample = int(np.argmax(np.abs(gains))) if len(gains) else 0
     max_diff = _check_tuned_encoder(tuned_model, check_samples[check_sample],
-                                    _searched_embedding(check_eval, check_sample, reuse.index()))
+                                    _searched_embedding(check_eval, check_sample * check_stride, reuse.index()))
     if max_diff > CHECK_TOLERANCE:
         raise SamReuseError(f"tuned encoder disagrees with the searched embedding by {max_diff:.2e} "
                             f"on {check_samples[check_sample].key}: the rewrite is not exact")
@@ -348,7 +356,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         "tuned_encoder_check": {"image": check_samples[check_sample].key, "max_abs_diff": max_diff,
                                 "rewrite": ", ".join(f"{k}: {v}" for k, v in applied.items()) or "none (empty map)"},
         "overlays": [f"overlay-{keys[i]}.png" for i in chosen],
-        "cost": {"decoder_evaluations": {"search": result.evaluations,
+        "cost": {"decoder_evaluations": {"search": search_eval.evaluations,
                                          "held_out": held_eval.evaluations if calibration.held_out else 0},
                  "maps_reused_from_journal": result.reused, "encoded_images": len(calibration.search) + len(calibration.held_out),
                  "wall_s": wall},

@@ -38,6 +38,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -> None:
     from calibrate.data import DEFAULT_MIN_IMAGES, PROMPT_MODES
+    from calibrate.evidence import EVIDENCE
     from calibrate.fast import SELECTIONS
     from calibrate.tune import STRATEGIES, TuneSettings
 
@@ -63,6 +64,9 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
     search.add_argument("--selection", default=defaults.selection, choices=SELECTIONS,
                         help="fast strategy: guarded keeps the greedy-path prefix with the best lower 90%% bound "
                              "of per-image gain (default); naive keeps the whole path")
+    search.add_argument("--evidence", default=defaults.evidence, choices=sorted(EVIDENCE),
+                        help="prompts per search image: given (its own prompt, default) or points (plus 2 points "
+                             "spread over the mask: 3x the decoder runs, pairs that transfer better)")
     search.add_argument("--top-pairs", type=int, default=defaults.top_n,
                         help="N best pairs (distinct targets): fast walks a greedy path of up to N of them, "
                              f"exhaustive tries all 2^N-1 subsets (default: {defaults.top_n})")
@@ -86,7 +90,7 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
 def _tune_settings(args: argparse.Namespace):
     from calibrate.tune import TuneSettings
 
-    return TuneSettings(site=args.site, strategy=args.strategy, selection=args.selection, cv_folds=args.cv_folds,
+    return TuneSettings(site=args.site, evidence=args.evidence, strategy=args.strategy, selection=args.selection, cv_folds=args.cv_folds,
                         top_n=args.top_pairs, targets=args.targets, sources=args.sources,
                         prompt=args.prompt, masks=str(args.masks) if args.masks else None,
                         search_images=args.search_images, holdout_images=args.holdout_images,
