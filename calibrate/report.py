@@ -118,6 +118,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Model: `{report['model']['encoder']}` (fingerprint {report['model']['encoder_fingerprint'][:12]})",
         f"- Data: `{report['data']['source']}`; prompts: {report['data']['prompt']}; "
         f"{search['images']} search / {held_images} held-out images"
+        + ("; search images also scored on 2 spread points (evidence: points)"
+           if settings.get("evidence", "given") == "points" else "")
         + (f"; {len(report['data']['skipped'])} skipped" if report["data"]["skipped"] else ""),
         f"- Site: `{report['site']['name']}` ({report['site']['channels']} channels); strategy "
         f"`{settings['strategy']}`" + (f" ({settings['selection']} selection)" if settings["strategy"] == "fast" else "")

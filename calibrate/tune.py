@@ -26,7 +26,6 @@ import numpy as np
 import onnx
 
 from calibrate.activations import encode
-from calibrate.suffix import SuffixEmbedder
 from calibrate.data import MASK_RULE, CalibrationSet, Sample, load_calibration
 from calibrate.evaluator import EMBEDDING_INPUT, MaskEvaluator
 from calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
@@ -36,6 +35,7 @@ from calibrate.metrics import bootstrap_interval
 from calibrate.report import markdown, overlay, plot_curve, verdict
 from calibrate.salience import channel_salience
 from calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, planned_subsets
+from calibrate.suffix import SuffixEmbedder
 from exporter.errors import SamReuseError
 from exporter.files import ensure_writable_dir, staged_outputs, write_json
 from exporter.imaging import load_image_rgb, preprocess
@@ -43,7 +43,7 @@ from exporter.runtime import load_model, ort_session
 from graphops.graph import fingerprint, load_graph
 from graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
 from graphops.rewrites import apply_reuse_map
-from graphops.sites import find_sites
+from graphops.sites import Site, find_sites
 
 REPORT_FORMAT = "sam-reuse/report@1"
 STRATEGIES = ("fast", "exhaustive")
@@ -112,7 +112,7 @@ def _check_tuned_encoder(tuned: onnx.ModelProto, sample: Sample, searched: np.nd
     return float(np.abs(embedding - searched).max())
 
 
-def _site_evaluator(encoder: onnx.ModelProto, decoder: onnx.ModelProto, site, samples: list[Sample],
+def _site_evaluator(encoder: onnx.ModelProto, decoder: onnx.ModelProto, site: Site, samples: list[Sample],
                     settings: TuneSettings, desc: str) -> tuple[MaskEvaluator, list[np.ndarray] | np.ndarray]:
     """The split's evaluator at ``site`` and the site's activations (for salience), encoding each image once."""
     if site.name == "embedding":
@@ -147,7 +147,7 @@ def _choose_overlays(keys: list[str], gains: np.ndarray, count: int) -> list[int
     return sorted(set(int(i) for i in picked), key=lambda i: (-gains[i], keys[i]))[:count]
 
 
-def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str):
+def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str) -> Site:
     sites = find_sites(load_graph(onnx.shape_inference.infer_shapes(encoder)))
     if name not in sites:
         what = f"an output named '{EMBEDDING_INPUT}' with a channel axis" if name == "embedding" else "no such site"

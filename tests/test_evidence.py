@@ -88,6 +88,7 @@ def test_tune_with_points_evidence_finds_the_planted_pair_at_three_runs_per_imag
     assert points["reuse_map"]["sites"]["embedding"]["pairs"] == [[synthetic.TARGET, synthetic.HELPER]]
     assert points["cost"]["decoder_evaluations"]["search"] == 3 * given["cost"]["decoder_evaluations"]["search"]
     assert points["settings"]["evidence"] == "points"
+    assert "also scored on 2 spread points (evidence: points)" in (tmp_path / "out" / "report.md").read_text()
     assert points["held_out"]["per_image"] == given["held_out"]["per_image"]  # held-out: the given prompt only
     header = json.loads((tmp_path / "out" / JOURNAL).read_text().splitlines()[0])
     assert len(header["config"]["images"]) == 18  # 6 search images x 3 prompts
