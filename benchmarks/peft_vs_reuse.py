@@ -3,7 +3,8 @@
 Usage:
     python benchmarks/peft_vs_reuse.py train --data DATA_ROOT --checkpoint mobile_sam.pt --work out/peft
         [--sets isic2016 kvasir-seg camo] [--blocks all] [--epochs 30]
-    python benchmarks/peft_vs_reuse.py evaluate EXPORT_DIR --work out/peft [--reuse-work out/guard]
+    python benchmarks/peft_vs_reuse.py evaluate --checkpoint mobile_sam.pt --work out/peft [--reuse]
+    python benchmarks/peft_vs_reuse.py report --original EXPORT_DIR --work out/peft [--reuse-work out/guard]
 
 ``train`` fits every method (lora, sct, sfa, cobot) on the search split
 (first 50 records) of each set, on a GPU when torch sees one, and writes
@@ -15,7 +16,9 @@ can run on a lent GPU machine whose adapters come back as small files.
 tunes channel reuse on top with the default fast guarded search, and times
 the exported encoder against the original one, side by side. The reuse-only
 row is the guarded search of ``benchmarks/guarded_vs_naive.py`` (same split,
-same plan), read from ``--reuse-work``. Writes
+same plan), read from ``--reuse-work``. ``report`` also builds fp16
+TensorRT(-RTX) engines of the first set's encoders (original, fine-tuned,
+reuse on top; TensorRT-RTX needs no GPU to build). Writes
 benchmarks/results/peft_vs_reuse.{json,md}.
 """
 
@@ -122,6 +125,32 @@ def _latency_ratios(original: Path, encoders: dict[str, Path], repeats: int) -> 
     return {name: statistics.median(t) / base for name, t in times.items() if name != "original"}
 
 
+def _engines(original: Path, work: Path, name: str, methods: list[str]) -> dict:
+    """fp16 engines of the original, each fine-tuned and each reuse-on-top encoder of set ``name``.
+
+    TensorRT-RTX builds them ahead of time without a GPU; returns size and build time per model, or why not.
+    """
+    from exporter.engine import build_engine, engine_name
+    from exporter.errors import SamReuseError
+
+    encoders = {"original": original / "encoder.onnx"}
+    for method in methods:
+        encoders[method] = work / name / method / "export" / "encoder.onnx"
+        encoders[f"{method}+reuse"] = work / name / method / "reuse" / "encoder.tuned.onnx"
+    built = {}
+    for label, onnx_path in encoders.items():
+        if not onnx_path.exists():
+            continue
+        engine = work / name / "engines" / engine_name(f"{label}.onnx", "fp16")
+        try:
+            sidecar = build_engine(onnx_path, engine, "fp16")
+        except SamReuseError as exc:
+            return {"skipped": str(exc)}
+        built[label] = {"backend": f"{sidecar['backend']} {sidecar['backend_version']}",
+                        "engine_mb": sidecar["engine_bytes"] / 1e6, "build_s": sidecar["build_s"]}
+    return {"set": name, "engines": built}
+
+
 def report_all(args: argparse.Namespace) -> None:
     from exporter.files import write_json
 
@@ -155,7 +184,7 @@ def report_all(args: argparse.Namespace) -> None:
                               args.repeats)
     result = {"machine": platform.processor() or platform.machine(), "search_images": SEARCH,
               "held_out_images": HELD_OUT, "sets": rows, "encoder_latency_ratio_vs_original": latency,
-              "latency_models_from": first}
+              "latency_models_from": first, "engines": _engines(args.original, args.work, first, args.methods)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "peft_vs_reuse.json", result)
     (RESULTS / "peft_vs_reuse.md").write_text(_markdown(result))
@@ -185,6 +214,15 @@ def _markdown(result: dict) -> str:
     lines += ["Encoder latency on ONNX Runtime CPU (2 threads), median ratio to the original, timed interleaved "
               f"(models of {result['latency_models_from']}):", ""]
     lines += [f"- {method}: {ratio:.3f}" for method, ratio in result["encoder_latency_ratio_vs_original"].items()]
+    engines = result["engines"]
+    if "skipped" in engines:
+        lines += ["", f"TensorRT engines: not built ({engines['skipped']})."]
+    else:
+        lines += ["", f"fp16 TensorRT engines of the {engines['set']} encoders, built here ahead of time (no GPU); "
+                  "their latency needs a GPU this TensorRT can run on and was not measured:", "",
+                  "| encoder | backend | engine | build |", "|---|---|---:|---:|"]
+        lines += [f"| {label} | {e['backend']} | {e['engine_mb']:.1f} MB | {e['build_s']:.1f} s |"
+                  for label, e in engines["engines"].items()]
     return "\n".join(lines) + "\n"
 
 
