@@ -188,6 +188,11 @@ def load_mask(path: str | Path) -> np.ndarray:
     return binarize_mask(values)
 
 
+def border_distance(mask: np.ndarray) -> np.ndarray:
+    """Per pixel: Euclidean distance to the nearest background pixel or beyond the image edge (0 outside)."""
+    return distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+
+
 def interior_point(mask: np.ndarray) -> tuple[float, float]:
     """(x, y) of the foreground pixel farthest from the background and the image edge.
 
@@ -195,7 +200,7 @@ def interior_point(mask: np.ndarray) -> tuple[float, float]:
     a rectangle) the one nearest to the plateau's centroid wins, then the
     first in row-major order.
     """
-    distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    distance = border_distance(mask)
     rows, cols = np.nonzero(distance == distance.max())
     offset = (rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2
     best = int(np.argmin(offset))  # argmin returns the first minimum: row-major among ties

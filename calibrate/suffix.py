@@ -33,6 +33,7 @@ class SuffixEmbedder:
         _, suffix, self.frontier = cut(encoder, site.tensor)
         self.site = site
         self.channels = site.channels
+        self._images = [sample.image_sha256 for sample in samples]  # rows of one image share its activations
         # The original embedding comes from the same encoder pass: it is the baseline the decoder sees.
         self.activations = encode_tensors(encoder, samples, self.frontier + [EMBEDDING_OUTPUT], cache_dir,
                                           progress, desc)
@@ -51,9 +52,10 @@ class SuffixEmbedder:
     def embeddings(self, index: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         """Image embeddings of ``rows`` with the site gathered by ``index``, stacked on axis 0."""
         index = np.asarray(index, dtype=np.int64)
-        out = []
+        computed: dict[str, np.ndarray] = {}
         for row in rows:  # one image per run: exported encoders have a fixed batch of 1
-            feeds = {name: np.asarray(self.activations[name][row])[None] for name in self.frontier}
-            feeds[self._index_name] = index
-            out.append(self.session.run([EMBEDDING_OUTPUT], feeds)[0][0])
-        return np.stack(out)
+            if self._images[row] not in computed:  # several prompts of one image: run its suffix once
+                feeds = {name: np.asarray(self.activations[name][row])[None] for name in self.frontier}
+                feeds[self._index_name] = index
+                computed[self._images[row]] = self.session.run([EMBEDDING_OUTPUT], feeds)[0][0]
+        return np.stack([computed[self._images[row]] for row in rows])

@@ -262,7 +262,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     wall["encode"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    salience = channel_salience(search_activations, site.axis)
+    salience = channel_salience(search_activations[::per_image], site.axis)  # each image once, not per prompt
     target_spec, source_spec = _channel_specs(settings, site.name, site.channels)
     targets = parse_channels(target_spec, site.channels, salience)
     sources = parse_channels(source_spec, site.channels, salience)
@@ -358,7 +358,8 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         "overlays": [f"overlay-{keys[i]}.png" for i in chosen],
         "cost": {"decoder_evaluations": {"search": search_eval.evaluations,
                                          "held_out": held_eval.evaluations if calibration.held_out else 0},
-                 "maps_reused_from_journal": result.reused, "encoded_images": len(calibration.search) + len(calibration.held_out),
+                 "maps_reused_from_journal": result.reused,
+                 "encoded_images": len(calibration.search) + len(calibration.held_out),
                  "wall_s": wall},
     }
     overlays = [(calibration.held_out[i], i) for i in chosen]

@@ -13,30 +13,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import distance_transform_edt
-
 from calibrate.data import bounding_box, load_mask, read_manifest
+from calibrate.evidence import spread_points
 
 REPO = Path(__file__).resolve().parents[3]
 ROOT = REPO / "out" / "selection_rules"  # what the GPU machine is given (run's carry)
 SETS = ("isic2016", "kvasir-seg", "camo")
-
-
-def extra_points(mask: np.ndarray, given: tuple[float, float], count: int = 2) -> list[list[float]]:
-    """Deterministic interior points: each maximises min(distance to background, distance to earlier points)."""
-    inside = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    ys, xs = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
-    score = inside.copy()
-    chosen = [given]
-    out = []
-    for _ in range(count):
-        x0, y0 = chosen[-1]
-        score = np.minimum(score, np.hypot(xs - x0, ys - y0))
-        flat = int(np.argmax(score))  # first maximum in row-major order
-        y, x = divmod(flat, mask.shape[1])
-        chosen.append((float(x), float(y)))
-        out.append([float(x), float(y)])
-    return out
 
 
 def pack_set(name: str) -> None:
@@ -52,7 +34,7 @@ def pack_set(name: str) -> None:
         pt = [float(v) for v in rec.points[0]]
         assert rec.points.shape == (1, 2) and float(rec.labels[0]) == 1.0
         meta.append({"key": rec.key, "image": rec.image.name, "point": pt, "box": list(bounding_box(mask)),
-                     "extra": extra_points(mask, (pt[0], pt[1]))})
+                     "extra": [list(p) for p in spread_points(mask, [(pt[0], pt[1])], 2)]})
         masks.append(np.packbits(mask, axis=-1))
     np.savez_compressed(out / "masks.npz", masks=np.stack(masks))
     (out / "meta.json").write_text(json.dumps(meta))
