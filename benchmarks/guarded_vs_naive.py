@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/guarded_vs_naive.py EXPORT_DIR [--sets isic2016 kvasir-seg camo] [--work out/guard]
-        [--search-images 50] [--arms naive guarded guarded-points]
+        [--search-images 50] [--arms naive guarded guarded-points naive-points]
 
 EXPORT_DIR is an `export-and-tune export --model-type vit_t` output. For each
 set: search split = first 50 (--search-images) manifest records, held-out = last 50, the
@@ -15,7 +15,9 @@ records' single positive point. Arms:
   no search work (only the choice along the path differs);
 * guarded-points: guarded selection on a search that scores every search
   image on its prompt plus 2 spread points (``evidence="points"``), its own
-  journal and cold cache.
+  journal and cold cache;
+* naive-points: the whole greedy path of the guarded-points search, read
+  back from its journal (no search work).
 
 All maps are scored on the held-out split with the records' prompt. Arms
 not named in --arms are kept from an earlier results file.
@@ -43,9 +45,10 @@ from exporter.files import write_json
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
-# arm -> (selection, evidence). "guarded" reads the naive search back from its journal (only the choice
-# along the path differs); "guarded-points" searches again, scoring every search image on 3 prompts.
-ARMS = {"naive": ("naive", "given"), "guarded": ("guarded", "given"), "guarded-points": ("guarded", "points")}
+# arm -> (selection, evidence, arm whose journal it reads back or None). An arm that reads another's journal
+# redoes no search work: only the choice along the same greedy path differs.
+ARMS = {"naive": ("naive", "given", None), "guarded": ("guarded", "given", "naive"),
+        "guarded-points": ("guarded", "points", None), "naive-points": ("naive", "points", "guarded-points")}
 
 
 def _summary(report: dict) -> dict:
@@ -66,16 +69,16 @@ def _summary(report: dict) -> dict:
 
 
 def _run_arm(args, name: str, arm: str, work: Path, cold_cache: str) -> dict:
-    selection, evidence = ARMS[arm]
+    selection, evidence, searched_by = ARMS[arm]
     out = work / name / arm
-    if arm == "guarded":
+    if searched_by:
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(work / name / "naive" / JOURNAL, out / JOURNAL)
+        shutil.copyfile(work / name / searched_by / JOURNAL, out / JOURNAL)
     settings = TuneSettings(selection=selection, evidence=evidence, search_images=args.search_images,
                             holdout_images=50, cache_dir=cold_cache, progress=False)
     report = tune(args.export / "encoder.onnx", args.export / "decoder.onnx", SHARED / name, out, settings).report
     summary = _summary(report)
-    if arm != "guarded":  # a search of its own on a cold cache: its wall time is a tune time
+    if not searched_by:  # a search of its own on a cold cache: its wall time is a tune time
         wall = summary["wall_s"]
         encode_search = wall["encode"] * args.search_images / (args.search_images + 50)  # same cost per image
         summary["tune_minutes"] = (encode_search + wall["search"]) / 60
@@ -88,8 +91,8 @@ def _markdown(rows: list[dict], search_images: int) -> str:
     lines = [f"Fast search (default plan), MobileSAM, image-embedding site, {search_images} search / 50 held-out "
              "images, ONNX Runtime CPU (2 threads). Arms: naive = whole greedy path, one prompt per search image; "
              "guarded = the same search, prefix with the best lower bound; guarded-points = guarded, every search "
-             "image scored on its prompt + 2 spread points (`--evidence points`). Gains in mIoU points; per-image "
-             "gain quantiles are 5/25/50/75/95%.", "",
+             "image scored on its prompt + 2 spread points (`--evidence points`); naive-points = the whole path of "
+             "that search. Gains in mIoU points; per-image gain quantiles are 5/25/50/75/95%.", "",
              "| set | arm | pairs | search before -> after | held-out before -> after | held-out gain [90% CI] "
              "| better/same/worse | per-image gain quantiles |",
              "|---|---|---:|---|---|---|---|---|"]
