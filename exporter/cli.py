@@ -65,8 +65,9 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
                         help="fast strategy: guarded keeps the greedy-path prefix with the best lower 90%% bound "
                              "of per-image gain (default); naive keeps the whole path")
     search.add_argument("--evidence", default=defaults.evidence, choices=sorted(EVIDENCE),
-                        help="prompts per search image: given (its own prompt, default) or points (plus 2 points "
-                             "spread over the mask, IoU averaged: 3x the decoder runs; see README)")
+                        help="prompts per search image: points (its own prompt plus 2 points spread over the "
+                             "mask, IoU averaged: 3x the decoder runs; default at the embedding) or given (its own "
+                             "prompt only; default inside the encoder); see README")
     search.add_argument("--top-pairs", type=int, default=defaults.top_n,
                         help="N best pairs (distinct targets): fast walks a greedy path of up to N of them, "
                              f"exhaustive tries all 2^N-1 subsets (default: {defaults.top_n})")

@@ -38,7 +38,9 @@ def task(tmp_path_factory):
 
 
 def _settings(task, **kwargs) -> TuneSettings:
-    return TuneSettings(progress=False, cache_dir=str(task["cache"]), **{"top_n": 3, **kwargs})
+    # One prompt per search image, so that units of work and decoder runs below are counted 1:1 (the
+    # default at the embedding, 3 prompts, is tested in test_default_evidence_depends_on_the_site).
+    return TuneSettings(progress=False, cache_dir=str(task["cache"]), **{"top_n": 3, "evidence": "given", **kwargs})
 
 
 # units of work (maps x row ranges) each strategy measures on the synthetic task, and the curve it reports:
@@ -77,6 +79,21 @@ def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path, s
     assert again.reuse_map.to_json() == result.reuse_map.to_json()
     assert again.report["cost"]["decoder_evaluations"]["search"] == 0
     assert again.report["cost"]["maps_reused_from_journal"] == units
+
+
+def test_default_evidence_depends_on_the_site(task, tmp_path):
+    """3 prompts per search image at the embedding, 1 inside the encoder, unless the user says otherwise."""
+    def report(encoder, site: str, folder: str) -> dict:
+        settings = TuneSettings(site=site, top_n=3, overlays=0, progress=False, cache_dir=str(task["cache"]))
+        return tune(encoder, task["decoder"], task["data"], tmp_path / folder, settings).report
+
+    embedding, inner = report(task["encoder"], "embedding", "embedding"), report(task["mlp_encoder"], "mlp.0", "mlp")
+    assert (embedding["settings"]["evidence"], inner["settings"]["evidence"]) == ("points", "given")
+    assert embedding["reuse_map"]["sites"]["embedding"]["pairs"] == [[synthetic.TARGET, synthetic.HELPER]]
+    units = STRATEGY_WORK["fast"][0]
+    assert embedding["cost"]["decoder_evaluations"]["search"] == units * 6 * 3
+    assert "also scored on 2 spread points" in (tmp_path / "embedding" / "report.md").read_text()
+    assert "spread points" not in (tmp_path / "mlp" / "report.md").read_text()
 
 
 def test_tune_inside_the_encoder_finds_the_planted_hidden_pair_and_prunes_it(task, tmp_path):
