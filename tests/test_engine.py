@@ -170,11 +170,16 @@ def test_run_without_tensorrt_still_delivers_the_onnx_models(tmp_path, capsys, m
 
 
 def test_onnx_model_predicts_like_the_search_evaluator(mobilesam_export, sample_records):
-    """SamModel (the runtime wrapper) on ONNX Runtime: the same mask the tuner scores."""
+    """SamModel (the runtime wrapper) on ONNX Runtime: the same mask the tuner scores.
+
+    The tuner's decoder carries a Gather on its input (``graphops.probe``), so ONNX Runtime plans it a
+    little differently: logits agree to about 1e-5, and a mask pixel may flip only where its logit is
+    within rounding of 0 (seen: one pixel of 1,048,576, logit 1.1e-7).
+    """
     from calibrate.activations import encode
     from calibrate.data import load_sample
     from calibrate.evaluator import MaskEvaluator
-    from exporter.imaging import load_image_rgb
+    from exporter.imaging import load_image_rgb, upscale_logits
     from exporter.predictor import SamModel
 
     model = SamModel.from_onnx(mobilesam_export.encoder, mobilesam_export.decoder)
@@ -183,7 +188,10 @@ def test_onnx_model_predicts_like_the_search_evaluator(mobilesam_export, sample_
                               encode(mobilesam_export.encoder, samples, progress=False))
     for i, sample in enumerate(samples):
         prediction = model.predict(load_image_rgb(sample.record.image), sample.prompt)
-        np.testing.assert_array_equal(prediction.mask, evaluator.predicted_mask(evaluator.low_res_logits(rows=[i])[0], i))
+        searched = evaluator.low_res_logits(rows=[i])[0]
+        np.testing.assert_allclose(prediction.low_res_logits, searched, rtol=0, atol=1e-4)
+        differ = prediction.mask != evaluator.predicted_mask(searched, i)
+        assert differ.sum() <= 10 and np.abs(upscale_logits(searched, sample.hw)[differ]).max(initial=0.0) < 1e-4
         assert prediction.mask.shape == sample.hw and 0 < prediction.iou_prediction <= 1.5
 
 
