@@ -45,7 +45,7 @@ def test_tiny_export_parity_recorded_in_sidecar(tiny_exports, model_type):
     parity = sidecar["parity"]
     assert parity["encoder_max_abs_diff"] < 1e-4
     assert parity["decoder_max_abs_diff"] < 1e-4
-    assert parity["min_mask_iou"] == 1.0
+    assert parity["min_mask_iou"] > 0.9999  # a few pixels whose logits are within rounding of 0 may flip
     enc_io = sidecar["models"]["encoder"]
     assert enc_io["inputs"] == [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 1024, 1024]}]
     assert enc_io["outputs"][0]["shape"] == ["batch", 256, 64, 64]
