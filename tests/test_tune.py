@@ -158,7 +158,7 @@ def test_killed_search_resumes_to_the_identical_map(task, tmp_path):
     """SIGKILL the CLI mid-search (default strategy), rerun it: same map, finished work is not redone."""
     args = ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["slow_decoder"]),
             "--data", str(task["data"]), "--top-pairs", "3", "--cache-dir", str(task["cache"]), "--no-progress",
-            "--overlays", "0"]
+            "--overlays", "0", "--evidence", "given"]  # one prompt per image: a unit of work is 6 decoder runs
     reference = tmp_path / "reference"
     assert main(args + ["--out", str(reference)]) == 0
     out = tmp_path / "killed"
