@@ -20,7 +20,14 @@ records' single positive point. Arms:
   back from its journal (no search work).
 
 All maps are scored on the held-out split with the records' prompt. Arms
-not named in --arms are kept from an earlier results file.
+not named in --arms are kept from an earlier results file (``--arms`` with no
+name only redoes the comparison below).
+
+Every arm is also compared with naive on the same held-out images: the
+per-image IoU difference (arm - naive), its mean and 90% bootstrap interval
+per set, and the average over the sets with an interval from a bootstrap
+that resamples images within each set. The maps are rescored from their
+pairs for this, and each rescored gain must match the arm's reported gain.
 
 Writes benchmarks/results/guarded_vs_naive[-N].{json,md} (N: search images when not 50): search-split and
 held-out mIoU before/after, the per-image held-out gain distribution, the 90%
@@ -39,8 +46,13 @@ from pathlib import Path
 
 import numpy as np
 
+from calibrate.activations import encode
+from calibrate.data import load_calibration
+from calibrate.evaluator import MaskEvaluator
+from calibrate.metrics import bootstrap_interval
 from calibrate.tune import JOURNAL, TuneSettings, tune
 from exporter.files import write_json
+from graphops.reuse_map import reuse_index
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -86,6 +98,68 @@ def _run_arm(args, name: str, arm: str, work: Path, cold_cache: str) -> dict:
     return summary
 
 
+def _held_out_gains(args, row: dict) -> dict[str, np.ndarray]:
+    """Per-image held-out IoU gain (points) of each arm's map, rescored on one evaluator for the set."""
+    held_out = load_calibration(SHARED / row["set"], search_images=args.search_images, holdout_images=50,
+                                min_images=0).held_out
+    embeddings = encode(args.export / "encoder.onnx", held_out, progress=False)
+    evaluator = MaskEvaluator(args.export / "decoder.onnx", held_out, embeddings)
+    baseline = evaluator.ious()
+    gains = {}
+    for arm in (a for a in ARMS if a in row):
+        ious = evaluator.ious(reuse_index(evaluator.channels, [tuple(p) for p in row[arm]["pairs"]]))
+        gains[arm] = (ious - baseline) * 100
+        if abs(gains[arm].mean() - row[arm]["held_out_gain"]) > 1e-4:  # float32 IoUs
+            raise SystemExit(f"{row['set']} {arm}: rescored held-out gain {gains[arm].mean():+.4f} is not the "
+                             f"reported {row[arm]['held_out_gain']:+.4f} (results from another model or data?)")
+    return gains
+
+
+def _pooled_interval(differences: list[np.ndarray], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """90% interval of the average over sets of per-set mean differences (images resampled within each set)."""
+    rng = np.random.default_rng(seed)
+    means = np.mean([d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1) for d in differences], axis=0)
+    low, high = np.quantile(means, [0.05, 0.95])
+    return float(low), float(high)
+
+
+def _against_naive(args, rows: list[dict]) -> list[dict]:
+    """Paired held-out difference of every arm against naive, per set and averaged over the sets."""
+    per_set = {r["set"]: _held_out_gains(args, r) for r in rows if "naive" in r}
+    comparison = []
+    for arm in (a for a in ARMS if a != "naive"):
+        sets = [name for name, gains in per_set.items() if arm in gains]
+        if not sets:
+            continue
+        differences = [per_set[name][arm] - per_set[name]["naive"] for name in sets]
+        comparison.append({
+            "arm": arm, "sets": sets,
+            "per_set": [{"set": name, "difference": float(d.mean()), "interval_90": list(bootstrap_interval(d)),
+                         "better_same_worse": [int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum())]}
+                        for name, d in zip(sets, differences)],
+            "average": float(np.mean([d.mean() for d in differences])),
+            "average_interval_90": list(_pooled_interval(differences))})
+    return comparison
+
+
+def _comparison_markdown(comparison: list[dict]) -> str:
+    if not comparison:
+        return ""
+    sets = list(dict.fromkeys(s["set"] for c in comparison for s in c["per_set"]))
+    lines = ["", "Against naive on the same held-out images: mean per-image IoU difference (arm - naive) "
+             "[90% bootstrap interval] (images where the arm is better/same/worse than naive). The average over "
+             "the sets resamples images within each set.", "",
+             "| arm | " + " | ".join(sets) + " | average over the sets |", "|---|" + "---|" * (len(sets) + 1)]
+    for c in comparison:
+        by_set = {s["set"]: s for s in c["per_set"]}
+        cells = [f"{by_set[name]['difference']:+.2f} [{by_set[name]['interval_90'][0]:+.2f}, "
+                 f"{by_set[name]['interval_90'][1]:+.2f}] ({'/'.join(str(v) for v in by_set[name]['better_same_worse'])})"
+                 if name in by_set else "not run" for name in sets]
+        lines.append(f"| {c['arm']} | " + " | ".join(cells) + f" | {c['average']:+.2f} "
+                     f"[{c['average_interval_90'][0]:+.2f}, {c['average_interval_90'][1]:+.2f}] ({len(c['sets'])} sets) |")
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(rows: list[dict], search_images: int) -> str:
     arms = [arm for arm in ARMS if any(arm in r for r in rows)]
     lines = [f"Fast search (default plan), MobileSAM, image-embedding site, {search_images} search / 50 held-out "
@@ -121,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path)
     parser.add_argument("--sets", nargs="+", default=["isic2016", "kvasir-seg", "camo"])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
                         help="arms to run now; the others are kept from an earlier results file")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "guard")
     parser.add_argument("--search-images", type=int, default=50)
@@ -143,7 +217,12 @@ def main() -> None:
             write_json(results, {"export": str(args.export), "rows": list(rows.values()),
                                  "machine": f"{platform.machine()}, {platform.python_version()}"})
             (RESULTS / f"{stem}.md").write_text(_markdown(list(rows.values()), args.search_images))
-    print(_markdown(list(rows.values()), args.search_images))
+    comparison = _against_naive(args, list(rows.values()))
+    write_json(results, {"export": str(args.export), "rows": list(rows.values()), "against_naive": comparison,
+                         "machine": f"{platform.machine()}, {platform.python_version()}"})
+    text = _markdown(list(rows.values()), args.search_images) + _comparison_markdown(comparison)
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
