@@ -49,7 +49,7 @@ import numpy as np
 from calibrate.activations import encode
 from calibrate.data import load_calibration
 from calibrate.evaluator import MaskEvaluator
-from calibrate.metrics import bootstrap_interval
+from calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
 from calibrate.tune import JOURNAL, TuneSettings, tune
 from exporter.files import write_json
 from graphops.reuse_map import reuse_index
@@ -99,7 +99,7 @@ def _run_arm(args, name: str, arm: str, work: Path, cold_cache: str) -> dict:
 
 
 def _held_out_gains(args, row: dict) -> dict[str, np.ndarray]:
-    """Per-image held-out IoU gain (points) of each arm's map, rescored on one evaluator for the set."""
+    """Per-image held-out IoU gain (mIoU points) of each arm's map, rescored on one evaluator for the set."""
     held_out = load_calibration(SHARED / row["set"], search_images=args.search_images, holdout_images=50,
                                 min_images=0).held_out
     embeddings = encode(args.export / "encoder.onnx", held_out, progress=False)
@@ -113,14 +113,6 @@ def _held_out_gains(args, row: dict) -> dict[str, np.ndarray]:
             raise SystemExit(f"{row['set']} {arm}: rescored held-out gain {gains[arm].mean():+.4f} is not the "
                              f"reported {row[arm]['held_out_gain']:+.4f} (results from another model or data?)")
     return gains
-
-
-def _pooled_interval(differences: list[np.ndarray], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """90% interval of the average over sets of per-set mean differences (images resampled within each set)."""
-    rng = np.random.default_rng(seed)
-    means = np.mean([d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1) for d in differences], axis=0)
-    low, high = np.quantile(means, [0.05, 0.95])
-    return float(low), float(high)
 
 
 def _against_naive(args, rows: list[dict]) -> list[dict]:
@@ -138,7 +130,7 @@ def _against_naive(args, rows: list[dict]) -> list[dict]:
                          "better_same_worse": [int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum())]}
                         for name, d in zip(sets, differences)],
             "average": float(np.mean([d.mean() for d in differences])),
-            "average_interval_90": list(_pooled_interval(differences))})
+            "average_interval_90": list(pooled_bootstrap_interval(differences))})
     return comparison
 
 
@@ -191,6 +183,12 @@ def _markdown(rows: list[dict], search_images: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_results(results: Path, args, rows: list[dict], comparison: list[dict] | None = None) -> None:
+    write_json(results, {"export": str(args.export), "rows": rows,
+                         **({"against_naive": comparison} if comparison is not None else {}),
+                         "machine": f"{platform.machine()}, {platform.python_version()}"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path)
@@ -214,12 +212,10 @@ def main() -> None:
             print(json.dumps({"set": name, "arm": arm, "held_out_gain": row[arm]["held_out_gain"],
                               "pairs": row[arm]["pairs"]}), flush=True)
             RESULTS.mkdir(parents=True, exist_ok=True)  # after every arm: a long run keeps what it finished
-            write_json(results, {"export": str(args.export), "rows": list(rows.values()),
-                                 "machine": f"{platform.machine()}, {platform.python_version()}"})
+            _write_results(results, args, list(rows.values()))
             (RESULTS / f"{stem}.md").write_text(_markdown(list(rows.values()), args.search_images))
     comparison = _against_naive(args, list(rows.values()))
-    write_json(results, {"export": str(args.export), "rows": list(rows.values()), "against_naive": comparison,
-                         "machine": f"{platform.machine()}, {platform.python_version()}"})
+    _write_results(results, args, list(rows.values()), comparison)
     text = _markdown(list(rows.values()), args.search_images) + _comparison_markdown(comparison)
     (RESULTS / f"{stem}.md").write_text(text)
     print(text)

@@ -10,7 +10,7 @@ import pytest
 
 from calibrate.fast import FastPlan, fast, guarded_prefix
 from calibrate.journal import Journal
-from calibrate.metrics import binary_iou, bootstrap_interval
+from calibrate.metrics import binary_iou, bootstrap_interval, pooled_bootstrap_interval
 from calibrate.salience import channel_salience, salience_order
 from calibrate.search import exhaustive, pair_space, parse_channels, top_distinct_targets
 from graphops.reuse_map import reuse_index
@@ -39,6 +39,16 @@ def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
     assert low < diffs.mean() < high and high - low < 1.0
     assert bootstrap_interval(diffs) == (low, high)
     assert bootstrap_interval(np.zeros(10)) == (0.0, 0.0)
+
+
+def test_pooled_interval_weights_each_set_equally_and_reduces_to_one_set():
+    rng = np.random.default_rng(2)
+    small, large = rng.normal(10.0, 1.0, size=10), rng.normal(0.0, 1.0, size=200)
+    assert pooled_bootstrap_interval([small]) == bootstrap_interval(small)
+    low, high = pooled_bootstrap_interval([small, large])
+    assert low < (small.mean() + large.mean()) / 2 < high
+    assert bootstrap_interval(np.concatenate([small, large]))[1] < low  # not the mean over all images
+    assert all(np.isnan(pooled_bootstrap_interval([small, np.zeros(0)])))
 
 
 def test_salience_is_the_mean_per_image_l2_norm():
