@@ -22,9 +22,10 @@ weights: $(STAMP)
 	$(VENV)/bin/export-and-tune fetch-weights mobilesam
 
 # The default pipeline on the bundled CC0 images: fast search on the 12 search images (held-out: the other
-# 12), then TensorRT-RTX engines (fp32, fp16) of the tuned encoder and the decoder, built without a GPU.
+# 12), then TensorRT-RTX engines (fp32, fp16) of the shipped encoder and the decoder, built without a GPU.
+# Exit status 3 means the run completed and shipped the original encoder (no reliable improvement).
 demo: weights
-	$(VENV)/bin/export-and-tune run --model-type vit_t --out $(OUT)
+	$(VENV)/bin/export-and-tune run --model-type vit_t --out $(OUT) || test $$? -eq 3
 
 test: weights
 	$(PY) -m pytest -q tests

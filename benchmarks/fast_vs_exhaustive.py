@@ -67,7 +67,8 @@ def main() -> None:
         for strategy in STRATEGIES:
             settings = TuneSettings(strategy=strategy, targets=args.channels, sources=args.channels,
                                     top_n=args.top_pairs if strategy == "exhaustive" else 10,
-                                    search_images=args.search_images, holdout_images=50, overlays=0, progress=False)
+                                    search_images=args.search_images, holdout_images=50, overlays=0, progress=False,
+                                    selection="guarded", ship_anyway=True)  # the search's own choice
             report = tune(args.export / "encoder.onnx", args.export / "decoder.onnx", SHARED / name,
                           args.work / name / strategy, settings).report
             held, search = report["held_out"], report["search"]

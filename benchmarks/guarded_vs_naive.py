@@ -73,7 +73,7 @@ def _summary(report: dict) -> dict:
         "held_out_gain": held["gain"], "gain_interval_90": held["gain_interval_90"],
         "improved_same_worse": [held["improved"], held["unchanged"], held["worse"]],
         "gain_quantiles_5_25_50_75_95": [float(q) for q in np.percentile(gains, [5, 25, 50, 75, 95])],
-        "verdict": held["verdict"],
+        "verdict": report["verdict"],
         "decoder_evaluations": cost["decoder_evaluations"], "wall_s": cost["wall_s"],
         "path_lower_bounds_90": report["strategy_details"]["path_lower_bounds_90"],
         "curve": [[p["pairs"], p["search_miou"], p["held_out_miou"]] for p in report["curve"]],

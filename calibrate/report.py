@@ -1,9 +1,9 @@
 """What a tuning run tells its user: report.json, report.md, the mIoU curve and mask overlays.
 
-All mIoU figures are percentages. The verdict is read off the paired 90%
-bootstrap interval of the held-out gain (or, without a held-out split, of the
-cross-validated gain): a tuned model is called an improvement only when the
-whole interval is above zero.
+All mIoU figures are percentages. What ships, and the verdict, come from
+``calibrate.shipping``: read off the paired 90% bootstrap interval of the gain
+on the held-out split's validation part (or, without a held-out split, of the
+cross-validated gain); the test part's gain is the figure to quote.
 """
 
 from __future__ import annotations
@@ -18,20 +18,6 @@ from exporter.imaging import load_image_rgb
 
 OVERLAY_SIDE = 256
 COLOURS = {"truth": (0, 200, 0), "before": (230, 60, 40), "after": (40, 110, 240)}
-
-
-def verdict(pairs: int, gain: float, interval: tuple[float, float], basis: str = "held-out",
-            empty_reason: str = "no pair improved the search split") -> str:
-    """One line a user can act on, read off the 90% interval of the gain (``basis`` says what it was measured on)."""
-    low, high = interval
-    if pairs == 0:
-        return f"{empty_reason}: the tuned model is the original"
-    if low > 0:
-        return f"improvement: {basis} gain {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}]"
-    if high < 0:
-        return f"harmful: {basis} change {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}]; do not ship"
-    return (f"no reliable improvement: {basis} change {gain:+.2f} mIoU, 90% interval [{low:+.2f}, {high:+.2f}] "
-            "includes 0")
 
 
 def plot_curve(curve: list[dict[str, Any]], chosen: int, path: Path) -> None:
@@ -81,23 +67,36 @@ def overlay(image_path: Path, truth: np.ndarray, before: np.ndarray, after: np.n
     sheet.save(path, format="PNG")
 
 
+def _gain_row(name: str, role: str, gain: dict[str, Any] | None) -> str:
+    if gain is None:
+        return f"| {name} | {role} | - | - | - |"
+    low, high = gain["gain_interval_90"]
+    return (f"| {name} ({gain['images']}) | {role} | {gain['gain']:+.2f} | [{low:+.2f}, {high:+.2f}] "
+            f"| {gain['improved']} / {gain['worse']} |")
+
+
 def _estimate_lines(report: dict[str, Any]) -> list[str]:
-    held, search = report["held_out"], report["search"]
-    rows = ["| split | images | original mIoU | tuned mIoU | change |", "|---|---:|---:|---:|---:|",
-            f"| search (chosen on) | {search['images']} | {search['baseline_miou']:.2f} | {search['tuned_miou']:.2f} "
-            f"| {search['tuned_miou'] - search['baseline_miou']:+.2f} |"]
+    """Where each figure comes from and what it decided, candidate against the original."""
+    held, search, shipping = report["held_out"], report["search"], report["shipping"]
+    shipped = (f"`{shipping['encoder']}` ({shipping['candidate_pairs']} pair(s))" if shipping["shipped"] == "tuned"
+               else f"the original encoder, `{shipping['encoder']}`")
+    kept = ("" if shipping["shipped"] == "tuned" or not shipping["candidate_files"] else
+            f" The candidate is kept as `{shipping['candidate_files'][0]}` and "
+            f"`{shipping['candidate_files'][1]}` (`--ship-anyway` ships it).")
+    lines = [f"**Shipped:** {shipped}.{kept}", "",
+             "| images | role | change (mIoU) | 90% CI | better / worse |", "|---|---|---:|---|---|",
+             f"| search ({search['images']}) | chose the pairs | "
+             f"{search['tuned_miou'] - search['baseline_miou']:+.2f} | - | - |"]
     if held is None:
-        estimate = report["estimate"]
-        low, high = estimate["gain_interval_90"]
-        return rows + ["", f"No held-out split. {estimate['basis'].capitalize()} estimate of the gain on unseen "
-                       f"images: {estimate['gain']:+.2f} mIoU (90% CI [{low:+.2f}, {high:+.2f}]). Each image is "
-                       "scored with a map chosen without it; screening and racing saw every image, so the "
-                       "estimate leans optimistic. Keep images back (`--holdout-images`) for a firmer figure."]
-    low, high = held["gain_interval_90"]
-    return rows + [f"| held-out | {held['images']} | {held['baseline_miou']:.2f} | {held['tuned_miou']:.2f} "
-                   f"| {held['gain']:+.2f} (90% CI [{low:+.2f}, {high:+.2f}]) |", "",
-                   f"Held-out images improved / unchanged / worse: {held['improved']} / {held['unchanged']} / "
-                   f"{held['worse']}."]
+        return lines + [_gain_row("search, cross-validated", "decided what ships; leans optimistic (screening saw "
+                                  "every image)", shipping["decided_on"]), "",
+                        "No held-out split: keep images back (`--holdout-images`) for a figure that took no part "
+                        "in any choice."]
+    return lines + [
+        _gain_row("held-out, validation part", "decided what ships", shipping["decided_on"]),
+        _gain_row("held-out, test part", "decided nothing: the figure to quote", shipping["reported"]),
+        _gain_row("held-out, all", "both parts", None if shipping["decided_on"] is None else held),
+        "", f"Held-out mIoU, original -> candidate: {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f}."]
 
 
 def _miou(value: float | None) -> str:
@@ -122,10 +121,12 @@ def markdown(report: dict[str, Any]) -> str:
            if settings.get("evidence", "given") == "points" else "")
         + (f"; {len(report['data']['skipped'])} skipped" if report["data"]["skipped"] else ""),
         f"- Site: `{report['site']['name']}` ({report['site']['channels']} channels); strategy "
-        f"`{settings['strategy']}`" + (f" ({settings['selection']} selection)" if settings["strategy"] == "fast" else "")
+        f"`{settings['strategy']}` ({settings['selection']} selection)"
         + f", top N = {settings['top_n']}, {search['pairs_scored']} pairs ranked on all search images "
         f"(targets `{settings['targets']}`, sources `{settings['sources']}`)",
-        f"- Chosen pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}",
+        f"- Candidate pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}"
+        + (f" (the search's own choice: {search['search_choice_pairs']} pair(s))"
+           if settings["selection"] == "validated" else ""),
         "",
         *_estimate_lines(report),
         "",

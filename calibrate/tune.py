@@ -29,12 +29,13 @@ from calibrate.activations import encode
 from calibrate.data import MASK_RULE, CalibrationSet, Sample, load_calibration
 from calibrate.evaluator import EMBEDDING_INPUT, MaskEvaluator
 from calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
-from calibrate.fast import SELECTIONS, FastPlan, fast
+from calibrate.fast import FastPlan, fast
 from calibrate.journal import Journal
-from calibrate.metrics import bootstrap_interval
-from calibrate.report import markdown, overlay, plot_curve, verdict
+from calibrate.report import markdown, overlay, plot_curve
 from calibrate.salience import channel_salience
 from calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, planned_subsets
+from calibrate.shipping import SELECTIONS as SHIP_SELECTIONS
+from calibrate.shipping import Decision, Gain, decide_on_cross_validation, decide_on_held_out, held_out_parts
 from calibrate.suffix import SuffixEmbedder
 from exporter.errors import SamReuseError
 from exporter.files import ensure_writable_dir, staged_outputs, write_json
@@ -45,7 +46,14 @@ from graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
 from graphops.rewrites import apply_reuse_map
 from graphops.sites import Site, find_sites
 
-REPORT_FORMAT = "sam-reuse/report@1"
+REPORT_FORMAT = "sam-reuse/report@2"
+# What tune publishes: the encoder and map under these names when they ship, under the others when the evidence
+# kept them back. A tune replaces every output of an earlier tune in the folder, engines of the tuned encoder
+# included, so a stale tuned encoder can never sit beside a run that shipped the original.
+SHIPPED_OUTPUTS = ("encoder.tuned.onnx", "reuse_map.json")
+NOT_SHIPPED_OUTPUTS = ("encoder.tuned.not-shipped.onnx", "reuse_map.not-shipped.json")
+TUNE_OUTPUTS = ("encoder.tuned.*", "reuse_map*.json", "report.json", "report.md", "miou_vs_pairs.png",
+                "overlay-*.png")
 STRATEGIES = ("fast", "exhaustive")
 JOURNAL = "search.jsonl"
 CHECK_TOLERANCE = 1e-4
@@ -61,7 +69,10 @@ class TuneSettings:
 
     site: str = "embedding"
     strategy: str = "fast"
-    selection: str = "guarded"  # fast strategy: "guarded" prefix of the greedy path, or the "naive" whole path
+    # The candidate map: "validated" (chosen along the search's curve on the held-out validation part), or the
+    # search's own choice, the "guarded" prefix of the greedy path or the "naive" whole path. See calibrate.shipping.
+    selection: str = "validated"
+    ship_anyway: bool = False  # ship the candidate even when the evidence does not show an improvement
     top_n: int = 10
     targets: str | None = None  # None: "all" at the embedding, "unsalient:64" inside the encoder
     sources: str | None = None  # None: "all" at the embedding, "salient:64" inside the encoder
@@ -80,9 +91,10 @@ class TuneSettings:
 
 @dataclass
 class TuneResult:
-    reuse_map: ReuseMap
+    reuse_map: ReuseMap  # the candidate's map (empty when there is none); shipped only if decision says so
     report: dict[str, Any]
     out_dir: Path
+    decision: Decision
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -159,8 +171,8 @@ def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str) -> Site:
 def _check_settings(settings: TuneSettings) -> None:
     if settings.strategy not in STRATEGIES:
         raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
-    if settings.selection not in SELECTIONS:
-        raise SamReuseError(f"unknown selection '{settings.selection}' (choose from {', '.join(SELECTIONS)})")
+    if settings.selection not in SHIP_SELECTIONS:
+        raise SamReuseError(f"unknown selection '{settings.selection}' (choose from {', '.join(SHIP_SELECTIONS)})")
     if settings.evidence is not None and settings.evidence not in EVIDENCE:
         raise SamReuseError(f"unknown evidence '{settings.evidence}' (choose from {', '.join(EVIDENCE)})")
     if settings.top_n < 1:
@@ -208,26 +220,27 @@ def _curve_point(result: SearchResult, size: int, held_out: np.ndarray | None) -
 
 
 def _held_out_curve(result: SearchResult, held_eval: MaskEvaluator
-                    ) -> tuple[list[dict[str, Any]], dict[int, np.ndarray], dict[int, list[np.ndarray]]]:
+                    ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """Search and held-out mIoU of each map of ``result.curve`` (size 0: the original model).
 
-    Also returns the held-out logits of the original and the chosen map, which the overlays draw.
+    Also returns each map's per-image held-out IoUs, which the shipping rule reads.
     """
-    curve, held_by_size, logits_kept = [], {}, {}
+    curve, held_ious = [], []
     for size, subset in enumerate(result.curve):
-        logits = held_eval.low_res_logits(reuse_index(held_eval.channels, subset))
-        held_by_size[size] = held_eval.ious_of(logits)
-        if size in (0, len(result.best)):
-            logits_kept[size] = logits
-        curve.append(_curve_point(result, size, held_by_size[size]))
-    return curve, held_by_size, logits_kept
+        held_ious.append(held_eval.ious(reuse_index(held_eval.channels, subset)))
+        curve.append({**_curve_point(result, size, held_ious[-1]),
+                      "held_out_per_image": [float(v * 100) for v in held_ious[-1]]})
+    return curve, held_ious
 
 
-def _write_overlays(held_eval: MaskEvaluator, chosen: list[tuple[Sample, int]], before: list[np.ndarray],
-                    after: list[np.ndarray], before_ious: np.ndarray, after_ious: np.ndarray, folder: Path) -> None:
-    for sample, i in chosen:
-        overlay(sample.record.image, sample.mask, held_eval.predicted_mask(before[i], i),
-                held_eval.predicted_mask(after[i], i), before_ious[i] * 100, after_ious[i] * 100,
+def _write_overlays(held_eval: MaskEvaluator, rows: list[int], index: np.ndarray, before_ious: np.ndarray,
+                    after_ious: np.ndarray, folder: Path) -> None:
+    """Ground truth / original / tuned masks of the held-out images at ``rows``."""
+    before, after = held_eval.low_res_logits(None, rows), held_eval.low_res_logits(index, rows)
+    for i, logits_before, logits_after in zip(rows, before, after):
+        sample = held_eval.samples[i]
+        overlay(sample.record.image, sample.mask, held_eval.predicted_mask(logits_before, i),
+                held_eval.predicted_mask(logits_after, i), before_ious[i] * 100, after_ious[i] * 100,
                 folder / f"overlay-{sample.key}.png")
 
 
@@ -302,7 +315,8 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                     f"each scored on {images} search images" + (f" x {per_image} prompts" if per_image > 1 else ""))
         print(f"{settings.strategy} search: {work} ({len(journal.entries):,} units already in {JOURNAL})")
     if settings.strategy == "fast":
-        result = fast(search_scorer.ious, site.channels, targets, sources, journal, images, plan, settings.selection,
+        search_selection = "guarded" if settings.selection == "validated" else settings.selection
+        result = fast(search_scorer.ious, site.channels, targets, sources, journal, images, plan, search_selection,
                       cv_folds=0 if calibration.held_out else settings.cv_folds, progress=settings.progress)
     else:
         result = exhaustive(search_scorer.ious, site.channels, pairs, settings.top_n, journal, images,
@@ -310,26 +324,30 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     wall["search"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    reuse = SiteReuse(tensor=site.tensor, axis=site.axis, channels=site.channels, pairs=tuple(result.best))
-    reuse_map = ReuseMap(model_fingerprint=encoder_fp, sites={settings.site: reuse},
-                         meta={"strategy": settings.strategy, "data": str(data),
-                               "search_images": [s.key for s in calibration.search]})
-    tuned_model, applied = apply_reuse_map(encoder_model, reuse_map)
     keys = [s.key for s in calibration.held_out]
     if calibration.held_out:
-        curve, held_by_size, held_logits = _held_out_curve(result, held_eval)
-        held_base, held_tuned = held_by_size[0], held_by_size[len(result.best)]
-        gains = (held_tuned - held_base) * 100
-        interval = bootstrap_interval(gains)
-        basis = "held-out"
-        check_samples, check_eval, check_stride = calibration.held_out, held_eval, 1
-    else:  # the user keeps no images back: judge by the cross-validated estimate instead
+        curve, held_by_size = _held_out_curve(result, held_eval)
+        decision = decide_on_held_out(held_by_size, len(result.best),
+                                      settings.selection, settings.ship_anyway, _empty_reason(result))
+    else:  # the user keeps no images back: the cross-validated estimate decides
         curve = [_curve_point(result, size, None) for size in range(len(result.curve))]
         estimate = result.details["cross_validation"]
-        gains, interval = np.asarray(estimate["per_image_gain"]), tuple(estimate["gain_interval_90"])
-        basis = f"cross-validated ({estimate['folds']} folds of the search split, no held-out split)"
+        decision = decide_on_cross_validation(np.asarray(estimate["per_image_gain"]), len(result.best),
+                                              estimate["folds"], settings.ship_anyway, _empty_reason(result))
+    candidate = result.curve[decision.candidate]
+    reuse = SiteReuse(tensor=site.tensor, axis=site.axis, channels=site.channels, pairs=tuple(candidate))
+    reuse_map = ReuseMap(model_fingerprint=encoder_fp, sites={settings.site: reuse},
+                         meta={"strategy": settings.strategy, "data": str(data),
+                               "search_images": [s.key for s in calibration.search],
+                               "shipped": decision.ship_tuned})
+    tuned_model, applied = apply_reuse_map(encoder_model, reuse_map)
+    if calibration.held_out:
+        held_base, held_tuned = held_by_size[0], held_by_size[decision.candidate]
+        gains = (held_tuned - held_base) * 100
+        check_samples, check_eval, check_stride = calibration.held_out, held_eval, 1
+    else:
+        gains = np.asarray(result.details["cross_validation"]["per_image_gain"])
         check_samples, check_eval, check_stride = calibration.search, search_eval, per_image
-    conclusion = verdict(len(result.best), float(gains.mean()), interval, basis, _empty_reason(result))
     check_sample = int(np.argmax(np.abs(gains))) if len(gains) else 0
     max_diff = _check_tuned_encoder(tuned_model, check_samples[check_sample],
                                     _searched_embedding(check_eval, check_sample * check_stride, reuse.index()))
@@ -338,11 +356,18 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                             f"on {check_samples[check_sample].key}: the rewrite is not exact")
     wall["held_out"] = time.perf_counter() - mark
 
-    chosen = _choose_overlays(keys, gains, settings.overlays) if calibration.held_out else []
+    shipped_names = SHIPPED_OUTPUTS if decision.ship_tuned else NOT_SHIPPED_OUTPUTS
+    chosen = _choose_overlays(keys, gains, settings.overlays) if calibration.held_out and decision.candidate else []
+    reported = decision.reported
     report = {
         "format": REPORT_FORMAT,
-        "verdict": conclusion,
-        "estimate": {"basis": basis, "gain": float(gains.mean()), "gain_interval_90": list(interval)},
+        "verdict": decision.verdict,
+        "shipping": {**decision.to_json(), "encoder": shipped_names[0] if decision.ship_tuned else str(encoder),
+                     "candidate_files": list(shipped_names) if decision.candidate else []},
+        "estimate": None if reported is None else {
+            "basis": ("test part of the held-out split (decided nothing)" if calibration.held_out
+                      else decision.basis),
+            "gain": reported.gain, "gain_interval_90": list(reported.interval)},
         "model": {"encoder": str(encoder), "decoder": str(decoder), "encoder_fingerprint": encoder_fp,
                   "decoder_fingerprint": decoder_fp},
         "data": {"source": str(data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
@@ -350,18 +375,19 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         "settings": {**asdict(settings), "targets": target_spec, "sources": source_spec, "evidence": evidence},
         "site": {"name": settings.site, "tensor": site.tensor, "axis": site.axis, "channels": site.channels},
         "search": {"images": len(calibration.search), "baseline_miou": _pct(result.baseline),
-                   "tuned_miou": _pct(result.ious_of(result.best)), "pairs_scored": len(result.pair_scores),
+                   "tuned_miou": _pct(result.ious_of(candidate)), "pairs_scored": len(result.pair_scores),
+                   "search_choice_pairs": len(result.best),
                    "targets": targets, "sources": sources,
                    "top_pairs": [[t, s, d * 100] for (t, s), d in result.pair_scores[:20]],
                    "candidates": [list(p) for p in result.candidates], "subsets": len(result.subsets),
                    "salience": [float(v) for v in salience]},
         "held_out": None if not calibration.held_out else {
             "images": len(keys), "baseline_miou": _pct(held_base), "tuned_miou": _pct(held_tuned),
-            "gain": float(gains.mean()), "gain_interval_90": list(interval),
-            "improved": int((gains > 0).sum()), "unchanged": int((gains == 0).sum()), "worse": int((gains < 0).sum()),
+            **{k: v for k, v in Gain.of(gains).to_json().items() if k != "images"},
             "per_image": [{"key": k, "baseline": float(b * 100), "tuned": float(t * 100)}
                           for k, b, t in zip(keys, held_base, held_tuned)],
-            "verdict": conclusion},
+            "validation_keys": [keys[i] for i in held_out_parts(len(keys))[0]],
+            "test_keys": [keys[i] for i in held_out_parts(len(keys))[1]]},
         "curve": curve,
         "strategy_details": result.details,
         "reuse_map": reuse_map.to_json(),
@@ -374,18 +400,17 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                  "encoded_images": len(calibration.search) + len(calibration.held_out),
                  "wall_s": wall},
     }
-    overlays = [(calibration.held_out[i], i) for i in chosen]
-    with staged_outputs(out_dir) as staging:
-        onnx.save(tuned_model, str(staging / "encoder.tuned.onnx"))
-        reuse_map.save(staging / "reuse_map.json")
-        plot_curve(curve, len(result.best), staging / "miou_vs_pairs.png")
-        if overlays:
-            _write_overlays(held_eval, overlays, held_logits[0], held_logits[len(result.best)], held_base,
-                            held_tuned, staging)
+    with staged_outputs(out_dir, replacing=TUNE_OUTPUTS) as staging:
+        if decision.candidate:
+            onnx.save(tuned_model, str(staging / shipped_names[0]))
+            reuse_map.save(staging / shipped_names[1])
+        plot_curve(curve, decision.candidate, staging / "miou_vs_pairs.png")
+        if chosen:
+            _write_overlays(held_eval, chosen, reuse.index(), held_base, held_tuned, staging)
         wall["total"] = time.perf_counter() - started
         write_json(staging / "report.json", report)
         (staging / "report.md").write_text(markdown(report))
-    return TuneResult(reuse_map=reuse_map, report=report, out_dir=out_dir)
+    return TuneResult(reuse_map=reuse_map, report=report, out_dir=out_dir, decision=decision)
 
 
 @dataclass

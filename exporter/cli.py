@@ -39,7 +39,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -> None:
     from calibrate.data import DEFAULT_MIN_IMAGES, PROMPT_MODES
     from calibrate.evidence import EVIDENCE
-    from calibrate.fast import SELECTIONS
+    from calibrate.shipping import SELECTIONS
     from calibrate.tune import STRATEGIES, TuneSettings
 
     defaults = TuneSettings()
@@ -62,8 +62,12 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
                         help="fast: ablation screening, racing and a greedy path, minutes (default); exhaustive: "
                              "the reference method, every pair then 2^N-1 subsets, hours unless restricted")
     search.add_argument("--selection", default=defaults.selection, choices=SELECTIONS,
-                        help="fast strategy: guarded keeps the greedy-path prefix with the best lower 90%% bound "
-                             "of per-image gain (default); naive keeps the whole path")
+                        help="the candidate map: validated = the map along the search's curve with the best lower "
+                             "90%% bound of per-image gain on the held-out validation part (default); guarded = "
+                             "the greedy-path prefix with the best bound on the search split; naive = the whole "
+                             "path. It ships only if its validation bound is above 0 (see README, 'What ships')")
+    search.add_argument("--ship-anyway", action="store_true",
+                        help="ship the candidate even when the evidence shows no improvement (exit status 0)")
     search.add_argument("--evidence", default=defaults.evidence, choices=sorted(EVIDENCE),
                         help="prompts per search image: points (its own prompt plus 2 points spread over the "
                              "mask, IoU averaged: 3x the decoder runs; default at the embedding) or given (its own "
@@ -91,7 +95,8 @@ def _add_tune_args(parser: argparse.ArgumentParser, data_default: Path | None) -
 def _tune_settings(args: argparse.Namespace):
     from calibrate.tune import TuneSettings
 
-    return TuneSettings(site=args.site, evidence=args.evidence, strategy=args.strategy, selection=args.selection, cv_folds=args.cv_folds,
+    return TuneSettings(site=args.site, evidence=args.evidence, strategy=args.strategy, selection=args.selection,
+                        ship_anyway=args.ship_anyway, cv_folds=args.cv_folds,
                         top_n=args.top_pairs, targets=args.targets, sources=args.sources,
                         prompt=args.prompt, masks=str(args.masks) if args.masks else None,
                         search_images=args.search_images, holdout_images=args.holdout_images,
@@ -252,29 +257,40 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict) -> None:
-    search, held = report["search"], report["held_out"]
+    search, held, shipping = report["search"], report["held_out"], report["shipping"]
     pairs = report["reuse_map"]["sites"][report["site"]["name"]]["pairs"]
-    print(f"pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}")
+    print(f"candidate pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}")
     print(f"search split   ({search['images']} images): mIoU {search['baseline_miou']:.2f} -> {search['tuned_miou']:.2f}")
     if held:
-        low, high = held["gain_interval_90"]
-        print(f"held-out split ({held['images']} images): mIoU {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f} "
-              f"({held['gain']:+.2f}, 90% CI [{low:+.2f}, {high:+.2f}])")
+        print(f"held-out split ({held['images']} images): mIoU {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f}")
+    if held and shipping["reported"]:
+        low, high = shipping["reported"]["gain_interval_90"]
+        print(f"held-out test part ({shipping['reported']['images']} images, decided nothing): "
+              f"{shipping['reported']['gain']:+.2f} mIoU, 90% CI [{low:+.2f}, {high:+.2f}]")
     print(f"verdict: {report['verdict']}")
 
 
-def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace) -> int:
+def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace) -> tuple[int, Path]:
+    """Tune; returns the exit status (0: the tuned encoder ships, 3: the original) and the shipped encoder."""
     from calibrate.tune import tune
 
     result = tune(encoder, decoder, args.data, out, _tune_settings(args))
     _print_report(result.report)
-    print(f"wrote {out}/encoder.tuned.onnx, reuse_map.json, report.md, report.json, miou_vs_pairs.png")
-    return 0
+    shipping = result.report["shipping"]
+    written = ", ".join(shipping["candidate_files"] + ["report.md", "report.json", "miou_vs_pairs.png"])
+    print(f"wrote {out}: {written}")
+    shipped = out / shipping["encoder"] if result.decision.ship_tuned else encoder
+    if result.decision.ship_tuned:
+        print(f"shipped: {shipped} (exit status 0)")
+    else:
+        print(f"shipped: the original encoder {shipped} (exit status {result.decision.exit_status}: no tuned model "
+              f"ships{'; --ship-anyway ships the candidate' if shipping['candidate_files'] else ''})")
+    return result.decision.exit_status, shipped
 
 
 def _tune(args: argparse.Namespace) -> int:
     return _tune_into(args.out, args.encoder or args.out / "encoder.onnx", args.decoder or args.out / "decoder.onnx",
-                      args)
+                      args)[0]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -325,10 +341,10 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _export_and_report(args, reuse=True)
     precisions = _engine_precisions(args.engines)
-    _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
+    status, shipped = _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
     if precisions:
-        _deployment_engines(args.out, precisions)
-    return 0
+        _deployment_engines(shipped, args.out / "decoder.onnx", precisions)
+    return status
 
 
 def _engine_precisions(text: str) -> tuple[str, ...]:
@@ -350,15 +366,15 @@ def _print_engine(sidecar: dict, path: Path) -> None:
           f"{sidecar['engine_bytes'] / 1e6:.1f} MB, {sidecar['build_s']:.1f} s; {shapes}) and {path}.json")
 
 
-def _deployment_engines(out: Path, precisions: tuple[str, ...]) -> None:
+def _deployment_engines(encoder: Path, decoder: Path, precisions: tuple[str, ...]) -> None:
     from exporter.engine import ENABLE_HINT, build_deployment_engines, load_backend
 
     try:
         backend = load_backend()
     except SamReuseError:
-        print(f"engines skipped: {ENABLE_HINT}. The ONNX models in {out} are complete without them.")
+        print(f"engines skipped: {ENABLE_HINT}. The ONNX models in {decoder.parent} are complete without them.")
         return
-    for path, sidecar in build_deployment_engines(out, precisions, backend):
+    for path, sidecar in build_deployment_engines((encoder, decoder), precisions, backend):
         _print_engine(sidecar, path)
 
 

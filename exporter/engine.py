@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -231,17 +231,16 @@ def engine_name(onnx_path: str | Path, precision: str) -> Path:
     return onnx_path.with_name(f"{onnx_path.name.removesuffix('.onnx')}.{precision}.engine")
 
 
-def build_deployment_engines(out_dir: str | Path, precisions: tuple[str, ...] = PRECISIONS,
+def build_deployment_engines(models: Sequence[str | Path], precisions: tuple[str, ...] = PRECISIONS,
                              backend: Backend | None = None) -> list[tuple[Path, dict[str, Any]]]:
-    """Engines of what ``tune`` ships - ``encoder.tuned.onnx`` and ``decoder.onnx`` - at each precision.
+    """Engines of what ``tune`` ships (the shipped encoder and the decoder) at each precision, beside each model.
 
     Returns (engine path, sidecar) per engine.
     """
-    out_dir = Path(out_dir)
     backend = backend or load_backend()
     built = []
     for precision in precisions:
-        for name in ("encoder.tuned.onnx", "decoder.onnx"):
-            path = engine_name(out_dir / name, precision)
-            built.append((path, build_engine(out_dir / name, path, precision, backend=backend)))
+        for model in map(Path, models):
+            path = engine_name(model, precision)
+            built.append((path, build_engine(model, path, precision, backend=backend)))
     return built

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from exporter.errors import SamReuseError
 
@@ -68,7 +68,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
+def staged_outputs(out_dir: str | os.PathLike, replacing: Sequence[str] = ()) -> Iterator[Path]:
     """Collect a stage's outputs in a hidden staging directory, then publish them together.
 
     Files written under the yielded directory are moved into ``out_dir`` only
@@ -76,6 +76,10 @@ def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
     and ``out_dir`` is left exactly as it was (and removed if this call created
     it and it is still empty). Multi-file results (an ONNX model with external
     data, a model plus its sidecar) therefore appear all at once or not at all.
+
+    ``replacing``: glob patterns of the files an earlier run of the same stage
+    wrote. Those this run does not write again are removed just before the new
+    set is published, so no stale output survives beside it.
     """
     out_dir = Path(out_dir)
     created = not out_dir.exists()
@@ -83,6 +87,11 @@ def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
     try:
         yield staging
+        fresh = {item.name for item in staging.iterdir()}
+        for pattern in replacing:
+            for stale in out_dir.glob(pattern):
+                if stale.name not in fresh and stale.is_file():
+                    stale.unlink()
         for item in sorted(staging.iterdir()):
             os.replace(item, out_dir / item.name)
     except BaseException:

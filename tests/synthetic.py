@@ -129,8 +129,12 @@ def write_models(folder: Path, slow: int = 0) -> tuple[Path, Path]:
     return folder / "encoder.onnx", folder / "decoder.onnx"
 
 
-def write_dataset(folder: Path, count: int, seed: int = 0) -> Path:
-    """``count`` disc images with masks and a manifest (centre point prompts)."""
+def write_dataset(folder: Path, count: int, seed: int = 0, background_from: int | None = None) -> Path:
+    """``count`` disc images with masks and a manifest (centre point prompts).
+
+    From record ``background_from`` on, the mask is the background instead of the disc: a domain shift under
+    which the planted pair, which helps every disc record, is harmful and the original model is right.
+    """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[:IMAGE_SIDE, :IMAGE_SIDE]
@@ -143,7 +147,8 @@ def write_dataset(folder: Path, count: int, seed: int = 0) -> Path:
         image[..., 1] = 200
         image[disc] = (220, 30, 40)
         Image.fromarray(image).save(folder / f"img{i:02d}.png")
-        Image.fromarray((disc * 255).astype(np.uint8)).save(folder / f"img{i:02d}_mask.png")
+        mask = ~disc if background_from is not None and i >= background_from else disc
+        Image.fromarray((mask * 255).astype(np.uint8)).save(folder / f"img{i:02d}_mask.png")
         lines.append(json.dumps({"image": f"img{i:02d}.png", "mask": f"img{i:02d}_mask.png",
                                  "points": [[int(cx), int(cy)]], "labels": [1]}))
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")

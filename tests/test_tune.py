@@ -58,7 +58,8 @@ def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path, s
     report = json.loads((tmp_path / "report.json").read_text())
     held = report["held_out"]
     assert held["images"] == 6 and held["baseline_miou"] < 5 and held["tuned_miou"] > 90
-    assert held["gain_interval_90"][0] > 50 and held["verdict"].startswith("improvement")
+    assert held["gain_interval_90"][0] > 50 and report["verdict"].startswith("improvement")
+    assert report["shipping"]["shipped"] == "tuned" and result.decision.exit_status == 0
     assert report["search"]["candidates"][0] == [synthetic.TARGET, synthetic.HELPER]
     assert report["cost"]["decoder_evaluations"]["search"] == units * 6
     assert _journal_entries(tmp_path / "search.jsonl") == units
@@ -104,7 +105,7 @@ def test_tune_inside_the_encoder_finds_the_planted_hidden_pair_and_prunes_it(tas
     assert (report["settings"]["targets"], report["settings"]["sources"]) == ("unsalient:8", "salient:8")
     assert report["site"]["tensor"] == "hidden" and report["strategy_details"]["plan"]["race_images"] == 8
     held = report["held_out"]
-    assert held["baseline_miou"] < 5 and held["tuned_miou"] > 80 and held["verdict"].startswith("improvement")
+    assert held["baseline_miou"] < 5 and held["tuned_miou"] > 80 and report["verdict"].startswith("improvement")
     # Pruned: the replaced hidden channel is gone from both linear layers, and the output is unchanged.
     assert report["tuned_encoder_check"] == {"image": report["tuned_encoder_check"]["image"], "max_abs_diff": 0.0,
                                              "rewrite": "mlp.0: prune"}
@@ -124,10 +125,11 @@ def test_unknown_site_is_an_error_naming_the_sites_there(task, tmp_path):
 def test_restricted_pair_space_without_the_helper_finds_nothing(task, tmp_path):
     result = tune(task["encoder"], task["decoder"], task["data"], tmp_path,
                   _settings(task, sources="0-4,6-7", overlays=0))
-    assert result.reuse_map.num_pairs == 0
+    assert result.reuse_map.num_pairs == 0 and result.decision.exit_status == 3
     assert result.report["held_out"]["gain"] == 0.0
-    assert "tuned model is the original" in result.report["held_out"]["verdict"]
-    onnx.checker.check_model(str(tmp_path / "encoder.tuned.onnx"))
+    assert result.report["verdict"] == "no pair improved the search split: the original encoder ships"
+    assert result.report["shipping"]["encoder"] == str(task["encoder"])
+    assert not list(tmp_path.glob("encoder.tuned*")) and not list(tmp_path.glob("reuse_map*"))
 
 
 def test_without_a_held_out_split_the_report_gives_a_cross_validated_estimate(task, tmp_path, capsys):
@@ -138,7 +140,7 @@ def test_without_a_held_out_split_the_report_gives_a_cross_validated_estimate(ta
     assert report["held_out"] is None and report["overlays"] == []
     cv = report["strategy_details"]["cross_validation"]
     assert cv["folds"] == 3 and len(cv["per_image_gain"]) == 12 and cv["fold_maps"] == [[[2, 5]]] * 3
-    assert report["estimate"]["basis"].startswith("cross-validated (3 folds")
+    assert report["estimate"]["basis"].startswith("cross-validated estimate (3 folds")
     assert report["estimate"]["gain_interval_90"][0] > 50 and report["verdict"].startswith("improvement: cross")
     assert "No held-out split" in (tmp_path / "report.md").read_text()
     assert all(p["held_out_miou"] is None for p in report["curve"])
@@ -237,19 +239,22 @@ def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsy
     argv = ["--model-type", "test_vit_t", "--out", str(out), "--data", str(SAMPLES), "--search-images", "2",
             "--holdout-images", "2", "--targets", "0-2", "--sources", "3-4", "--top-pairs", "2", "--overlays", "1",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--verify-images", "1"]
-    assert main(argv) == 0
+    status = main(argv)
     first = capsys.readouterr().out
     assert "parity vs torch" in first and "verdict:" in first
-    for name in ["encoder.onnx", "decoder.onnx", "export.json", *OUTPUTS]:
-        assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
+    assert status == report["shipping"]["exit_status"] == (0 if report["shipping"]["shipped"] == "tuned" else 3)
+    for name in ["encoder.onnx", "decoder.onnx", "export.json", *report["shipping"]["candidate_files"], *OUTPUTS[2:]]:
+        assert (out / name).exists(), name
     assert report["search"]["pairs_scored"] == 6 and report["held_out"]["images"] == 2
-    if "engines skipped" not in first:  # TensorRT(-RTX) installed: the deployable engines come with the ONNX
-        for name in ("encoder.tuned", "decoder"):
+    if "engines skipped" not in first:  # TensorRT(-RTX) installed: engines of what ships come with the ONNX
+        shipped = "encoder.tuned" if status == 0 else "encoder"
+        assert not list(out.glob(f"{'encoder' if status == 0 else 'encoder.tuned'}.fp*.engine"))
+        for name in (shipped, "decoder"):
             for precision in ("fp32", "fp16"):
                 assert (out / f"{name}.{precision}.engine").stat().st_size > 0
                 assert json.loads((out / f"{name}.{precision}.engine.json").read_text())["precision"] == precision
-    assert main(argv) == 0
+    assert main(argv) == status
     second = capsys.readouterr().out
     assert "reusing the verified export" in second
     reused = json.loads((out / "report.json").read_text())["cost"]["maps_reused_from_journal"]

@@ -1,0 +1,156 @@
+"""Does the shipped model ever make held-out images worse? The shipping rule against the search's own choice.
+
+Usage:
+    python benchmarks/do_no_harm.py EXPORT_DIR [--sets isic2016 kvasir-seg camo]
+        [--splits pc1-low pc1-high fixed] [--evidence given] [--jobs 2] [--work out/shift]
+
+EXPORT_DIR is an `export-and-tune export --model-type vit_t` output. Each
+split (``shift_splits.py``: ``fixed``, ``random-<seed>``, and the shift
+splits ``pc1-low``/``pc1-high``, whose halves lie on either side of the
+median of the set's first principal component of image embeddings) is tuned
+once with the default fast search, 50 search / 50 held-out images. One search
+serves both arms, which differ only in what ships:
+
+* ``search choice, always shipped`` (the default before the shipping rule):
+  the guarded prefix of the greedy path, judged on the search split only,
+  and always published;
+* ``validated, shipping rule`` (the default now): the prefix with the best
+  lower 90% bound on the held-out validation part (even positions), shipped
+  only when that bound is above 0, otherwise the original.
+
+Both arms are scored on the held-out test part (odd positions), which decided
+nothing in either arm, and, for reference, on all 50 held-out images (the
+validation part there flatters the new arm). Per split: search gain, held-out
+gains with 90% bootstrap intervals, shipped or not, and the paired difference
+between the arms. Searches are journaled in WORK/runs, so an interrupted
+benchmark resumes.
+
+Writes benchmarks/results/do_no_harm-<evidence>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
+from calibrate.shipping import held_out_parts
+from calibrate.tune import TuneSettings, tune
+from exporter.files import write_json
+from shift_splits import SHIFT_SPLITS, pooled_embeddings, write_split
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results"
+ARMS = ("search choice, always shipped", "validated, shipping rule")
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    return list(bootstrap_interval(values))
+
+
+def _arm(gains: np.ndarray, shipped: bool, test: np.ndarray) -> dict:
+    """Held-out gains of what an arm ships (zero where it ships the original)."""
+    gains = gains if shipped else np.zeros_like(gains)
+    return {"shipped": shipped, "test_gain": float(gains[test].mean()), "test_interval_90": _interval(gains[test]),
+            "all_gain": float(gains.mean()), "all_interval_90": _interval(gains),
+            "test_per_image": gains[test].tolist()}
+
+
+def summarise(report: dict) -> dict:
+    """Both arms of one split, read off a tune report (its curve holds every prefix's held-out IoUs)."""
+    curve = report["curve"]
+    baseline = np.asarray(curve[0]["held_out_per_image"])
+    _, test = held_out_parts(len(baseline))
+    search_choice = report["search"]["search_choice_pairs"]
+    shipping = report["shipping"]
+    old = np.asarray(curve[search_choice]["held_out_per_image"]) - baseline
+    new = np.asarray(curve[shipping["candidate_pairs"]]["held_out_per_image"]) - baseline
+    arms = {ARMS[0]: {"pairs": search_choice, **_arm(old, search_choice > 0, test)},
+            ARMS[1]: {"pairs": shipping["candidate_pairs"], **_arm(new, shipping["shipped"] == "tuned", test),
+                      "verdict": report["verdict"]}}
+    difference = np.asarray(arms[ARMS[1]]["test_per_image"]) - np.asarray(arms[ARMS[0]]["test_per_image"])
+    return {"search_gain": curve[search_choice]["search_miou"] - curve[0]["search_miou"],
+            "held_out_baseline_miou": float(baseline.mean()), "path_length": len(curve) - 1,
+            "held_out_gain_by_pairs": [p["held_out_miou"] - curve[0]["held_out_miou"] for p in curve],
+            "arms": arms, "new_minus_old_test": float(difference.mean()),
+            "new_minus_old_test_interval_90": _interval(difference),
+            "search_decoder_runs": report["cost"]["decoder_evaluations"]["search"]}
+
+
+def run_split(export: Path, work: Path, name: str, split: str, evidence: str) -> dict:
+    source = SHARED / name
+    features = pooled_embeddings(export / "encoder.onnx", source) if split in SHIFT_SPLITS else None
+    data = work / "data" / f"{name}-{split}"
+    write_split(source, split, data, features)
+    settings = TuneSettings(evidence=evidence, search_images=50, holdout_images=50, progress=False)
+    report = tune(export / "encoder.onnx", export / "decoder.onnx", data,
+                  work / "runs" / f"{name}-{split}-{evidence}", settings).report
+    return {"set": name, "split": split, **summarise(report)}
+
+
+def _fmt(gain: float, interval: list[float]) -> str:
+    return f"{gain:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
+def markdown(rows: list[dict], evidence: str) -> str:
+    lines = [f"# Shipping rule against the search's own choice (evidence: {evidence})", "",
+             "Held-out test part = the 25 odd-position held-out images (decided nothing in either arm); "
+             "all = the 50 held-out images. Gains in mIoU points, 90% paired bootstrap intervals; an arm that "
+             "ships the original scores 0.", "",
+             "| set | split | search gain | search choice: pairs, test gain, all gain | validated: pairs, shipped, "
+             "test gain, all gain | new - old on test |", "|---|---|---:|---|---|---|"]
+    for r in rows:
+        old, new = r["arms"][ARMS[0]], r["arms"][ARMS[1]]
+        lines.append(f"| {r['set']} | {r['split']} | {r['search_gain']:+.2f} | {old['pairs']}, "
+                     f"{_fmt(old['test_gain'], old['test_interval_90'])}, {_fmt(old['all_gain'], old['all_interval_90'])} "
+                     f"| {new['pairs']}, {'yes' if new['shipped'] else 'no'}, "
+                     f"{_fmt(new['test_gain'], new['test_interval_90'])}, {_fmt(new['all_gain'], new['all_interval_90'])} "
+                     f"| {_fmt(r['new_minus_old_test'], r['new_minus_old_test_interval_90'])} |")
+    lines += ["", "| splits | arm | mean test gain [90% CI, images resampled per split] | mean all gain | "
+              "splits significantly negative (test / all) |", "|---|---|---|---:|---|"]
+    for label, picked in (("shift", [r for r in rows if r["split"] in SHIFT_SPLITS]),
+                          ("other", [r for r in rows if r["split"] not in SHIFT_SPLITS])):
+        if not picked:
+            continue
+        for arm in ARMS:
+            tests = [np.asarray(r["arms"][arm]["test_per_image"]) for r in picked]
+            low, high = pooled_bootstrap_interval(tests)
+            negative_test = sum(r["arms"][arm]["test_interval_90"][1] < 0 for r in picked)
+            negative_all = sum(r["arms"][arm]["all_interval_90"][1] < 0 for r in picked)
+            lines.append(f"| {label} ({len(picked)}) | {arm} | {np.mean([t.mean() for t in tests]):+.2f} "
+                         f"[{low:+.2f}, {high:+.2f}] | {np.mean([r['arms'][arm]['all_gain'] for r in picked]):+.2f} "
+                         f"| {negative_test} / {negative_all} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export", type=Path)
+    parser.add_argument("--sets", nargs="+", default=["isic2016", "kvasir-seg", "camo"])
+    parser.add_argument("--splits", nargs="+", default=[*SHIFT_SPLITS, "fixed"])
+    parser.add_argument("--evidence", default="given", choices=["given", "points"])
+    parser.add_argument("--jobs", type=int, default=2, help="splits tuned at once, one ONNX Runtime thread each")
+    parser.add_argument("--work", type=Path, default=REPO / "out" / "shift")
+    args = parser.parse_args()
+
+    jobs = [(name, split) for split in args.splits for name in args.sets]
+    # Spawned workers import the library afresh, so they read this thread count (the parent runs no model).
+    os.environ["SAM_REUSE_THREADS"] = "1" if args.jobs > 1 else os.environ.get("SAM_REUSE_THREADS", "2")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = list(pool.map(run_split, *zip(*[(args.export, args.work, n, s, args.evidence) for n, s in jobs])))
+    stem = f"do_no_harm-{args.evidence}"
+    write_json(RESULTS / f"{stem}.json", {"export": str(args.export), "machine": platform.node(),
+                                         "evidence": args.evidence, "rows": rows})
+    (RESULTS / f"{stem}.md").write_text(markdown(rows, args.evidence))
+    print(markdown(rows, args.evidence))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The shipping rule: the tuned encoder ships only when images the search never saw say it helps.
+
+A search rates maps on the images it chose them from, and users deploy on the
+images that come next, which often differ (other patients, other scenes). On
+splits whose halves come from different parts of a domain, the search split
+rose while the held-out split fell (benchmarks/README.md, "Do no harm"), so
+a search-split figure cannot decide what ships. The rule:
+
+* the held-out split is cut into a **validation** part (even positions) and a
+  **test** part (odd positions);
+* the **candidate** is, with ``selection="validated"`` (default), the map of
+  the search's curve (each prefix of the greedy path, or the best subset of
+  each size) whose per-image gain on the validation part has the highest
+  lower 90% bootstrap bound; with ``guarded``/``naive``, the map the search
+  itself chose;
+* it **ships** when that bound is above 0 on the validation part; otherwise
+  the original encoder ships and the candidate is kept under a name saying
+  it was not shipped (``--ship-anyway`` ships it regardless);
+* the **reported** gain is the test part's, which took no part in any choice,
+  so choosing on the validation part cannot inflate it.
+
+Without a held-out split the cross-validated estimate of the search-chosen map
+decides, and is the figure reported (it leans optimistic: screening saw every
+image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from calibrate.metrics import bootstrap_interval
+
+TUNED_SHIPPED = 0
+ORIGINAL_SHIPPED = 3  # exit status of tune/run when the original encoder is the deliverable
+SELECTIONS = ("validated", "guarded", "naive")
+
+
+@dataclass(frozen=True)
+class Gain:
+    """A paired per-image gain (mIoU points) summarised: mean, 90% bootstrap interval, images up/same/down."""
+
+    images: int
+    gain: float
+    interval: tuple[float, float]
+    improved: int
+    unchanged: int
+    worse: int
+
+    @classmethod
+    def of(cls, per_image: np.ndarray) -> Gain:
+        per_image = np.asarray(per_image, dtype=np.float64)
+        return cls(images=int(per_image.size), gain=float(per_image.mean()) if per_image.size else float("nan"),
+                   interval=bootstrap_interval(per_image), improved=int((per_image > 0).sum()),
+                   unchanged=int((per_image == 0).sum()), worse=int((per_image < 0).sum()))
+
+    def label(self) -> str:
+        """'improvement', 'harmful' or 'no reliable improvement', read off the interval."""
+        low, high = self.interval
+        return "improvement" if low > 0 else "harmful" if high < 0 else "no reliable improvement"
+
+    def describe(self) -> str:
+        low, high = self.interval
+        return (f"{self.gain:+.2f} mIoU, 90% CI [{low:+.2f}, {high:+.2f}] "
+                f"({self.improved} better / {self.worse} worse of {self.images})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"images": self.images, "gain": self.gain, "gain_interval_90": list(self.interval),
+                "improved": self.improved, "unchanged": self.unchanged, "worse": self.worse, "label": self.label()}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ships and why; ``candidate`` indexes the search's curve (0: the original, no candidate)."""
+
+    ship_tuned: bool
+    candidate: int
+    basis: str  # what decided, in the user's words
+    decided: Gain | None  # the candidate's gain on what decided (None: no candidate)
+    reported: Gain | None  # its gain on images that decided nothing (None: no such images)
+    forced: bool = False
+    empty_reason: str = ""
+    lower_bounds: list[float] = field(default_factory=list)  # per curve map 1..L, on what decided
+
+    @property
+    def exit_status(self) -> int:
+        return TUNED_SHIPPED if self.ship_tuned else ORIGINAL_SHIPPED
+
+    @property
+    def verdict(self) -> str:
+        """One line a user can act on: what the evidence says, and what ships."""
+        if self.decided is None:
+            return f"{self.empty_reason}: the original encoder ships"
+        head = f"{self.decided.label()}: {self.basis} {self.decided.describe()}"
+        if self.ship_tuned:
+            return head + ("; the tuned encoder ships anyway (--ship-anyway)" if self.forced
+                           else "; the tuned encoder ships")
+        return head + "; the original encoder ships"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shipped": "tuned" if self.ship_tuned else "original", "forced": self.forced, "basis": self.basis,
+                "candidate_pairs": self.candidate, "exit_status": self.exit_status, "verdict": self.verdict,
+                "decided_on": None if self.decided is None else self.decided.to_json(),
+                "reported": None if self.reported is None else self.reported.to_json(),
+                "lower_bounds_90": self.lower_bounds}
+
+
+def held_out_parts(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the validation part (even positions) and the test part (odd positions) of a held-out split.
+
+    Interleaved rather than halved, so a drift along the manifest order falls on both parts alike.
+    """
+    rows = np.arange(count)
+    return rows[0::2], rows[1::2]
+
+
+def _lower_bounds(curve_ious: Sequence[np.ndarray], rows: np.ndarray) -> list[float]:
+    baseline = curve_ious[0][rows]
+    return [bootstrap_interval((ious[rows] - baseline) * 100)[0] for ious in curve_ious[1:]]
+
+
+def decide_on_held_out(curve_ious: Sequence[np.ndarray], search_choice: int, selection: str = "validated",
+                       force: bool = False, empty_reason: str = "no pair improved the search split") -> Decision:
+    """The rule on a held-out split; ``curve_ious[k]`` are the held-out IoUs of curve map k (0: original).
+
+    ``search_choice`` is the curve index the search chose on its own split (used by guarded/naive).
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection '{selection}' (choose from {', '.join(SELECTIONS)})")
+    validation, test = held_out_parts(len(curve_ious[0]))
+    bounds = _lower_bounds(curve_ious, validation)
+    if selection == "validated":
+        # The highest bound; ties keep the shorter map. Index 0 only when the curve has no map at all.
+        candidate = 1 + int(np.argmax(bounds)) if bounds else 0
+    else:
+        candidate = search_choice
+    if candidate == 0:
+        return Decision(False, 0, "", None, None, empty_reason=empty_reason, lower_bounds=bounds)
+    gains = (curve_ious[candidate] - curve_ious[0]) * 100
+    decided = Gain.of(gains[validation])
+    basis = f"validation part of the held-out split ({len(validation)} of {len(curve_ious[0])} images)"
+    return Decision(ship_tuned=force or decided.interval[0] > 0, candidate=candidate, basis=basis, decided=decided,
+                    reported=Gain.of(gains[test]) if len(test) else None, forced=force and decided.interval[0] <= 0,
+                    lower_bounds=bounds)
+
+
+def decide_on_cross_validation(per_image_gain: np.ndarray, search_choice: int, folds: int, force: bool = False,
+                               empty_reason: str = "no pair improved the search split") -> Decision:
+    """The rule without a held-out split: the out-of-fold gain of the search's own choice decides."""
+    if search_choice == 0:
+        return Decision(False, 0, "", None, None, empty_reason=empty_reason)
+    decided = Gain.of(per_image_gain)
+    basis = f"cross-validated estimate ({folds} folds of the search split, no held-out split)"
+    return Decision(ship_tuned=force or decided.interval[0] > 0, candidate=search_choice, basis=basis,
+                    decided=decided, reported=decided, forced=force and decided.interval[0] <= 0)
