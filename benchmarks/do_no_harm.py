@@ -38,12 +38,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
-from calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
-from calibrate.shipping import held_out_parts
-from calibrate.tune import TuneSettings, tune
-from exporter.files import write_json
 from shift_splits import SHIFT_SPLITS, pooled_embeddings, write_split
+
+from sam_reuse.base.files import write_json
+from sam_reuse.calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
+from sam_reuse.calibrate.shipping import held_out_parts
+from sam_reuse.calibrate.tune import TuneSettings, tune
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibrate.activations import encode
-from calibrate.data import load_sample, read_manifest
-from calibrate.evaluator import MaskEvaluator
-from calibrate.metrics import binary_iou
-from graphops.reuse_map import reuse_index
-from exporter.imaging import load_image_rgb
-from exporter.models import build_sam
-from exporter.runtime import DEFAULT_THREADS
-from exporter.weights import cached_weight_path
+from sam_reuse.base.imaging import binary_iou, load_image_rgb
+from sam_reuse.base.runtime import DEFAULT_THREADS
+from sam_reuse.calibrate.activations import encode
+from sam_reuse.calibrate.data import load_sample, read_manifest
+from sam_reuse.calibrate.evaluator import MaskEvaluator
+from sam_reuse.exporter.models import build_sam
+from sam_reuse.exporter.weights import cached_weight_path
+from sam_reuse.graphops.reuse_map import reuse_index
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "data" / "isic2016"
 

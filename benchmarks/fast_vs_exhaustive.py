@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate.tune import TuneSettings, tune
-from exporter.files import write_json
+from sam_reuse.base.files import write_json
+from sam_reuse.calibrate.tune import TuneSettings, tune
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

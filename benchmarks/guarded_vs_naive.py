@@ -46,13 +46,13 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate.activations import encode
-from calibrate.data import load_calibration
-from calibrate.evaluator import MaskEvaluator
-from calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
-from calibrate.tune import JOURNAL, TuneSettings, tune
-from exporter.files import write_json
-from graphops.reuse_map import reuse_index
+from sam_reuse.base.files import write_json
+from sam_reuse.calibrate.activations import encode
+from sam_reuse.calibrate.data import load_calibration
+from sam_reuse.calibrate.evaluator import MaskEvaluator
+from sam_reuse.calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
+from sam_reuse.calibrate.tune import JOURNAL, TuneSettings, tune
+from sam_reuse.graphops.reuse_map import reuse_index
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -22,14 +22,15 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
-from calibrate.data import read_manifest
-from calibrate.tune import TuneSettings, tune
-from exporter import imaging
-from exporter.files import write_json
-from exporter.runtime import ort_session
+from timing import interleaved_times, median_ratio
+
+from sam_reuse.base import imaging
+from sam_reuse.base.files import write_json
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.calibrate.data import read_manifest
+from sam_reuse.calibrate.tune import TuneSettings, tune
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -40,16 +41,9 @@ def latency_ratio(original: Path, tuned: Path, image_path: Path, repeats: int) -
     """Median over interleaved repeats of tuned / original encoder time, and each median in ms."""
     image = imaging.preprocess(imaging.load_image_rgb(image_path))
     sessions = {"original": ort_session(original), "tuned": ort_session(tuned)}
-    for session in sessions.values():  # warm-up
-        session.run(None, {"image": image})
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"image": image})
-            times[name].append(time.perf_counter() - start)
-    ratios = [t / o for t, o in zip(times["tuned"], times["original"])]
-    return {"ratio": statistics.median(ratios), "repeats": repeats,
+    times = interleaved_times({name: lambda s=s: s.run(None, {"image": image}) for name, s in sessions.items()},
+                              repeats)
+    return {"ratio": median_ratio(times, "tuned", "original"), "repeats": repeats,
             "median_ms": {name: 1000 * statistics.median(t) for name, t in times.items()}}
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
-from calibrate.data import read_manifest
-from exporter import imaging
-from exporter.onnx_export import decoder_feeds
-from exporter.runtime import ort_session
+from timing import interleaved_times
+
+from sam_reuse.base import imaging
+from sam_reuse.base.contract import decoder_feeds
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.calibrate.data import read_manifest
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "data" / "isic2016"
 
@@ -43,14 +44,9 @@ def main() -> None:
         feeds = decoder_feeds(embedding, coords, labels)
         runs[f"{folder.name}/encoder"] = lambda s=encoder: s.run(None, {"image": x})
         runs[f"{folder.name}/decoder"] = lambda s=decoder, f=feeds: s.run(None, f)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats + 1):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    report = {name: {"median_ms": round(1000 * statistics.median(t[1:]), 2),
-                     "min_ms": round(1000 * min(t[1:]), 2), "repeats": args.repeats}
+    times = interleaved_times(runs, args.repeats)
+    report = {name: {"median_ms": round(1000 * statistics.median(t), 2),
+                     "min_ms": round(1000 * min(t), 2), "repeats": args.repeats}
               for name, t in times.items()}
     print(json.dumps({"threads": args.threads, "image": str(record.image), "latency": report}, indent=2))
 

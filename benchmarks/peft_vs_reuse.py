@@ -42,8 +42,8 @@ SEARCH, HELD_OUT = 50, 50
 def train_all(args: argparse.Namespace) -> None:
     import torch
 
-    from finetune.config import PeftConfig, TrainSettings
-    from finetune.train import train
+    from sam_reuse.finetune.config import PeftConfig, TrainSettings
+    from sam_reuse.finetune.train import train
 
     print(f"torch {torch.__version__}, cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
           flush=True)
@@ -58,7 +58,7 @@ def train_all(args: argparse.Namespace) -> None:
 
 
 def _settings(**changes):
-    from calibrate.tune import TuneSettings
+    from sam_reuse.calibrate.tune import TuneSettings
 
     # The search's own choice, always written as encoder.tuned.onnx, as when these figures were measured.
     return TuneSettings(search_images=SEARCH, holdout_images=HELD_OUT, progress=False, selection="guarded",
@@ -67,10 +67,10 @@ def _settings(**changes):
 
 def evaluate_all(args: argparse.Namespace) -> None:
     """Export, score held-out, then (with --reuse) tune reuse on top; each step is skipped when already done."""
-    from calibrate.data import read_manifest
-    from calibrate.tune import evaluate, tune
-    from exporter.files import write_json
-    from finetune.export import export_finetuned
+    from sam_reuse.base.files import write_json
+    from sam_reuse.calibrate.data import read_manifest
+    from sam_reuse.calibrate.tune import evaluate, tune
+    from sam_reuse.finetune.export import export_finetuned
 
     verify = read_manifest(REPO / "samples" / "data" / "isic2016")[:2]
     jobs = [(name, method) for name in args.sets for method in args.methods]
@@ -95,7 +95,7 @@ def evaluate_all(args: argparse.Namespace) -> None:
 
 
 def _interval(base: dict[str, float], other: dict[str, float]) -> dict:
-    from calibrate.metrics import bootstrap_interval
+    from sam_reuse.calibrate.metrics import bootstrap_interval
 
     keys = sorted(base)
     gains = np.array([other[k] - base[k] for k in keys])
@@ -106,23 +106,18 @@ def _interval(base: dict[str, float], other: dict[str, float]) -> dict:
 def _latency_ratios(original: Path, encoders: dict[str, Path], repeats: int) -> dict[str, float]:
     """Median encoder latency of each model over the original's, timed interleaved in one run."""
     import statistics
-    import time
 
-    from calibrate.data import read_manifest
-    from exporter import imaging
-    from exporter.runtime import ort_session
+    from timing import interleaved_times
+
+    from sam_reuse.base import imaging
+    from sam_reuse.base.runtime import ort_session
+    from sam_reuse.calibrate.data import read_manifest
 
     record = read_manifest(REPO / "samples" / "data" / "isic2016")[0]
     x = imaging.preprocess(imaging.load_image_rgb(record.image))
     sessions = {"original": ort_session(original, threads=2),
                 **{k: ort_session(v, threads=2) for k, v in encoders.items()}}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for round_ in range(repeats + 1):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"image": x})
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    times = interleaved_times({k: lambda s=s: s.run(None, {"image": x}) for k, s in sessions.items()}, repeats)
     base = statistics.median(times["original"])
     return {name: statistics.median(t) / base for name, t in times.items() if name != "original"}
 
@@ -132,8 +127,8 @@ def _engines(original: Path, work: Path, name: str, methods: list[str]) -> dict:
 
     TensorRT-RTX builds them ahead of time without a GPU; returns size and build time per model, or why not.
     """
-    from exporter.engine import build_engine, engine_name
-    from exporter.errors import SamReuseError
+    from sam_reuse.base.errors import SamReuseError
+    from sam_reuse.exporter.engine import build_engine, engine_name
 
     encoders = {"original": original / "encoder.onnx"}
     for method in methods:
@@ -154,7 +149,7 @@ def _engines(original: Path, work: Path, name: str, methods: list[str]) -> dict:
 
 
 def report_all(args: argparse.Namespace) -> None:
-    from exporter.files import write_json
+    from sam_reuse.base.files import write_json
 
     rows = {}
     for name in args.sets:

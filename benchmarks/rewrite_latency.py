@@ -17,18 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+from timing import interleaved_times, median_ratio
 
-from calibrate.data import read_manifest
-from exporter import imaging
-from exporter.runtime import ort_session
-from graphops import ReuseMap, SiteReuse, apply_reuse_map
-from graphops.graph import fingerprint
-from graphops.sites import sites_of
+from sam_reuse.base import imaging
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.calibrate.data import read_manifest
+from sam_reuse.graphops import ReuseMap, SiteReuse, apply_reuse_map
+from sam_reuse.graphops.graph import fingerprint
+from sam_reuse.graphops.sites import sites_of
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "data" / "isic2016"
 
@@ -70,17 +70,10 @@ def main() -> None:
     for name, (reuse_map, strategy) in variant_maps(args.encoder, args.seed).items():
         model, _ = apply_reuse_map(args.encoder, reuse_map, strategy)
         sessions[name] = ort_session(model.SerializeToString(), threads=args.threads)
-    for session in sessions.values():  # warm-up
-        session.run(None, {"image": image})
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(args.repeats):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, {"image": image})
-            times[name].append(time.perf_counter() - start)
-    base = times["original"]
+    times = interleaved_times({name: lambda s=s: s.run(None, {"image": image}) for name, s in sessions.items()},
+                              args.repeats)
     report = {name: {"median_ms": round(1000 * statistics.median(t), 1),
-                     "ratio_to_original": round(statistics.median(v / b for v, b in zip(t, base)), 3)}
+                     "ratio_to_original": round(median_ratio(times, name, "original"), 3)}
               for name, t in times.items()}
     print(json.dumps({"encoder": str(args.encoder), "threads": args.threads, "repeats": args.repeats,
                       "latency": report}, indent=2))

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate.activations import encode
-from calibrate.data import MANIFEST, load_calibration, read_records
-from exporter.files import atomic_path
+from sam_reuse.base.files import atomic_path
+from sam_reuse.calibrate.activations import encode
+from sam_reuse.calibrate.data import MANIFEST, load_calibration, read_records
 
 SHIFT_SPLITS = ("pc1-low", "pc1-high")
 

@@ -21,8 +21,8 @@ import platform
 import time
 from pathlib import Path
 
-from calibrate.tune import TuneSettings, tune
-from exporter.files import write_json
+from sam_reuse.base.files import write_json
+from sam_reuse.calibrate.tune import TuneSettings, tune
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

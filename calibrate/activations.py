@@ -18,14 +18,14 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from calibrate.data import Sample
-from exporter.files import atomic_path, cache_root
-from exporter.imaging import load_image_rgb, preprocess
-from exporter.runtime import ort_session
-from graphops.graph import fingerprint
-from graphops.probe import expose
+from sam_reuse.base.files import atomic_path, cache_root
+from sam_reuse.base.imaging import load_image_rgb, preprocess
+from sam_reuse.base.records import Sample
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.graphops.graph import fingerprint
+from sam_reuse.graphops.probe import expose
 
-PREPROCESS_VERSION = "sam-1024-v1"  # bump when exporter.imaging.preprocess changes
+PREPROCESS_VERSION = "sam-1024-v1"  # bump when sam_reuse.base.imaging.preprocess changes
 
 
 def _safe(name: str) -> str:

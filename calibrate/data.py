@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import distance_transform_edt
 
-from exporter.errors import SamReuseError
-from exporter.imaging import Prompt
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.records import Prompt, Record, Sample
 
 MANIFEST = "manifest.jsonl"
 FOREGROUND_THRESHOLD = 127
@@ -46,40 +46,6 @@ DEFAULT_MIN_IMAGES = 2
 
 class SkippedRecordsWarning(UserWarning):
     """Some calibration records were unusable and left out (one warning lists them all)."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One calibration example as listed; paths are absolute, nothing is read yet."""
-
-    key: str
-    image: Path
-    mask: Path
-    points: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    box: np.ndarray | None = None
-
-    @property
-    def prompt(self) -> Prompt:
-        return Prompt(points=self.points, labels=self.labels, box=self.box)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A usable record: its binary mask, the prompt to decode with and the image's content hash."""
-
-    record: Record
-    mask: np.ndarray
-    prompt: Prompt
-    image_sha256: str
-
-    @property
-    def key(self) -> str:
-        return self.record.key
-
-    @property
-    def hw(self) -> tuple[int, int]:
-        return self.mask.shape
 
 
 @dataclass

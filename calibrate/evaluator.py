@@ -16,8 +16,8 @@ encoder's suffix after the site) and fed to the decoder unchanged.
 
 Each mask is scored the way ``SamPredictor.predict(multimask_output=False)``
 is: mask token 0, low-resolution logits upscaled to the image's own size
-(``exporter.imaging.upscale_matrices``), thresholded at 0, IoU against the
-ground truth (``calibrate.metrics.binary_iou``).
+(``sam_reuse.base.imaging.upscale_matrices``), thresholded at 0, IoU against the
+ground truth (``sam_reuse.base.imaging.binary_iou``).
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnx
 
-from calibrate.data import Sample
-from calibrate.metrics import binary_iou
-from exporter.imaging import logits_to_mask, prompt_arrays, upscale_matrices
-from exporter.onnx_export import decoder_feeds
-from exporter.runtime import ort_session
-from graphops.probe import index_input_name, with_index_input
+from sam_reuse.base.contract import EMBEDDING, decoder_feeds
+from sam_reuse.base.imaging import binary_iou, logits_to_mask, prompt_arrays, upscale_matrices
+from sam_reuse.base.records import Sample
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.graphops.probe import index_input_name, with_index_input
 
-EMBEDDING_INPUT = "image_embeddings"
 DEFAULT_BATCH = 8
 
 
@@ -75,7 +73,7 @@ class MaskEvaluator:
         self.embedder = embedder
         self.embedding_channels = int(embeddings.shape[1])
         self.channels = embedder.channels if embedder is not None else self.embedding_channels
-        probe = with_index_input(model, EMBEDDING_INPUT, axis=1, channels=self.embedding_channels,
+        probe = with_index_input(model, EMBEDDING, axis=1, channels=self.embedding_channels,
                                  zero_channel=True)
         self.session = ort_session(probe.SerializeToString())
         self.samples = list(samples)
@@ -121,7 +119,7 @@ class MaskEvaluator:
                 decoder_index = np.arange(self.embedding_channels, dtype=np.int64)
             feeds = decoder_feeds(embeddings, np.concatenate([self.prompts[i][0] for i in batch]),
                                   np.concatenate([self.prompts[i][1] for i in batch]))
-            feeds[index_input_name(EMBEDDING_INPUT)] = decoder_index
+            feeds[index_input_name(EMBEDDING)] = decoder_index
             masks = self.session.run(["low_res_masks"], feeds)[0]
             for row, i in enumerate(batch):
                 logits[i] = masks[row, 0]

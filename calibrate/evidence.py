@@ -23,9 +23,10 @@ from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
-from calibrate.data import Sample, border_distance
-from calibrate.evaluator import MaskEvaluator
-from exporter.imaging import Prompt
+
+from sam_reuse.base.records import Prompt, Sample
+from sam_reuse.calibrate.data import border_distance
+from sam_reuse.calibrate.evaluator import MaskEvaluator
 
 EVIDENCE = {"given": 0, "points": 2}  # name -> extra points per search image
 

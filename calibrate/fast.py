@@ -35,10 +35,10 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from calibrate.journal import Journal
-from calibrate.metrics import bootstrap_interval
-from calibrate.search import Evaluate, Pair, Scorer, SearchResult, map_key, pair_space, top_distinct_targets
-from graphops.reuse_map import reuse_index
+from sam_reuse.calibrate.journal import Journal
+from sam_reuse.calibrate.metrics import bootstrap_interval
+from sam_reuse.calibrate.search import Evaluate, Pair, Scorer, SearchResult, map_key, pair_space, top_distinct_targets
+from sam_reuse.graphops.reuse_map import reuse_index
 
 SELECTIONS = ("guarded", "naive")
 

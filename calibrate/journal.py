@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from exporter.files import atomic_path
+from sam_reuse.base.files import atomic_path
 
 FORMAT = "sam-reuse/search-journal@1"
 

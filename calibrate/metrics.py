@@ -1,19 +1,10 @@
-"""Mask IoU the way the reference method scores it, and paired uncertainty of a gain."""
+"""Paired uncertainty of a gain: bootstrap intervals of per-image differences (mask IoU: ``sam_reuse.base.imaging``)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
-
-
-def binary_iou(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """|P & T| / |P | T| of two boolean masks; an empty union counts as 0, as in the reference method."""
-    if prediction.shape != truth.shape:
-        raise ValueError(f"prediction {prediction.shape} and mask {truth.shape} differ in shape")
-    intersection = np.count_nonzero(prediction & truth)
-    union = np.count_nonzero(prediction) + np.count_nonzero(truth) - intersection
-    return 0.0 if union == 0 else intersection / union
 
 
 def _resampled_means(differences: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from exporter.imaging import load_image_rgb
+from sam_reuse.base.imaging import load_image_rgb
 
 OVERLAY_SIDE = 256
 COLOURS = {"truth": (0, 200, 0), "before": (230, 60, 40), "after": (40, 110, 240)}

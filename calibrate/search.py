@@ -29,9 +29,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from calibrate.journal import Journal
-from calibrate.salience import salience_order
-from graphops.reuse_map import reuse_index
+from sam_reuse.calibrate.journal import Journal
+from sam_reuse.calibrate.salience import salience_order
+from sam_reuse.graphops.reuse_map import reuse_index
 
 Pair = tuple[int, int]
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from calibrate.metrics import bootstrap_interval
+from sam_reuse.calibrate.metrics import bootstrap_interval
 
 TUNED_SHIPPED = 0
 ORIGINAL_SHIPPED = 3  # exit status of tune/run when the original encoder is the deliverable

@@ -18,11 +18,12 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from calibrate.activations import encode_tensors
-from calibrate.data import Sample
-from exporter.runtime import ort_session
-from graphops.probe import cut, index_input_name, with_index_input
-from graphops.sites import EMBEDDING_OUTPUT, Site
+from sam_reuse.base.contract import EMBEDDING
+from sam_reuse.base.records import Sample
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.calibrate.activations import encode_tensors
+from sam_reuse.graphops.probe import cut, index_input_name, with_index_input
+from sam_reuse.graphops.sites import Site
 
 
 class SuffixEmbedder:
@@ -35,7 +36,7 @@ class SuffixEmbedder:
         self.channels = site.channels
         self._images = [sample.image_sha256 for sample in samples]  # rows of one image share its activations
         # The original embedding comes from the same encoder pass: it is the baseline the decoder sees.
-        self.activations = encode_tensors(encoder, samples, self.frontier + [EMBEDDING_OUTPUT], cache_dir,
+        self.activations = encode_tensors(encoder, samples, self.frontier + [EMBEDDING], cache_dir,
                                           progress, desc)
         probe = with_index_input(suffix, site.tensor, site.axis, site.channels, zero_channel=True)
         self.session = ort_session(probe.SerializeToString())
@@ -43,7 +44,7 @@ class SuffixEmbedder:
 
     def original_embeddings(self) -> np.ndarray:
         """Embeddings of the unmodified encoder, stacked on axis 0."""
-        return np.stack(self.activations[EMBEDDING_OUTPUT])
+        return np.stack(self.activations[EMBEDDING])
 
     def site_activations(self) -> list[np.ndarray]:
         """The site tensor of each image (batch axis dropped), for salience."""
@@ -57,5 +58,5 @@ class SuffixEmbedder:
             if self._images[row] not in computed:  # several prompts of one image: run its suffix once
                 feeds = {name: np.asarray(self.activations[name][row])[None] for name in self.frontier}
                 feeds[self._index_name] = index
-                computed[self._images[row]] = self.session.run([EMBEDDING_OUTPUT], feeds)[0][0]
+                computed[self._images[row]] = self.session.run([EMBEDDING], feeds)[0][0]
         return np.stack([computed[self._images[row]] for row in rows])

@@ -25,28 +25,29 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrate.activations import encode
-from calibrate.data import MASK_RULE, CalibrationSet, Sample, load_calibration
-from calibrate.evaluator import EMBEDDING_INPUT, MaskEvaluator
-from calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
-from calibrate.fast import FastPlan, fast
-from calibrate.journal import Journal
-from calibrate.report import markdown, overlay, plot_curve
-from calibrate.salience import channel_salience
-from calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, planned_subsets
-from calibrate.shipping import SELECTIONS as SHIP_SELECTIONS
-from calibrate.shipping import Decision, Gain, decide_on_cross_validation, decide_on_held_out, held_out_parts
-from calibrate.suffix import SuffixEmbedder
-from exporter.errors import SamReuseError
-from exporter.files import ensure_writable_dir, staged_outputs, write_json
-from exporter.imaging import load_image_rgb, preprocess
-from exporter.runtime import load_model, ort_session
-from graphops.graph import fingerprint, load_graph
-from graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
-from graphops.rewrites import apply_reuse_map
-from graphops.sites import Site, find_sites
+from sam_reuse.base.contract import EMBEDDING, REPORT_FORMAT
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import ensure_writable_dir, staged_outputs, write_json
+from sam_reuse.base.imaging import load_image_rgb, preprocess
+from sam_reuse.base.records import Sample
+from sam_reuse.base.runtime import load_model, ort_session
+from sam_reuse.calibrate.activations import encode
+from sam_reuse.calibrate.data import MASK_RULE, CalibrationSet, load_calibration
+from sam_reuse.calibrate.evaluator import MaskEvaluator
+from sam_reuse.calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
+from sam_reuse.calibrate.fast import FastPlan, fast
+from sam_reuse.calibrate.journal import Journal
+from sam_reuse.calibrate.report import markdown, overlay, plot_curve
+from sam_reuse.calibrate.salience import channel_salience
+from sam_reuse.calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, planned_subsets
+from sam_reuse.calibrate.shipping import SELECTIONS as SHIP_SELECTIONS
+from sam_reuse.calibrate.shipping import Decision, Gain, decide_on_cross_validation, decide_on_held_out, held_out_parts
+from sam_reuse.calibrate.suffix import SuffixEmbedder
+from sam_reuse.graphops.graph import fingerprint, load_graph
+from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
+from sam_reuse.graphops.rewrites import apply_reuse_map
+from sam_reuse.graphops.sites import Site, find_sites
 
-REPORT_FORMAT = "sam-reuse/report@2"
 # What tune publishes: the encoder and map under these names when they ship, under the others when the evidence
 # kept them back. A tune replaces every output of an earlier tune in the folder, engines of the tuned encoder
 # included, so a stale tuned encoder can never sit beside a run that shipped the original.
@@ -120,7 +121,7 @@ def _check_tuned_encoder(tuned: onnx.ModelProto, sample: Sample, searched: np.nd
     """Max |diff| between the rewritten encoder's embedding and the one the search scored."""
     session = ort_session(tuned.SerializeToString())
     image = preprocess(load_image_rgb(sample.record.image))
-    embedding = session.run([EMBEDDING_INPUT], {session.get_inputs()[0].name: image})[0][0]
+    embedding = session.run([EMBEDDING], {session.get_inputs()[0].name: image})[0][0]
     return float(np.abs(embedding - searched).max())
 
 
@@ -160,9 +161,9 @@ def _choose_overlays(keys: list[str], gains: np.ndarray, count: int) -> list[int
 
 
 def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str) -> Site:
-    sites = find_sites(load_graph(onnx.shape_inference.infer_shapes(encoder)))
+    sites = find_sites(load_graph(encoder))
     if name not in sites:
-        what = f"an output named '{EMBEDDING_INPUT}' with a channel axis" if name == "embedding" else "no such site"
+        what = f"an output named '{EMBEDDING}' with a channel axis" if name == "embedding" else "no such site"
         raise SamReuseError(f"{encoder_path}: no site '{name}' ({what}; this encoder has: "
                             f"{', '.join(sites) or 'none'}; 'export-and-tune sites ENCODER' lists them)")
     return sites[name]
@@ -445,7 +446,7 @@ def evaluate(encoder: str | Path, decoder: str | Path, data: str | Path, split: 
                "all": calibration.search + calibration.held_out}[split]
     if not samples:
         raise SamReuseError(f"{data}: no usable images in the {split} split")
-    embeddings = encode(encoder_model, samples, EMBEDDING_INPUT, settings.cache_dir, settings.progress,
+    embeddings = encode(encoder_model, samples, EMBEDDING, settings.cache_dir, settings.progress,
                         desc=f"encode {split}")
     evaluator = MaskEvaluator(decoder_model, samples, embeddings, settings.batch_size)
     return Evaluation(split=split, keys=[s.key for s in samples], ious=evaluator.ious())

@@ -1,5 +1,5 @@
-"""Export SAM-family checkpoints to ONNX (and, later, TensorRT engines).
+"""Export SAM-family checkpoints to verified ONNX, build TensorRT engines, and run both (``sam_reuse.exporter``).
 
-Importing this package does not import torch: the pre/post-processing in
-``exporter.imaging`` and the file helpers are used by torch-free stages too.
+Importing this package does not import torch: only ``onnx_export``, ``models``
+and ``wrappers`` need it, and they import it themselves.
 """

@@ -18,6 +18,7 @@ strongly typed networks gets the fp32 ONNX and its FP16 builder flag.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib
 import os
 import time
@@ -29,10 +30,10 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from exporter.errors import SamReuseError
-from exporter.files import atomic_path, sha256_file, write_json
+from sam_reuse.base.contract import ENGINE_SIDECAR_FORMAT
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import sha256_file, staged_outputs, write_json
 
-SIDECAR_FORMAT = "sam-reuse/engine@1"
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 FP32_OPS = ["LayerNormalization", "Softmax"]
@@ -121,10 +122,10 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    from graphops.fuse import fuse_decomposed_layernorm
-    from graphops.graph import finalize, load_graph
+    from sam_reuse.graphops.fuse import fuse_decomposed_layernorm
+    from sam_reuse.graphops.graph import finalize, load_graph
 
-    graph = load_graph(onnx.shape_inference.infer_shapes(model))
+    graph = load_graph(model)
     fuse_decomposed_layernorm(graph)
     converted = convert_float_to_float16(finalize(graph), keep_io_types=True,
                                          op_block_list=DEFAULT_OP_BLOCK_LIST + FP32_OPS)
@@ -164,7 +165,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
     if precision not in PRECISIONS:
         raise SamReuseError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    from exporter.runtime import load_model
+    from sam_reuse.base.runtime import load_model
 
     model = load_model(onnx_path, "ONNX model")
     backend = backend or load_backend()
@@ -206,18 +207,18 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
                             "rerun with SAM_REUSE_TRT_VERBOSE=1 for the builder log")
     build_s = time.perf_counter() - started
 
-    sidecar = {"format": SIDECAR_FORMAT, "backend": backend.name, "backend_version": backend.version,
+    sidecar = {"format": ENGINE_SIDECAR_FORMAT, "backend": backend.name, "backend_version": backend.version,
                "precision": precision, "fp16_by": ("onnx types" if typed_fp16 else "builder flag") if precision == "fp16" else None,
                "fp32_ops": FP32_OPS if typed_fp16 else [],
                "compute_capabilities": list(compute_capabilities) or ("portable default" if backend.name == "tensorrt-rtx" else "build GPU"),
                "source_onnx": str(onnx_path), "source_onnx_sha256": sha256_file(onnx_path),
                **_io(trt, network, profile_shapes), "build_s": round(build_s, 2)}
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(engine_path) as tmp:
-        tmp.write_bytes(bytes(serialized))
-    sidecar["engine_bytes"] = engine_path.stat().st_size
-    sidecar["engine_sha256"] = sha256_file(engine_path)
-    write_json(sidecar_path(engine_path), sidecar)
+    engine = bytes(serialized)
+    sidecar["engine_bytes"] = len(engine)
+    sidecar["engine_sha256"] = hashlib.sha256(engine).hexdigest()
+    with staged_outputs(engine_path.parent) as staging:  # the engine and its sidecar appear together
+        (staging / engine_path.name).write_bytes(engine)
+        write_json(staging / sidecar_path(engine_path).name, sidecar)
     return sidecar
 
 

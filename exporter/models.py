@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import SamReuseError
+from sam_reuse.base.errors import SamReuseError
 
 PROMPT_EMBED_DIM = 256
 EMBEDDING_SIZE = 64

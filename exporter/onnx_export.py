@@ -24,13 +24,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from calibrate.data import Record
-from exporter import imaging
-from exporter.errors import SamReuseError
-from exporter.files import sha256_file, staged_outputs, write_json
-from exporter.models import build_sam, spec_for
-from exporter.runtime import onnx_io_spec, ort_session
-from graphops.sites import sites_of
+from sam_reuse.base import imaging
+from sam_reuse.base.contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, decoder_feeds
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import sha256_file, staged_outputs, write_json
+from sam_reuse.base.records import Record
+from sam_reuse.base.runtime import onnx_io_spec, ort_session
+from sam_reuse.exporter.models import build_sam, spec_for
+from sam_reuse.graphops.sites import sites_of
 
 DEFAULT_OPSET = 17
 EXPORTERS = ("legacy", "dynamo")
@@ -78,7 +79,7 @@ def export_encoder(sam, path: Path, exporter: str = "legacy", opset: int = DEFAU
     """Write the image encoder: ``image`` Bx3x1024x1024 -> ``image_embeddings`` Bx256x64x64."""
     import torch
 
-    from exporter.wrappers import ENCODER_INPUTS, ENCODER_OUTPUTS, ImageEncoder
+    from sam_reuse.exporter.wrappers import ImageEncoder
 
     example = (torch.zeros(1, 3, 1024, 1024),)
     dynamic = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}}
@@ -111,7 +112,7 @@ def export_decoder(sam, path: Path, exporter: str = "legacy", opset: int = DEFAU
     """Write the single-mask decoder (see ``exporter.wrappers.SingleMaskDecoder``)."""
     import torch
 
-    from exporter.wrappers import DECODER_INPUTS, DECODER_OUTPUTS, SingleMaskDecoder, example_decoder_inputs
+    from sam_reuse.exporter.wrappers import SingleMaskDecoder, example_decoder_inputs
 
     dynamic = {
         "image_embeddings": {0: "batch"},
@@ -140,7 +141,7 @@ def verify_export(sam, encoder_path: Path, decoder_path: Path, records: Sequence
     """
     import torch
 
-    from exporter.wrappers import SingleMaskDecoder
+    from sam_reuse.exporter.wrappers import SingleMaskDecoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -176,29 +177,9 @@ def verify_export(sam, encoder_path: Path, decoder_path: Path, records: Sequence
                                               float(np.abs(onnx_logits - torch_logits).max()))
         figures["predictor_max_abs_diff"] = max(figures["predictor_max_abs_diff"],
                                                 float(np.abs(onnx_path_logits[0] - low_res).max()))
-        figures["min_mask_iou"] = min(figures["min_mask_iou"], mask_iou(onnx_mask, masks[0]))
+        figures["min_mask_iou"] = min(figures["min_mask_iou"], imaging.binary_iou(onnx_mask, masks[0], empty=1.0))
     _check_limits(figures)
     return figures
-
-
-def decoder_feeds(embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray,
-                  mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Decoder inputs for a batch of embeddings paired one-to-one with prompts."""
-    batch = embedding.shape[0]
-    has_mask = mask_input is not None
-    return {
-        "image_embeddings": embedding.astype(np.float32),
-        "point_coords": coords.astype(np.float32),
-        "point_labels": labels.astype(np.float32),
-        "mask_input": (mask_input if has_mask else np.zeros((batch, 1, 256, 256))).astype(np.float32),
-        "has_mask_input": np.full((batch,), float(has_mask), dtype=np.float32),
-    }
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Binary IoU; two empty masks agree perfectly."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def _check_limits(figures: dict[str, Any]) -> None:

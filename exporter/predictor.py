@@ -1,6 +1,6 @@
 """Image + prompt -> mask with an encoder and a decoder on ONNX Runtime or as TensorRT engines.
 
-Both back ends share ``exporter.imaging`` (the single pre/post-processing),
+Both back ends share ``sam_reuse.base.imaging`` (the single pre/post-processing),
 so a mask differs between them only by what the networks compute:
 
     model = SamModel.from_onnx("out/demo/encoder.tuned.onnx", "out/demo/decoder.onnx")
@@ -21,10 +21,11 @@ from typing import Callable
 
 import numpy as np
 
-from exporter.errors import SamReuseError
-from exporter.imaging import Prompt, logits_to_mask, preprocess, prompt_arrays, upscale_logits
-from exporter.onnx_export import decoder_feeds
-from exporter.runtime import ort_session
+from sam_reuse.base.contract import decoder_feeds
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.imaging import logits_to_mask, preprocess, prompt_arrays, upscale_logits
+from sam_reuse.base.records import Prompt
+from sam_reuse.base.runtime import ort_session
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -37,7 +38,7 @@ def onnx_runner(path: str | Path) -> Runner:
 
 def engine_runner(path: str | Path) -> Runner:
     """A TensorRT engine as a runner (activated until the process ends); needs an NVIDIA GPU."""
-    from exporter.engine import gpu_available, sidecar_path
+    from sam_reuse.exporter.engine import gpu_available, sidecar_path
 
     path = Path(path)
     if not path.is_file():

@@ -17,12 +17,12 @@ from typing import Any, Sequence
 
 import onnx
 
-from calibrate.data import Record
-from exporter.errors import SamReuseError
-from exporter.imaging import load_image_rgb, preprocess, prompt_arrays
-from exporter.runtime import load_model
-from graphops.reuse_map import ReuseMap
-from graphops.rewrites import apply_reuse_map
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.imaging import load_image_rgb, preprocess, prompt_arrays
+from sam_reuse.base.records import Record, Sample
+from sam_reuse.base.runtime import load_model
+from sam_reuse.graphops.reuse_map import ReuseMap
+from sam_reuse.graphops.rewrites import apply_reuse_map
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -87,37 +87,35 @@ def encoder_inputs(records: Sequence[Record]) -> list[dict[str, Any]]:
     return [{"image": preprocess(load_image_rgb(r.image))} for r in records]
 
 
-def decoder_inputs(records: Sequence[Record], encoder: str | Path) -> list[dict[str, Any]]:
-    """Decoder inputs per record: the embedding ``encoder`` (ONNX) computes for its image, and its prompt."""
-    from calibrate.data import load_sample
-    from exporter.onnx_export import decoder_feeds
-    from exporter.runtime import ort_session
+def decoder_inputs(samples: Sequence[Sample], encoder: str | Path) -> list[dict[str, Any]]:
+    """Decoder inputs per sample: the embedding ``encoder`` (ONNX) computes for its image, and its prompt."""
+    from sam_reuse.base.contract import EMBEDDING, decoder_feeds
+    from sam_reuse.base.runtime import ort_session
 
     session = ort_session(encoder)
     feeds = []
-    for record, image in zip(records, encoder_inputs(records)):
-        sample = load_sample(record)
-        embedding = session.run(["image_embeddings"], image)[0]
+    for sample, image in zip(samples, encoder_inputs([s.record for s in samples])):
+        embedding = session.run([EMBEDDING], image)[0]
         feeds.append(decoder_feeds(embedding, *prompt_arrays(sample.prompt, sample.hw)))
     return feeds
 
 
-def _engine_feeds(sidecar: dict[str, Any], engine: Path, records: Sequence[Record]) -> list[dict[str, Any]]:
+def _engine_feeds(sidecar: dict[str, Any], engine: Path, samples: Sequence[Sample]) -> list[dict[str, Any]]:
     """Real inputs for an engine: images for an encoder; embeddings (from encoder.onnx beside it) and prompts."""
     if [i["name"] for i in sidecar["inputs"]] == ["image"]:
-        return encoder_inputs(records)
+        return encoder_inputs([s.record for s in samples])
     encoder_path = Path(sidecar["source_onnx"]).with_name("encoder.onnx")
     if not encoder_path.is_file():
         raise SamReuseError(f"{engine}: decoder engine, but no {encoder_path} to compute embeddings with")
-    return decoder_inputs(records, encoder_path)
+    return decoder_inputs(samples, encoder_path)
 
 
-def verify_engine(engine: str | Path, records: Sequence[Record]) -> VerifyResult:
+def verify_engine(engine: str | Path, samples: Sequence[Sample]) -> VerifyResult:
     """A TensorRT engine against its source ONNX on ONNX Runtime (polygraphy), with the precision's tolerances.
 
     Needs an NVIDIA GPU: engines are finished for, and run on, the GPU.
     """
-    from exporter.engine import gpu_available, sidecar_path
+    from sam_reuse.exporter.engine import gpu_available, sidecar_path
 
     engine = Path(engine)
     if not sidecar_path(engine).is_file():
@@ -133,7 +131,7 @@ def verify_engine(engine: str | Path, records: Sequence[Record]) -> VerifyResult
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     atol, rtol = ENGINE_TOLERANCES[sidecar["precision"]]
-    feeds = _engine_feeds(sidecar, engine, records)
+    feeds = _engine_feeds(sidecar, engine, samples)
     runners = [OnnxrtRunner(SessionFromOnnx(sidecar["source_onnx"], providers=["cpu"]), name="onnxrt"),
                TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="engine")]
     return _compare(runners, feeds, atol, rtol)

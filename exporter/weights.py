@@ -15,8 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.errors import SamReuseError
-from exporter.files import atomic_path, cache_root, sha256_file
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import atomic_path, cache_root, sha256_file
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,13 @@ prompt (batch b of the embeddings goes with batch b of the prompts, so a
 search can decode many images at once) and returning only mask token 0, the
 mask ``SamPredictor.predict(multimask_output=False)`` returns. It has no
 ``orig_im_size`` input and no OneHot: upscaling lives in
-``exporter.imaging.upscale_logits``.
+``sam_reuse.base.imaging.upscale_logits``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-ENCODER_INPUTS = ("image",)
-ENCODER_OUTPUTS = ("image_embeddings",)
-DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")
-DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 
 
 class ImageEncoder(nn.Module):

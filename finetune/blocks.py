@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from exporter.errors import SamReuseError
+from sam_reuse.base.errors import SamReuseError
 
 
 @dataclass(frozen=True)

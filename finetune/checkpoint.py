@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from exporter.errors import SamReuseError
-from exporter.files import atomic_path, ensure_writable_dir
-from exporter.models import load_state_dict
-from finetune.config import PeftConfig
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import atomic_path, ensure_writable_dir
+from sam_reuse.exporter.models import load_state_dict
+from sam_reuse.finetune.config import PeftConfig
 
 FORMAT = "sam-reuse-adapters-1"
 FINAL = "adapters.pt"
@@ -46,7 +46,8 @@ def save_checkpoint(path: Path, identity: dict[str, Any], config: PeftConfig, ad
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        payload = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only, so a crafted file cannot run code when loaded
+        payload = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SamReuseError(f"{path}: adapter checkpoint not found") from None
     except Exception as exc:  # torch raises many types for bad archives

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from exporter.errors import SamReuseError
+from sam_reuse.base.errors import SamReuseError
 
 METHODS = ("lora", "sct", "sfa", "cobot")
 

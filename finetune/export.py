@@ -15,14 +15,20 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from calibrate.data import Record
-from exporter import imaging
-from exporter.errors import SamReuseError
-from exporter.files import sha256_file
-from exporter.models import build_sam
-from exporter.onnx_export import DEFAULT_OPSET, ExportResult, check_export_request, export_identity, export_sam
-from finetune.checkpoint import read_adapters
-from finetune.methods import attach, load_adapter_state, merge_adapters, trainable_count
+from sam_reuse.base import imaging
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import sha256_file
+from sam_reuse.base.records import Record
+from sam_reuse.exporter.models import build_sam
+from sam_reuse.exporter.onnx_export import (
+    DEFAULT_OPSET,
+    ExportResult,
+    check_export_request,
+    export_identity,
+    export_sam,
+)
+from sam_reuse.finetune.checkpoint import read_adapters
+from sam_reuse.finetune.methods import attach, load_adapter_state, merge_adapters, trainable_count
 
 MERGE_MAX_ABS_DIFF = 1e-3  # merged vs unmerged torch embedding (float re-association only)
 

@@ -12,11 +12,19 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from exporter.errors import SamReuseError
-from finetune.adapters import (BottleneckAdapter, CobotGroup, CobotLinear, LoRALinear, MergeableLinear,
-                               OutputAdapter, SalientChannelResidual, SparseDeltaLinear)
-from finetune.blocks import AttentionBlock, select_blocks, set_submodule
-from finetune.config import PeftConfig
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.finetune.adapters import (
+    BottleneckAdapter,
+    CobotGroup,
+    CobotLinear,
+    LoRALinear,
+    MergeableLinear,
+    OutputAdapter,
+    SalientChannelResidual,
+    SparseDeltaLinear,
+)
+from sam_reuse.finetune.blocks import AttentionBlock, select_blocks, set_submodule
+from sam_reuse.finetune.config import PeftConfig
 
 COBOT_GROUPS = "cobot_groups"  # where CobotGroup modules live on the image encoder
 

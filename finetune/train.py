@@ -25,17 +25,18 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from calibrate.data import Sample, load_calibration
-from exporter import imaging
-from exporter.errors import SamReuseError
-from exporter.files import ensure_writable_dir, write_json
-from exporter.models import build_sam
-from exporter.wrappers import SingleMaskDecoder
-from finetune.adapters import BottleneckAdapter, SparseDeltaLinear
-from finetune.blocks import encoder_steps, run_steps, select_blocks, split_steps
-from finetune.checkpoint import FINAL, PARTIAL, load_checkpoint, remove_partial, save_checkpoint
-from finetune.config import PeftConfig, TrainSettings
-from finetune.methods import adapter_parameters, adapter_state, attach, load_adapter_state, trainable_count
+from sam_reuse.base import imaging
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import ensure_writable_dir, write_json
+from sam_reuse.base.records import Sample
+from sam_reuse.calibrate.data import load_calibration
+from sam_reuse.exporter.models import build_sam
+from sam_reuse.exporter.wrappers import SingleMaskDecoder
+from sam_reuse.finetune.adapters import BottleneckAdapter, SparseDeltaLinear
+from sam_reuse.finetune.blocks import encoder_steps, run_steps, select_blocks, split_steps
+from sam_reuse.finetune.checkpoint import FINAL, PARTIAL, load_checkpoint, remove_partial, save_checkpoint
+from sam_reuse.finetune.config import PeftConfig, TrainSettings
+from sam_reuse.finetune.methods import adapter_parameters, adapter_state, attach, load_adapter_state, trainable_count
 
 FOCAL_WEIGHT = 20.0
 DICE_WEIGHT = 1.0

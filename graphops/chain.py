@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphops.graph import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, constant_value
+from sam_reuse.graphops.graph import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, constant_value
 
 
 class NotChannelwise(Exception):

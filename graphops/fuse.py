@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphops.graph import constant_value
+from sam_reuse.graphops.graph import constant_value
 
 
 def _only_reader(tensor: gs.Tensor, op: str) -> gs.Node | None:

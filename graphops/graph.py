@@ -14,8 +14,9 @@ ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
 
 
 def load_graph(model: str | Path | onnx.ModelProto) -> gs.Graph:
+    """The graph with every tensor's shape inferred: sites, rewrites and precision passes read shapes off it."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    return gs.import_onnx(proto)
+    return gs.import_onnx(onnx.shape_inference.infer_shapes(proto))
 
 
 def fingerprint(model: str | Path | onnx.ModelProto) -> str:

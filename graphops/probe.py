@@ -19,17 +19,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from exporter.errors import SamReuseError
-from graphops.graph import constant_value, finalize, load_graph
-from graphops.rewrites import insert_gather
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.graphops.graph import constant_value, finalize, load_graph
+from sam_reuse.graphops.rewrites import insert_gather
 
 
 def index_input_name(tensor_name: str) -> str:
     return f"reuse_index.{tensor_name}"
-
-
-def _shaped_graph(model: onnx.ModelProto) -> gs.Graph:
-    return load_graph(onnx.shape_inference.infer_shapes(model))
 
 
 def _tensor(graph: gs.Graph, name: str) -> gs.Variable:
@@ -46,7 +42,7 @@ def with_index_input(model: onnx.ModelProto, tensor_name: str, axis: int, channe
     ``zero_channel`` appends an all-zero channel to the gathered tensor, so
     index value ``channels`` zeroes a channel (the ablation screening uses).
     """
-    graph = _shaped_graph(model)
+    graph = load_graph(model)
     tensor = _tensor(graph, tensor_name)
     index = gs.Variable(index_input_name(tensor_name), dtype=np.int64, shape=[channels])
     graph.inputs.append(index)
@@ -75,7 +71,7 @@ def _with_zero_channel(graph: gs.Graph, tensor: gs.Variable, axis: int) -> gs.Va
 
 def expose(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
     """Model with the named tensors as extra outputs."""
-    graph = _shaped_graph(model)
+    graph = load_graph(model)
     for name in tensor_names:
         tensor = _tensor(graph, name)
         if tensor not in graph.outputs:
@@ -98,7 +94,7 @@ def _downstream_nodes(tensor: gs.Variable) -> list[gs.Node]:
 
 def cut(model: onnx.ModelProto, tensor_name: str) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
     """(prefix, suffix, frontier tensor names) with ``suffix(*prefix(x)) == model(x)``."""
-    graph = _shaped_graph(model)
+    graph = load_graph(model)
     site = _tensor(graph, tensor_name)
     suffix_nodes = _downstream_nodes(site)
     inside = {id(n) for n in suffix_nodes}

@@ -25,10 +25,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from exporter.errors import SamReuseError
-from exporter.files import write_json
-
-FORMAT = "sam-reuse/reuse-map@1"
+from sam_reuse.base.contract import REUSE_MAP_FORMAT
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import write_json
 
 
 def reuse_index(channels: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
@@ -70,7 +69,7 @@ class ReuseMap:
         return sum(len(s.pairs) for s in self.sites.values())
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "model_fingerprint": self.model_fingerprint,
+        return {"format": REUSE_MAP_FORMAT, "model_fingerprint": self.model_fingerprint,
                 "sites": {name: site.to_json() for name, site in sorted(self.sites.items())}, "meta": self.meta}
 
     def save(self, path: str | Path) -> None:
@@ -78,8 +77,8 @@ class ReuseMap:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: str = "reuse map") -> "ReuseMap":
-        if data.get("format") != FORMAT:
-            raise SamReuseError(f"{source}: not a reuse map (format {data.get('format')!r}, expected {FORMAT!r})")
+        if data.get("format") != REUSE_MAP_FORMAT:
+            raise SamReuseError(f"{source}: not a reuse map (format {data.get('format')!r}, expected {REUSE_MAP_FORMAT!r})")
         try:
             sites = {
                 name: SiteReuse(tensor=str(s["tensor"]), axis=int(s["axis"]), channels=int(s["channels"]),

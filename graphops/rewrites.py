@@ -23,12 +23,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from exporter.errors import SamReuseError
-from exporter.files import atomic_path
-from graphops.chain import NotChannelwise, ProducerChain, linear_consumers, take, trace_producer
-from graphops.graph import constant_value, finalize, fingerprint, load_graph
-from graphops.reuse_map import ReuseMap, SiteReuse
-from graphops.sites import Site, find_sites, user_site
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import atomic_path
+from sam_reuse.graphops.chain import NotChannelwise, ProducerChain, linear_consumers, take, trace_producer
+from sam_reuse.graphops.graph import constant_value, finalize, fingerprint, load_graph
+from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse
+from sam_reuse.graphops.sites import Site, find_sites, user_site
 
 _names = itertools.count()
 
@@ -144,7 +144,7 @@ def apply_reuse_map(model: str | Path | onnx.ModelProto, reuse_map: ReuseMap, st
                     check_fingerprint: bool = True) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Rewrite ``model`` by ``reuse_map``; returns the checked model and the strategy used per site."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    graph = load_graph(onnx.shape_inference.infer_shapes(proto))
+    graph = load_graph(proto)
     sites = resolve_sites(graph, reuse_map)
     reuse_map.validate(sites, fingerprint(proto) if check_fingerprint else None)
     applied: dict[str, str] = {}

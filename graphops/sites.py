@@ -21,11 +21,11 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from exporter.errors import SamReuseError
-from graphops.chain import NotChannelwise, linear_consumers, trace_producer
-from graphops.graph import constant_value, load_graph
+from sam_reuse.base.contract import EMBEDDING
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.graphops.chain import NotChannelwise, linear_consumers, trace_producer
+from sam_reuse.graphops.graph import constant_value, load_graph
 
-EMBEDDING_OUTPUT = "image_embeddings"
 _MODULE_PATH = re.compile(r"((?:layers\.\d+\.)?blocks\.\d+)")
 
 
@@ -106,8 +106,8 @@ def find_sites(graph: gs.Graph) -> dict[str, Site]:
     """All built-in sites of an encoder graph, by name."""
     sites: dict[str, Site] = {}
     outputs = {t.name: t for t in graph.outputs}
-    if EMBEDDING_OUTPUT in outputs:
-        sites["embedding"] = _describe(graph, "embedding", outputs[EMBEDDING_OUTPUT], 1)
+    if EMBEDDING in outputs:
+        sites["embedding"] = _describe(graph, "embedding", outputs[EMBEDDING], 1)
     index = 0
     for node in graph.nodes:  # exporters emit nodes in execution order
         if node.op != "MatMul" or constant_value(node.inputs[1]) is None:
@@ -139,4 +139,4 @@ def sites_of(model_path: str | Path) -> dict[str, Site]:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError and others
         raise SamReuseError(f"{path}: not a readable ONNX model ({exc})") from None
-    return find_sites(load_graph(onnx.shape_inference.infer_shapes(model)))
+    return find_sites(load_graph(model))

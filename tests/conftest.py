@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message="Overwriting tiny_vit")
 
 @pytest.fixture(scope="session")
 def sample_records():
-    from calibrate.data import read_manifest
+    from sam_reuse.calibrate.data import read_manifest
 
     return read_manifest(SAMPLES)
 
@@ -26,7 +26,7 @@ def sample_records():
 @pytest.fixture(scope="session")
 def mobilesam_checkpoint() -> Path:
     """The real MobileSAM weights; `make test` fetches them before pytest runs."""
-    from exporter.weights import cached_weight_path
+    from sam_reuse.exporter.weights import cached_weight_path
 
     path = cached_weight_path("mobilesam")
     if not path.exists():
@@ -35,7 +35,7 @@ def mobilesam_checkpoint() -> Path:
 
 
 def _export(tmp_path_factory, model_type: str, records, checkpoint=None, exporter="legacy"):
-    from exporter.onnx_export import export_model
+    from sam_reuse.exporter.onnx_export import export_model
 
     out = tmp_path_factory.mktemp(f"{model_type}-{exporter}")
     return export_model(model_type, out, checkpoint, records[:1], exporter=exporter)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.cli import main
-from exporter.models import build_sam
+from sam_reuse.cli import main
+from sam_reuse.exporter.models import build_sam
 
 
 def _run(capsys, *argv):
@@ -55,7 +55,7 @@ def test_unknown_model_type(capsys, tmp_path):
 
 
 def test_unknown_model_type_in_api():
-    from exporter.errors import SamReuseError
+    from sam_reuse.base.errors import SamReuseError
 
     with pytest.raises(SamReuseError, match="unknown model type 'vit_x'"):
         build_sam("vit_x")

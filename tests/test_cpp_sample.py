@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from exporter.imaging import Prompt, load_image_rgb, logits_to_mask, preprocess, prompt_arrays, upscale_logits
+from sam_reuse.base.imaging import load_image_rgb, logits_to_mask, preprocess, prompt_arrays, upscale_logits
+from sam_reuse.base.records import Prompt
 from tests.conftest import REPO, SAMPLES
 
 SAMPLE = REPO / "samples" / "cpp"
@@ -88,11 +89,11 @@ def test_cpp_check_names_a_bad_image(build, tmp_path):
 
 def test_cpp_engines_run_like_onnx_runtime(build, mobilesam_export, sample_records, tmp_path):
     """Where TensorRT headers and a GPU exist: sam_trt's mask against the ONNX Runtime path's."""
-    from calibrate.data import load_sample
-    from calibrate.evaluator import MaskEvaluator
-    from calibrate.activations import encode
-    from calibrate.metrics import binary_iou
-    from exporter.engine import build_engine, gpu_available
+    from sam_reuse.calibrate.activations import encode
+    from sam_reuse.calibrate.data import load_sample
+    from sam_reuse.calibrate.evaluator import MaskEvaluator
+    from sam_reuse.calibrate.metrics import binary_iou
+    from sam_reuse.exporter.engine import build_engine, gpu_available
 
     if not (build / "sam_trt").exists():
         pytest.skip("sam_trt not built: no TensorRT/TensorRT-RTX headers (NvInfer.h) and library here; build "

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibrate.data import (SkippedRecordsWarning, binarize_mask, bounding_box, interior_point, load_calibration,
-                            load_mask, read_records, split_records)
-from exporter.errors import SamReuseError
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.calibrate.data import (
+    SkippedRecordsWarning,
+    binarize_mask,
+    bounding_box,
+    interior_point,
+    load_calibration,
+    load_mask,
+    read_records,
+    split_records,
+)
 from tests.conftest import SAMPLES, SHARED_DATA
 
 TRUTH = np.zeros((6, 8), dtype=bool)

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from calibrate.activations import encode
-from calibrate.data import load_calibration
-from calibrate.evaluator import MaskEvaluator
-from calibrate.evidence import MeanOverPrompts, evidence_samples, spread_points
-from calibrate.tune import JOURNAL, TuneSettings, tune
-from graphops.reuse_map import reuse_index
+from sam_reuse.calibrate.activations import encode
+from sam_reuse.calibrate.data import load_calibration
+from sam_reuse.calibrate.evaluator import MaskEvaluator
+from sam_reuse.calibrate.evidence import MeanOverPrompts, evidence_samples, spread_points
+from sam_reuse.calibrate.tune import JOURNAL, TuneSettings, tune
+from sam_reuse.graphops.reuse_map import reuse_index
 from tests import synthetic
 
 

@@ -11,23 +11,23 @@ import pytest
 import torch
 from PIL import Image
 
-from exporter.cli import main
-from exporter.errors import SamReuseError
-from exporter.models import build_sam
-from finetune.adapters import CobotGroup, SalientChannelResidual, quaternion_matrix
-from finetune.blocks import attention_blocks, encoder_steps, run_steps
-from finetune.checkpoint import FINAL, PARTIAL, import_lora, read_adapters
-from finetune.config import METHODS, PeftConfig, TrainSettings
-from finetune.export import export_finetuned, load_finetuned
-from finetune.methods import adapter_parameters, attach, merge_adapters
-from finetune.train import Trainer, train
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.cli import main
+from sam_reuse.exporter.models import build_sam
+from sam_reuse.finetune.adapters import CobotGroup, SalientChannelResidual, quaternion_matrix
+from sam_reuse.finetune.blocks import attention_blocks, encoder_steps, run_steps
+from sam_reuse.finetune.checkpoint import FINAL, PARTIAL, import_lora, read_adapters
+from sam_reuse.finetune.config import METHODS, PeftConfig, TrainSettings
+from sam_reuse.finetune.export import export_finetuned, load_finetuned
+from sam_reuse.finetune.methods import adapter_parameters, attach, merge_adapters
+from sam_reuse.finetune.train import Trainer, train
 
 FAMILIES = ("test_vit_t", "test_vit_b")
 SALIENT = {"test_vit_t": {"layers.3.blocks.0": [0, 5, 7, 300]}, "test_vit_b": {"blocks.1": [1, 2, 40]}}
 
 
 def _image(sample_records) -> torch.Tensor:
-    from exporter import imaging
+    from sam_reuse.base import imaging
 
     return torch.from_numpy(imaging.preprocess(imaging.load_image_rgb(sample_records[0].image)))
 
@@ -186,8 +186,8 @@ def test_merged_export_matches_the_unmerged_torch_model(model_type, method, samp
     config = _config(model_type, method)
     attach(sam, config)
     _randomise(sam)
-    from finetune.checkpoint import save_checkpoint
-    from finetune.methods import adapter_state
+    from sam_reuse.finetune.checkpoint import save_checkpoint
+    from sam_reuse.finetune.methods import adapter_state
 
     save_checkpoint(tmp_path / FINAL, {}, config, adapter_state(sam), None, {"record": {}})
     loaded, _, _ = load_finetuned(model_type, None, tmp_path / FINAL)  # checkpoint round trip
@@ -197,7 +197,7 @@ def test_merged_export_matches_the_unmerged_torch_model(model_type, method, samp
     parity, peft = result.info["parity"], result.info["peft"]
     assert parity["encoder_max_abs_diff"] < 1e-4 and parity["min_mask_iou"] > 0.999
     assert peft["merge_max_abs_diff"] < 1e-4
-    from exporter.runtime import ort_session
+    from sam_reuse.base.runtime import ort_session
 
     onnx_embedding = ort_session(result.encoder).run(None, {"image": image.numpy()})[0]
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_imported_lora_exports_as_the_hand_merged_model(tmp_path, sample_records
         merged_by_hand[f"{linear}.weight"] = state[f"{linear}.weight"] + 2.0 * state[f"{linear}.lora_B"] @ state[key]
     torch.save(merged_by_hand, tmp_path / "merged.pt")
     result = export_finetuned("test_vit_t", adapters, tmp_path / "export", base, sample_records[:1])
-    from exporter.runtime import ort_session
+    from sam_reuse.base.runtime import ort_session
 
     onnx_embedding = ort_session(result.encoder).run(None, {"image": image.numpy()})[0]
     with torch.no_grad():

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.errors import SamReuseError
-from exporter.runtime import ort_session
-from graphops import ReuseMap, SiteReuse, apply_reuse_map
-from graphops.graph import fingerprint, load_graph
-from graphops.probe import cut, expose, index_input_name, with_index_input
-from graphops.sites import find_sites, user_site
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.graphops import ReuseMap, SiteReuse, apply_reuse_map
+from sam_reuse.graphops.graph import fingerprint, load_graph
+from sam_reuse.graphops.probe import cut, expose, index_input_name, with_index_input
+from sam_reuse.graphops.sites import find_sites, user_site
 from tests import graphs
 
 
@@ -77,7 +77,7 @@ def test_prune_removes_channels_nothing_reads():
 def test_output_site_keeps_its_name_and_equals_numpy():
     """A site that is a graph output (like image_embeddings) is gathered and keeps its public name."""
     model = graphs.mlp_graph()[0]
-    graph = load_graph(onnx.shape_inference.infer_shapes(model))
+    graph = load_graph(model)
     site = user_site(graph, "out", "y", -1)
     assert site.strategies == ["gather", "fold"] and "graph output" in site.blocked["prune"]
     original = _run(model, {"x": X_MLP})
@@ -89,7 +89,7 @@ def test_output_site_keeps_its_name_and_equals_numpy():
 
 def test_fold_refuses_across_layernorm_naming_the_node():
     model = graphs.layernorm_graph()
-    graph = load_graph(onnx.shape_inference.infer_shapes(model))
+    graph = load_graph(model)
     site = user_site(graph, "h", "h", -1)
     assert site.strategies == ["gather"]
     assert "LayerNormalization node 'norm' mixes channels" in site.blocked["fold"]
@@ -99,7 +99,7 @@ def test_fold_refuses_across_layernorm_naming_the_node():
 
 class TestValidation:
     def _validate(self, pairs, **overrides):
-        graph = load_graph(onnx.shape_inference.infer_shapes(MLP))
+        graph = load_graph(MLP)
         sites = {"hidden": user_site(graph, "hidden", "hidden", -1)}
         fields = dict(tensor="hidden", axis=-1, channels=10)
         fields.update(overrides)
@@ -174,7 +174,7 @@ def _random_pairs(channels: int, count: int, seed: int) -> list[tuple[int, int]]
 
 def _check_encoder(path, image, site_names):
     model = onnx.load(str(path))
-    graph = load_graph(onnx.shape_inference.infer_shapes(model))
+    graph = load_graph(model)
     sites = find_sites(graph)
     for name in site_names:
         site = sites[name]
@@ -190,7 +190,7 @@ def _check_encoder(path, image, site_names):
 
 @pytest.fixture(scope="module")
 def image(sample_records):
-    from exporter import imaging
+    from sam_reuse.base import imaging
 
     return imaging.preprocess(imaging.load_image_rgb(sample_records[0].image))
 
@@ -207,12 +207,12 @@ def test_tiny_encoder_sites_and_rewrites(tiny_exports, image, model_type, expect
 
 
 def test_dynamo_export_has_the_same_sites(tmp_path, sample_records):
-    from exporter.models import build_sam
-    from exporter.onnx_export import export_encoder
+    from sam_reuse.exporter.models import build_sam
+    from sam_reuse.exporter.onnx_export import export_encoder
 
     path = tmp_path / "encoder.onnx"
     export_encoder(build_sam("test_vit_b"), path, exporter="dynamo", opset=18)
-    graph = load_graph(onnx.shape_inference.infer_shapes(onnx.load(str(path))))
+    graph = load_graph(onnx.load(str(path)))
     sites = find_sites(graph)
     assert sorted(sites) == ["embedding", "mlp.0", "mlp.1"]
     assert sites["mlp.1"].strategies == ["gather", "fold", "prune"] and sites["mlp.1"].channels == 192
@@ -226,7 +226,7 @@ def test_real_mobilesam_sites_and_rewrites(mobilesam_export, image):
 
 def test_probe_index_input_evaluates_any_map(tiny_exports, image):
     model = onnx.load(str(tiny_exports["test_vit_t"].encoder))
-    graph = load_graph(onnx.shape_inference.infer_shapes(model))
+    graph = load_graph(model)
     site = find_sites(graph)["mlp.2"]
     probe = ort_session(with_index_input(model, site.tensor, site.axis, site.channels).SerializeToString())
     feed_name = index_input_name(site.tensor)
@@ -242,7 +242,7 @@ def test_probe_index_input_evaluates_any_map(tiny_exports, image):
 def test_probe_zero_channel_ablates_channels(tiny_exports, image):
     """Index value C reads an all-zero channel: equal to zeroing those channels between prefix and suffix."""
     model = onnx.load(str(tiny_exports["test_vit_b"].encoder))
-    site = find_sites(load_graph(onnx.shape_inference.infer_shapes(model)))["mlp.1"]
+    site = find_sites(load_graph(model))["mlp.1"]
     probe = ort_session(with_index_input(model, site.tensor, site.axis, site.channels,
                                          zero_channel=True).SerializeToString())
     feed_name = index_input_name(site.tensor)
@@ -262,7 +262,7 @@ def test_probe_zero_channel_ablates_channels(tiny_exports, image):
 
 def test_expose_adds_site_output_with_shape(tiny_exports, image):
     model = onnx.load(str(tiny_exports["test_vit_b"].encoder))
-    site = find_sites(load_graph(onnx.shape_inference.infer_shapes(model)))["mlp.1"]
+    site = find_sites(load_graph(model))["mlp.1"]
     exposed = expose(model, [site.tensor])
     output = exposed.graph.output[-1]
     assert output.name == site.tensor
@@ -273,7 +273,7 @@ def test_expose_adds_site_output_with_shape(tiny_exports, image):
 
 
 def test_cli_sites_and_apply(tiny_exports, image, tmp_path, capsys):
-    from exporter.cli import main
+    from sam_reuse.cli import main
 
     encoder = tiny_exports["test_vit_b"].encoder
     assert main(["sites", str(encoder), "--json"]) == 0

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from exporter import imaging
-from exporter.models import build_sam
+from sam_reuse.base import imaging
+from sam_reuse.exporter.models import build_sam
 
 
 @pytest.fixture(scope="module")

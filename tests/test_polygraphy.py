@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from polygraphy.json import load_json
 
-from exporter.imaging import load_image_rgb, preprocess, prompt_arrays
+from sam_reuse.base.imaging import load_image_rgb, preprocess, prompt_arrays
 from tests.conftest import REPO
 
 LOADER = REPO / "samples" / "polygraphy" / "data_loader.py"

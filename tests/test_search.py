@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from calibrate.fast import FastPlan, fast, guarded_prefix
-from calibrate.journal import Journal
-from calibrate.metrics import binary_iou, bootstrap_interval, pooled_bootstrap_interval
-from calibrate.salience import channel_salience, salience_order
-from calibrate.search import exhaustive, pair_space, parse_channels, top_distinct_targets
-from graphops.reuse_map import reuse_index
+from sam_reuse.base.imaging import binary_iou
+from sam_reuse.calibrate.fast import FastPlan, fast, guarded_prefix
+from sam_reuse.calibrate.journal import Journal
+from sam_reuse.calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
+from sam_reuse.calibrate.salience import channel_salience, salience_order
+from sam_reuse.calibrate.search import exhaustive, pair_space, parse_channels, top_distinct_targets
+from sam_reuse.graphops.reuse_map import reuse_index
 
 
 def test_iou_hand_computed_cases():

@@ -7,10 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from calibrate.shipping import ORIGINAL_SHIPPED, TUNED_SHIPPED, decide_on_cross_validation, decide_on_held_out
-from calibrate.shipping import held_out_parts
-from calibrate.tune import TuneSettings, tune
-from exporter.cli import main
+from sam_reuse.calibrate.shipping import (
+    ORIGINAL_SHIPPED,
+    TUNED_SHIPPED,
+    decide_on_cross_validation,
+    decide_on_held_out,
+    held_out_parts,
+)
+from sam_reuse.calibrate.tune import TuneSettings, tune
+from sam_reuse.cli import main
 from tests import synthetic
 
 

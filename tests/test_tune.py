@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import pytest
 
-from calibrate.tune import TuneSettings, evaluate, tune
-from exporter.errors import SamReuseError
-from exporter.cli import main
-from graphops.reuse_map import ReuseMap
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
+from sam_reuse.cli import main
+from sam_reuse.graphops.reuse_map import ReuseMap
 from tests import synthetic
 from tests.conftest import REPO, SAMPLES
 
@@ -165,7 +165,7 @@ def test_killed_search_resumes_to_the_identical_map(task, tmp_path):
     assert main(args + ["--out", str(reference)]) == 0
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "exporter.cli", *args, "--out", str(out)], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "sam_reuse.cli", *args, "--out", str(out)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while _journal_entries(out / "search.jsonl") < 10 and time.monotonic() < deadline and process.poll() is None:
@@ -263,13 +263,14 @@ def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsy
 
 def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mobilesam_checkpoint, sample_records):
     """The probe evaluator's IoU equals IoU of SamPredictor.predict(multimask_output=False) masks."""
-    from calibrate.activations import encode
-    from calibrate.data import load_sample
-    from calibrate.evaluator import MaskEvaluator
-    from calibrate.metrics import binary_iou
-    from exporter.imaging import load_image_rgb
-    from exporter.models import build_sam
     from segment_anything import SamPredictor
+
+    from sam_reuse.base.imaging import load_image_rgb
+    from sam_reuse.calibrate.activations import encode
+    from sam_reuse.calibrate.data import load_sample
+    from sam_reuse.calibrate.evaluator import MaskEvaluator
+    from sam_reuse.calibrate.metrics import binary_iou
+    from sam_reuse.exporter.models import build_sam
 
     samples = [load_sample(r) for r in sample_records[:3]]
     embeddings = encode(mobilesam_export.encoder, samples, progress=False, cache_dir=None)
@@ -286,14 +287,14 @@ def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mob
 
 def test_suffix_scoring_at_a_real_mlp_site_equals_the_pruned_encoder(mobilesam_export, sample_records, tmp_path):
     """Scoring through the cached prefix + suffix gives the embedding the rewritten MobileSAM encoder computes."""
-    from calibrate.activations import encode
-    from calibrate.data import load_sample
-    from calibrate.suffix import SuffixEmbedder
-    from exporter.runtime import ort_session
-    from exporter.imaging import load_image_rgb, preprocess
-    from graphops.reuse_map import ReuseMap, SiteReuse
-    from graphops.rewrites import apply_reuse_map
-    from graphops.sites import sites_of
+    from sam_reuse.base.imaging import load_image_rgb, preprocess
+    from sam_reuse.base.runtime import ort_session
+    from sam_reuse.calibrate.activations import encode
+    from sam_reuse.calibrate.data import load_sample
+    from sam_reuse.calibrate.suffix import SuffixEmbedder
+    from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse
+    from sam_reuse.graphops.rewrites import apply_reuse_map
+    from sam_reuse.graphops.sites import sites_of
 
     samples = [load_sample(r) for r in sample_records[:2]]
     encoder = onnx.load(str(mobilesam_export.encoder))
@@ -335,13 +336,13 @@ def test_evaluator_batches_mixed_prompts_and_image_sizes_like_one_at_a_time(task
     """Batching groups prompts by length and upscales each mask to its own image's size."""
     from PIL import Image
 
-    from calibrate.activations import encode
-    from calibrate.data import load_calibration
-    from calibrate.evaluator import MaskEvaluator
-    from calibrate.metrics import binary_iou
-    from exporter.imaging import logits_to_mask, prompt_arrays, upscale_logits
-    from exporter.onnx_export import decoder_feeds
-    from exporter.runtime import ort_session
+    from sam_reuse.base.contract import decoder_feeds
+    from sam_reuse.base.imaging import logits_to_mask, prompt_arrays, upscale_logits
+    from sam_reuse.base.runtime import ort_session
+    from sam_reuse.calibrate.activations import encode
+    from sam_reuse.calibrate.data import load_calibration
+    from sam_reuse.calibrate.evaluator import MaskEvaluator
+    from sam_reuse.calibrate.metrics import binary_iou
 
     data = synthetic.write_dataset(tmp_path / "data", 8)
     for i in (1, 4, 6):  # non-square images (and masks) of another size

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from exporter.cli import main
-from graphops.graph import fingerprint
-from graphops.reuse_map import ReuseMap, SiteReuse
-from graphops.rewrites import apply_reuse_map
-from graphops.sites import sites_of
+from sam_reuse.cli import main
+from sam_reuse.graphops.graph import fingerprint
+from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse
+from sam_reuse.graphops.rewrites import apply_reuse_map
+from sam_reuse.graphops.sites import sites_of
 from tests.conftest import SAMPLES
 
 

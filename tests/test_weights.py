@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.errors import SamReuseError
-from exporter.files import sha256_file
-from exporter.weights import WEIGHT_SOURCES, cached_weight_path, fetch_weights, verify_weight_file
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import sha256_file
+from sam_reuse.exporter.weights import WEIGHT_SOURCES, cached_weight_path, fetch_weights, verify_weight_file
 
 
 def test_cached_mobilesam_verifies(mobilesam_checkpoint):

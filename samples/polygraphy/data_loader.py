@@ -12,10 +12,10 @@ accuracy checks feed what deployment feeds. Environment:
 - ``SAM_REUSE_DATA``: calibration folder (default: the bundled CC0 isic2016 images);
 - ``SAM_REUSE_IMAGES``: how many records to yield (default 2);
 - ``SAM_REUSE_ENCODER``: the encoder ONNX whose embeddings feed the decoder
-  (``load_decoder_data`` only; default ``out/demo/encoder.onnx``).
+  (``load_decoder_data`` only; default ``out/demo/encoder.onnx`` under the current folder).
 
-The inputs come from ``exporter.verify.encoder_inputs`` / ``decoder_inputs``
-(built on ``exporter.imaging``): the same code ``export-and-tune verify``
+The inputs come from ``sam_reuse.exporter.verify.encoder_inputs`` / ``decoder_inputs``
+(built on ``sam_reuse.base.imaging``): the same code ``export-and-tune verify``
 and ``verify-engine`` feed, and the same preprocessing the tuner uses.
 """
 
@@ -27,14 +27,13 @@ from typing import Iterator
 
 import numpy as np
 
-from calibrate.data import read_records
-from exporter.verify import decoder_inputs, encoder_inputs
-
-REPO = Path(__file__).resolve().parents[2]
+from sam_reuse.calibrate.data import load_sample, read_records
+from sam_reuse.exporter.verify import decoder_inputs, encoder_inputs
+from sam_reuse.samples import BUNDLED_DATA
 
 
 def _records():
-    folder = Path(os.environ.get("SAM_REUSE_DATA") or REPO / "samples" / "data" / "isic2016")
+    folder = Path(os.environ.get("SAM_REUSE_DATA") or BUNDLED_DATA)
     count = int(os.environ.get("SAM_REUSE_IMAGES", "2"))
     return read_records(folder)[:count]
 
@@ -46,4 +45,4 @@ def load_encoder_data() -> Iterator[dict[str, np.ndarray]]:
 
 def load_decoder_data() -> Iterator[dict[str, np.ndarray]]:
     """Decoder inputs per calibration image: its embedding (from ``SAM_REUSE_ENCODER``) and its prompt."""
-    yield from decoder_inputs(_records(), os.environ.get("SAM_REUSE_ENCODER") or REPO / "out" / "demo" / "encoder.onnx")
+    yield from decoder_inputs([load_sample(r) for r in _records()], os.environ.get("SAM_REUSE_ENCODER") or Path("out/demo/encoder.onnx"))

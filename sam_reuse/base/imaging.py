@@ -15,13 +15,13 @@ sample all see identical tensors:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from exporter.errors import SamReuseError
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.records import Prompt
 
 IMAGE_SIZE = 1024
 LOW_RES_SIZE = 256
@@ -67,19 +67,6 @@ def transform_coords(coords: np.ndarray, original_hw: tuple[int, int], long_side
     out[..., 0] *= new_w / old_w
     out[..., 1] *= new_h / old_h
     return out.astype(np.float32)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """Point and/or box prompt in original-image pixel coordinates.
-
-    ``points`` is Nx2 (x, y), ``labels`` N values (1 foreground, 0 background);
-    ``box`` is (x0, y0, x1, y1).
-    """
-
-    points: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    box: np.ndarray | None = None
 
 
 def prompt_arrays(prompt: Prompt, original_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +132,19 @@ def upscale_logits(low_res_logits: np.ndarray, original_hw: tuple[int, int]) -> 
     """...xLxL low-resolution mask logits -> ...xHxW logits at the original image size."""
     rows, cols = upscale_matrices(original_hw, low_res_logits.shape[-1])
     return rows @ low_res_logits.astype(np.float32) @ cols
+
+
+def binary_iou(prediction: np.ndarray, truth: np.ndarray, empty: float = 0.0) -> float:
+    """|P & T| / |P | T| of two boolean masks; ``empty`` when both are empty.
+
+    Scored against ground truth, an empty union counts as 0, as in the reference method; two predictions
+    compared with each other (export parity) agree perfectly when both are empty: ``empty=1.0``.
+    """
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction {prediction.shape} and mask {truth.shape} differ in shape")
+    intersection = np.count_nonzero(prediction & truth)
+    union = np.count_nonzero(prediction) + np.count_nonzero(truth) - intersection
+    return empty if union == 0 else intersection / union
 
 
 def logits_to_mask(logits: np.ndarray) -> np.ndarray:

@@ -1,26 +1,28 @@
 """``export-and-tune peft-train | peft-export | peft-import``: the PEFT stage's commands.
 
-Registered by ``exporter.cli``; each handler is a thin call into
-``finetune.train.train``, ``finetune.export.export_finetuned`` or
-``finetune.checkpoint.import_lora``.
+Each handler is a thin call into ``sam_reuse.finetune.train.train``,
+``sam_reuse.finetune.export.export_finetuned`` or
+``sam_reuse.finetune.checkpoint.import_lora``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+
+from sam_reuse.cli.common import add_model_args, resolve_checkpoint, verify_records
+from sam_reuse.samples import BUNDLED_DATA
 
 
-def add_commands(sub: argparse._SubParsersAction, add_model_args: Callable, data_default: Path) -> None:
-    from finetune.config import METHODS, PeftConfig, TrainSettings
+def register(sub: argparse._SubParsersAction) -> dict:
+    from sam_reuse.finetune.config import METHODS, PeftConfig, TrainSettings
 
     config, settings = PeftConfig(method="lora"), TrainSettings()
     train = sub.add_parser("peft-train", help="train LoRA / SCT / SFA / SAM-COBOT adapters on labelled data (torch)")
     add_model_args(train)
     train.add_argument("--method", required=True, choices=METHODS)
     train.add_argument("--out", type=Path, required=True, help="folder for adapters.pt and train.json")
-    train.add_argument("--data", type=Path, default=data_default,
+    train.add_argument("--data", type=Path, default=BUNDLED_DATA,
                        help="calibration data; adapters train on its search split (default: bundled isic2016)")
     train.add_argument("--prompt", default=settings.prompt, choices=["given", "point", "box"])
     train.add_argument("--search-images", type=int, help="first K records train (default: first half)")
@@ -38,6 +40,8 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: Callable, data
     train.add_argument("--lr", type=float, default=settings.lr, help=f"(default: {settings.lr:g})")
     train.add_argument("--batch-size", type=int, default=settings.batch_size, help=f"(default: {settings.batch_size})")
     train.add_argument("--device", default=settings.device, help="auto (default), cpu or cuda[:N]")
+    train.add_argument("--train-seed", type=int, default=config.seed,
+                       help=f"seed of the adapters' initialisation and the batch order (default: {config.seed})")
     train.add_argument("--no-progress", action="store_true")
 
     export = sub.add_parser("peft-export", help="merge trained adapters and export a verified ONNX pair")
@@ -48,17 +52,19 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: Callable, data
     imported = sub.add_parser("peft-import", help="convert an externally trained LoRA state dict into adapters.pt")
     imported.add_argument("source", type=Path, help="state dict with image_encoder.<block>.attn.<qkv|proj>.lora_A/B")
     imported.add_argument("--out", type=Path, required=True)
+    return {"peft-train": _peft_train, "peft-export": _peft_export, "peft-import": _peft_import}
 
 
-def peft_train(args: argparse.Namespace, checkpoint: Path | None) -> int:
-    from finetune.config import PeftConfig, TrainSettings
-    from finetune.train import train
+def _peft_train(args: argparse.Namespace) -> int:
+    from sam_reuse.finetune.config import PeftConfig, TrainSettings
+    from sam_reuse.finetune.train import train
 
     config = PeftConfig(method=args.method, blocks=args.blocks, rank=args.rank, alpha=args.alpha,
-                        sct_fraction=args.sct_fraction, sfa_budget=args.sfa_budget, seed=args.seed)
+                        sct_fraction=args.sct_fraction, sfa_budget=args.sfa_budget, seed=args.train_seed)
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,
                              prompt=args.prompt, search_images=args.search_images,
                              holdout_images=args.holdout_images, progress=not args.no_progress)
+    checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
     record = train(args.model_type, checkpoint, args.data, args.out, config, settings, seed=args.seed)
     print(f"wrote {args.out / 'adapters.pt'} and {args.out / 'train.json'}")
     print(f"{record['method']}: {record['trainable_parameters']} trainable parameters, training loss "
@@ -67,10 +73,11 @@ def peft_train(args: argparse.Namespace, checkpoint: Path | None) -> int:
     return 0
 
 
-def peft_export(args: argparse.Namespace, checkpoint: Path | None, verify_records) -> int:
-    from finetune.export import export_finetuned
+def _peft_export(args: argparse.Namespace) -> int:
+    from sam_reuse.finetune.export import export_finetuned
 
-    result = export_finetuned(args.model_type, args.adapters, args.out, checkpoint, verify_records,
+    checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
+    result = export_finetuned(args.model_type, args.adapters, args.out, checkpoint, verify_records(args),
                               exporter=args.exporter, opset=args.opset, seed=args.seed)
     peft, parity = result.info["peft"], result.info["parity"]
     print(f"wrote {result.encoder}, {result.decoder}, {result.sidecar}")
@@ -80,8 +87,8 @@ def peft_export(args: argparse.Namespace, checkpoint: Path | None, verify_record
     return 0
 
 
-def peft_import(args: argparse.Namespace) -> int:
-    from finetune.checkpoint import import_lora
+def _peft_import(args: argparse.Namespace) -> int:
+    from sam_reuse.finetune.checkpoint import import_lora
 
     adapters, base = import_lora(args.source, args.out)
     print(f"wrote {adapters}" + (f" and the base weights {base} (pass it as --checkpoint)" if base else ""))

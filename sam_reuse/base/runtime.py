@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from exporter.errors import SamReuseError
+from sam_reuse.base.errors import SamReuseError
 
 DEFAULT_THREADS = int(os.environ.get("SAM_REUSE_THREADS", "2"))
 

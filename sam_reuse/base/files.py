@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from exporter.errors import SamReuseError
+from sam_reuse.base.errors import SamReuseError
 
 
 def cache_root() -> Path:

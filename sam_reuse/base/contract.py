@@ -1,0 +1,35 @@
+"""The names and formats every stage agrees on: the exported models' inputs and outputs, and the JSON formats.
+
+The exporter writes models with these tensor names, the search feeds them,
+the engines keep them, and the C++ sample reads them; a format id is written
+into every JSON file a stage publishes, so a reader can refuse one it does
+not know.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ENCODER_INPUTS = ("image",)
+EMBEDDING = "image_embeddings"  # the encoder's output, the decoder's first input, and the reference reuse site
+ENCODER_OUTPUTS = (EMBEDDING,)
+DECODER_INPUTS = (EMBEDDING, "point_coords", "point_labels", "mask_input", "has_mask_input")
+DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
+
+REUSE_MAP_FORMAT = "sam-reuse/reuse-map@1"
+REPORT_FORMAT = "sam-reuse/report@2"
+ENGINE_SIDECAR_FORMAT = "sam-reuse/engine@1"
+
+
+def decoder_feeds(embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray,
+                  mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Decoder inputs for a batch of embeddings paired one-to-one with prompts."""
+    batch = embedding.shape[0]
+    has_mask = mask_input is not None
+    return {
+        EMBEDDING: embedding.astype(np.float32),
+        "point_coords": coords.astype(np.float32),
+        "point_labels": labels.astype(np.float32),
+        "mask_input": (mask_input if has_mask else np.zeros((batch, 1, 256, 256))).astype(np.float32),
+        "has_mask_input": np.full((batch,), float(has_mask), dtype=np.float32),
+    }

@@ -1,0 +1,61 @@
+"""``export-and-tune``: a thin command-line layer over the Python API.
+
+One module per command group (``export``, ``graph``, ``tune``, ``engine``,
+``peft``), each registering its subcommands and their handlers; shared
+option groups are declared once in ``common``. Every user error surfaces as
+one line on stderr naming the file or option at fault, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from typing import Callable, Iterator, Sequence
+
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.cli import engine, export, graph, peft, tune
+
+COMMAND_GROUPS = (export, graph, tune, engine, peft)
+DESCRIPTION = ("Adapt a Segment Anything model to an image domain by channel reuse, without training, and ship it as "
+               "ONNX models and TensorRT engines.")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    """The parser and each subcommand's handler."""
+    parser = argparse.ArgumentParser(prog="export-and-tune", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    for group in COMMAND_GROUPS:
+        handlers.update(group.register(sub))
+    return parser, handlers
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Show warnings (skipped records, ...) as one 'export-and-tune: warning:' message each."""
+    previous = warnings.showwarning
+    warnings.showwarning = lambda message, *_args, **_kwargs: print(f"export-and-tune: warning: {message}",
+                                                                    file=sys.stderr)
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "run")  # `export-and-tune --model-type ...` runs the whole pipeline
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with _warnings_to_stderr():
+            return handlers[args.command](args)
+    except SamReuseError as exc:
+        print(f"export-and-tune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("export-and-tune: interrupted", file=sys.stderr)
+        return 130

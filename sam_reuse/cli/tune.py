@@ -1,0 +1,110 @@
+"""``export-and-tune tune | evaluate | run``: search a reuse map, score a model pair, or the whole pipeline.
+
+``tune`` and ``run`` exit 0 when the tuned encoder ships and 3 when the
+original does (``sam_reuse.calibrate.shipping``); scripts branch on that.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.cli.common import add_data_args, add_model_args, add_search_args, tune_settings
+from sam_reuse.cli.engine import deployment_engines, engine_precisions
+from sam_reuse.cli.export import export_and_report
+from sam_reuse.samples import BUNDLED_DATA
+
+
+def register(sub: argparse._SubParsersAction) -> dict:
+    tune = sub.add_parser("tune", help="search a reuse map on calibration data; write the tuned encoder and a report")
+    tune.add_argument("--out", type=Path, required=True, help="output directory (default models: OUT/encoder.onnx, OUT/decoder.onnx)")
+    tune.add_argument("--encoder", type=Path, help="encoder ONNX (default: OUT/encoder.onnx)")
+    tune.add_argument("--decoder", type=Path, help="decoder ONNX (default: OUT/decoder.onnx)")
+    add_data_args(tune, None)
+    add_search_args(tune)
+
+    evaluate = sub.add_parser("evaluate", help="mIoU of an encoder/decoder ONNX pair on a split of labelled data")
+    evaluate.add_argument("--encoder", type=Path, required=True)
+    evaluate.add_argument("--decoder", type=Path, required=True)
+    evaluate.add_argument("--split", default="held-out", choices=["held-out", "search", "all"])
+    evaluate.add_argument("--json", type=Path, help="also write the per-image figures to this JSON file")
+    add_data_args(evaluate, None)
+
+    run = sub.add_parser("run", help="the whole pipeline: export (or take an ONNX pair), tune, build engines")
+    add_model_args(run)
+    run.add_argument("--out", type=Path, required=True, help="output directory")
+    run.add_argument("--encoder", type=Path, help="tune this encoder ONNX instead of exporting (with --decoder)")
+    run.add_argument("--decoder", type=Path, help="decoder ONNX to go with --encoder")
+    run.add_argument("--engines", default="fp32,fp16",
+                     help="precisions of the TensorRT engines built from the shipped encoder and the decoder, "
+                          "comma-separated, or 'none' (default: fp32,fp16; skipped with a note without TensorRT)")
+    add_data_args(run, BUNDLED_DATA)
+    add_search_args(run)
+    return {"tune": _tune, "evaluate": _evaluate, "run": _run}
+
+
+def _print_report(report: dict) -> None:
+    search, held, shipping = report["search"], report["held_out"], report["shipping"]
+    pairs = report["reuse_map"]["sites"][report["site"]["name"]]["pairs"]
+    print(f"candidate pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}")
+    print(f"search split   ({search['images']} images): mIoU {search['baseline_miou']:.2f} -> {search['tuned_miou']:.2f}")
+    if held:
+        print(f"held-out split ({held['images']} images): mIoU {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f}")
+    if held and shipping["reported"]:
+        low, high = shipping["reported"]["gain_interval_90"]
+        print(f"held-out test part ({shipping['reported']['images']} images, decided nothing): "
+              f"{shipping['reported']['gain']:+.2f} mIoU, 90% CI [{low:+.2f}, {high:+.2f}]")
+    print(f"verdict: {report['verdict']}")
+
+
+def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace) -> tuple[int, Path]:
+    """Tune; returns the exit status (0: the tuned encoder ships, 3: the original) and the shipped encoder."""
+    from sam_reuse.calibrate.tune import tune
+
+    result = tune(encoder, decoder, args.data, out, tune_settings(args))
+    _print_report(result.report)
+    shipping = result.report["shipping"]
+    written = ", ".join(shipping["candidate_files"] + ["report.md", "report.json", "miou_vs_pairs.png"])
+    print(f"wrote {out}: {written}")
+    shipped = out / shipping["encoder"] if result.decision.ship_tuned else encoder
+    if result.decision.ship_tuned:
+        print(f"shipped: {shipped} (exit status 0)")
+    else:
+        print(f"shipped: the original encoder {shipped} (exit status {result.decision.exit_status}: no tuned model "
+              f"ships{'; --ship-anyway ships the candidate' if shipping['candidate_files'] else ''})")
+    return result.decision.exit_status, shipped
+
+
+def _tune(args: argparse.Namespace) -> int:
+    return _tune_into(args.out, args.encoder or args.out / "encoder.onnx", args.decoder or args.out / "decoder.onnx",
+                      args)[0]
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from sam_reuse.base.files import write_json
+    from sam_reuse.calibrate.tune import evaluate
+
+    result = evaluate(args.encoder, args.decoder, args.data, args.split, tune_settings(args))
+    print(f"{args.split} split ({len(result.keys)} images): mIoU {result.miou:.2f}")
+    if args.json:
+        write_json(args.json, result.to_json())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Export (or copy the given ONNX pair into --out), tune, and build the engines of what ships."""
+    from sam_reuse.calibrate.tune import copy_model
+
+    if (args.encoder is None) != (args.decoder is None):
+        raise SamReuseError("--encoder and --decoder go together")
+    precisions = engine_precisions(args.engines)  # a typo here must not cost an export and a search
+    if args.encoder is not None:
+        copy_model(args.encoder, args.out / "encoder.onnx")
+        copy_model(args.decoder, args.out / "decoder.onnx")
+    else:
+        export_and_report(args, reuse=True)
+    status, shipped = _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
+    if precisions:
+        deployment_engines(shipped, args.out / "decoder.onnx", precisions)
+    return status
