@@ -245,20 +245,60 @@ def _write_overlays(held_eval: MaskEvaluator, rows: list[int], index: np.ndarray
                 folder / f"overlay-{sample.key}.png")
 
 
-def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: str | Path,
-         settings: TuneSettings | None = None) -> TuneResult:
-    """Search a reuse map on ``data``'s search split and write it with a tuned encoder and a report.
+@dataclass
+class _Inputs:
+    """Stage 1: the models, the site and the calibration data, validated before any minute is spent."""
 
-    Writes ``search.jsonl`` (progress, for resuming) as it goes and, at the
-    end and all at once, ``encoder.tuned.onnx``, ``reuse_map.json``,
-    ``report.json``, ``report.md``, ``miou_vs_pairs.png`` and
-    ``overlay-<key>.png`` for a few held-out images.
-    """
-    settings = settings or TuneSettings()
+    encoder: Path
+    decoder: Path
+    data: Path
+    encoder_model: onnx.ModelProto
+    decoder_model: onnx.ModelProto
+    encoder_fp: str
+    decoder_fp: str
+    site: Site
+    calibration: CalibrationSet
+
+
+@dataclass
+class _Scoring:
+    """Stage 2: each split's evaluator (every image encoded once) and the search split's site activations."""
+
+    evidence: str
+    per_image: int  # prompts per search image
+    search_eval: MaskEvaluator
+    search_prompts: list[Sample]
+    search_activations: list[np.ndarray] | np.ndarray
+    held_eval: MaskEvaluator | None
+
+
+@dataclass
+class _Search:
+    """Stage 3: the channels searched and what the search found on its own split."""
+
+    target_spec: str
+    source_spec: str
+    targets: list[int]
+    sources: list[int]
+    salience: np.ndarray
+    result: SearchResult
+
+
+@dataclass
+class _Assessment:
+    """Stage 4: the candidate, what ships and on what evidence, and the rewritten encoder, checked exact."""
+
+    decision: Decision
+    curve: list[dict[str, Any]]
+    reuse_map: ReuseMap
+    tuned_model: onnx.ModelProto
+    gains: np.ndarray  # per image, of the candidate: held-out, else cross-validated
+    held_ious: tuple[np.ndarray, np.ndarray] | None  # held-out IoUs of the original and the candidate
+    check: dict[str, Any]
+
+
+def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: TuneSettings) -> _Inputs:
     _check_settings(settings)
-    encoder, decoder, out_dir = Path(encoder), Path(decoder), Path(out_dir)
-    wall: dict[str, float] = {}
-    started = time.perf_counter()
     encoder_model = load_model(encoder, "encoder ONNX")
     decoder_model = load_model(decoder, "decoder ONNX")
     site = _site(encoder_model, encoder, settings.site)
@@ -272,23 +312,24 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         raise SamReuseError(f"{data}: {len(calibration.search)} search images cannot make "
                             f"{settings.cv_folds} cross-validation folds (keep a held-out split or add images)")
     ensure_writable_dir(out_dir)
-    encoder_fp, decoder_fp = fingerprint(encoder_model), fingerprint(decoder_model)
-    wall["load"] = time.perf_counter() - started
+    return _Inputs(encoder, decoder, data, encoder_model, decoder_model, fingerprint(encoder_model),
+                   fingerprint(decoder_model), site, calibration)
 
-    mark = time.perf_counter()
+
+def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
     # Each search image appears once per prompt of its evidence (the encoder still runs once per image).
-    evidence = _evidence(settings, site.name)
-    search_prompts = evidence_samples(calibration.search, evidence)
-    per_image = 1 + EVIDENCE[evidence]
-    search_eval, search_activations = _site_evaluator(encoder_model, decoder_model, site, search_prompts,
-                                                      settings, "encode search split")
-    search_scorer = MeanOverPrompts(search_eval, per_image)
-    held_eval = _site_evaluator(encoder_model, decoder_model, site, calibration.held_out, settings,
-                                "encode held-out split")[0] if calibration.held_out else None
-    wall["encode"] = time.perf_counter() - mark
+    evidence = _evidence(settings, inputs.site.name)
+    search_prompts = evidence_samples(inputs.calibration.search, evidence)
+    search_eval, activations = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site,
+                                               search_prompts, settings, "encode search split")
+    held_eval = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site, inputs.calibration.held_out,
+                                settings, "encode held-out split")[0] if inputs.calibration.held_out else None
+    return _Scoring(evidence, 1 + EVIDENCE[evidence], search_eval, search_prompts, activations, held_eval)
 
-    mark = time.perf_counter()
-    salience = channel_salience(search_activations[::per_image], site.axis)  # each image once, not per prompt
+
+def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir: Path) -> _Search:
+    site, per_image, images = inputs.site, scoring.per_image, len(inputs.calibration.search)
+    salience = channel_salience(scoring.search_activations[::per_image], site.axis)  # each image once
     target_spec, source_spec = _channel_specs(settings, site.name, site.channels)
     targets = parse_channels(target_spec, site.channels, salience)
     sources = parse_channels(source_spec, site.channels, salience)
@@ -297,15 +338,15 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
         raise SamReuseError("--targets/--sources leave no pair (a pair needs a target different from its source)")
     plan = FastPlan(top_n=settings.top_n, max_pairs=settings.top_n,
                     **(INNER_SITE_PLAN if site.name != "embedding" else {}))
-    # The selection rule is left out: it changes no measurement, so naive and guarded share a journal.
-    config = {"strategy": settings.strategy, "encoder": encoder_fp, "decoder": decoder_fp, "site": site.tensor,
-              "mask_rule": MASK_RULE, "images": [_sample_identity(s) for s in search_prompts],
+    # The selection rule is left out: it changes no measurement, so every selection shares a journal.
+    config = {"strategy": settings.strategy, "encoder": inputs.encoder_fp, "decoder": inputs.decoder_fp,
+              "site": site.tensor, "mask_rule": MASK_RULE,
+              "images": [_sample_identity(s) for s in scoring.search_prompts],
               "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size,
               **({"plan": plan.to_json()} if settings.strategy == "fast" else {})}
     journal = Journal(out_dir / JOURNAL, config)
     if journal.restarted:
         print(f"{out_dir / JOURNAL}: written for other settings; starting the search over")
-    images = len(calibration.search)
     if settings.progress:
         if settings.strategy == "fast":
             screened = len(set(targets) | set(sources))
@@ -315,103 +356,152 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
             work = (f"{len(pairs):,} pairs + up to {planned_subsets(pairs, settings.top_n):,} subsets, "
                     f"each scored on {images} search images" + (f" x {per_image} prompts" if per_image > 1 else ""))
         print(f"{settings.strategy} search: {work} ({len(journal.entries):,} units already in {JOURNAL})")
+    scorer = MeanOverPrompts(scoring.search_eval, per_image)
     if settings.strategy == "fast":
         search_selection = "guarded" if settings.selection == "validated" else settings.selection
-        result = fast(search_scorer.ious, site.channels, targets, sources, journal, images, plan, search_selection,
-                      cv_folds=0 if calibration.held_out else settings.cv_folds, progress=settings.progress)
+        result = fast(scorer.ious, site.channels, targets, sources, journal, images, plan, search_selection,
+                      cv_folds=0 if inputs.calibration.held_out else settings.cv_folds, progress=settings.progress)
     else:
-        result = exhaustive(search_scorer.ious, site.channels, pairs, settings.top_n, journal, images,
+        result = exhaustive(scorer.ious, site.channels, pairs, settings.top_n, journal, images,
                             progress=settings.progress)
-    wall["search"] = time.perf_counter() - mark
+    return _Search(target_spec, source_spec, targets, sources, salience, result)
 
-    mark = time.perf_counter()
-    keys = [s.key for s in calibration.held_out]
+
+def _assess(inputs: _Inputs, scoring: _Scoring, search: _Search, settings: TuneSettings) -> _Assessment:
+    result, calibration, site = search.result, inputs.calibration, inputs.site
     if calibration.held_out:
-        curve, held_by_size = _held_out_curve(result, held_eval)
-        decision = decide_on_held_out(held_by_size, len(result.best),
-                                      settings.selection, settings.ship_anyway, _empty_reason(result))
+        curve, held_by_size = _held_out_curve(result, scoring.held_eval)
+        decision = decide_on_held_out(held_by_size, len(result.best), settings.selection, settings.ship_anyway,
+                                      _empty_reason(result))
+        held_ious = (held_by_size[0], held_by_size[decision.candidate])
+        gains = (held_ious[1] - held_ious[0]) * 100
+        check_samples, check_eval, check_stride = calibration.held_out, scoring.held_eval, 1
     else:  # the user keeps no images back: the cross-validated estimate decides
         curve = [_curve_point(result, size, None) for size in range(len(result.curve))]
         estimate = result.details["cross_validation"]
-        decision = decide_on_cross_validation(np.asarray(estimate["per_image_gain"]), len(result.best),
-                                              estimate["folds"], settings.ship_anyway, _empty_reason(result))
-    candidate = result.curve[decision.candidate]
-    reuse = SiteReuse(tensor=site.tensor, axis=site.axis, channels=site.channels, pairs=tuple(candidate))
-    reuse_map = ReuseMap(model_fingerprint=encoder_fp, sites={settings.site: reuse},
-                         meta={"strategy": settings.strategy, "data": str(data),
-                               "search_images": [s.key for s in calibration.search],
-                               "shipped": decision.ship_tuned})
-    tuned_model, applied = apply_reuse_map(encoder_model, reuse_map)
-    if calibration.held_out:
-        held_base, held_tuned = held_by_size[0], held_by_size[decision.candidate]
-        gains = (held_tuned - held_base) * 100
-        check_samples, check_eval, check_stride = calibration.held_out, held_eval, 1
-    else:
-        gains = np.asarray(result.details["cross_validation"]["per_image_gain"])
-        check_samples, check_eval, check_stride = calibration.search, search_eval, per_image
-    check_sample = int(np.argmax(np.abs(gains))) if len(gains) else 0
-    max_diff = _check_tuned_encoder(tuned_model, check_samples[check_sample],
-                                    _searched_embedding(check_eval, check_sample * check_stride, reuse.index()))
+        gains = np.asarray(estimate["per_image_gain"])
+        decision = decide_on_cross_validation(gains, len(result.best), estimate["folds"], settings.ship_anyway,
+                                              _empty_reason(result))
+        held_ious = None
+        check_samples, check_eval, check_stride = calibration.search, scoring.search_eval, scoring.per_image
+    reuse = SiteReuse(tensor=site.tensor, axis=site.axis, channels=site.channels,
+                      pairs=tuple(result.curve[decision.candidate]))
+    reuse_map = ReuseMap(model_fingerprint=inputs.encoder_fp, sites={settings.site: reuse},
+                         meta={"strategy": settings.strategy, "data": str(inputs.data),
+                               "search_images": [s.key for s in calibration.search], "shipped": decision.ship_tuned})
+    tuned_model, applied = apply_reuse_map(inputs.encoder_model, reuse_map)
+    row = int(np.argmax(np.abs(gains))) if len(gains) else 0  # the image the candidate changed most
+    max_diff = _check_tuned_encoder(tuned_model, check_samples[row],
+                                    _searched_embedding(check_eval, row * check_stride, reuse.index()))
     if max_diff > CHECK_TOLERANCE:
         raise SamReuseError(f"tuned encoder disagrees with the searched embedding by {max_diff:.2e} "
-                            f"on {check_samples[check_sample].key}: the rewrite is not exact")
-    wall["held_out"] = time.perf_counter() - mark
+                            f"on {check_samples[row].key}: the rewrite is not exact")
+    check = {"image": check_samples[row].key, "max_abs_diff": max_diff,
+             "rewrite": ", ".join(f"{k}: {v}" for k, v in applied.items()) or "none (empty map)"}
+    return _Assessment(decision, curve, reuse_map, tuned_model, gains, held_ious, check)
 
+
+def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _Assessment, settings: TuneSettings,
+            overlays: list[int], wall: dict[str, float]) -> dict[str, Any]:
+    """report.json's content: every figure, what shipped and why (format ``REPORT_FORMAT``)."""
+    calibration, result, decision = inputs.calibration, search.result, assessment.decision
+    keys = [s.key for s in calibration.held_out]
     shipped_names = SHIPPED_OUTPUTS if decision.ship_tuned else NOT_SHIPPED_OUTPUTS
-    chosen = _choose_overlays(keys, gains, settings.overlays) if calibration.held_out and decision.candidate else []
     reported = decision.reported
-    report = {
+    held = None
+    if assessment.held_ious is not None:
+        held_base, held_tuned = assessment.held_ious
+        validation, test = held_out_parts(len(keys))
+        held = {"images": len(keys), "baseline_miou": _pct(held_base), "tuned_miou": _pct(held_tuned),
+                **{k: v for k, v in Gain.of(assessment.gains).to_json().items() if k != "images"},
+                "per_image": [{"key": k, "baseline": float(b * 100), "tuned": float(t * 100)}
+                              for k, b, t in zip(keys, held_base, held_tuned)],
+                "validation_keys": [keys[i] for i in validation], "test_keys": [keys[i] for i in test]}
+    return {
         "format": REPORT_FORMAT,
         "verdict": decision.verdict,
-        "shipping": {**decision.to_json(), "encoder": shipped_names[0] if decision.ship_tuned else str(encoder),
+        "shipping": {**decision.to_json(),
+                     "encoder": shipped_names[0] if decision.ship_tuned else str(inputs.encoder),
                      "candidate_files": list(shipped_names) if decision.candidate else []},
         "estimate": None if reported is None else {
             "basis": ("test part of the held-out split (decided nothing)" if calibration.held_out
                       else decision.basis),
             "gain": reported.gain, "gain_interval_90": list(reported.interval)},
-        "model": {"encoder": str(encoder), "decoder": str(decoder), "encoder_fingerprint": encoder_fp,
-                  "decoder_fingerprint": decoder_fp},
-        "data": {"source": str(data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
+        "model": {"encoder": str(inputs.encoder), "decoder": str(inputs.decoder),
+                  "encoder_fingerprint": inputs.encoder_fp, "decoder_fingerprint": inputs.decoder_fp},
+        "data": {"source": str(inputs.data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
                  "search": [s.key for s in calibration.search], "held_out": keys, "skipped": calibration.skipped},
-        "settings": {**asdict(settings), "targets": target_spec, "sources": source_spec, "evidence": evidence},
-        "site": {"name": settings.site, "tensor": site.tensor, "axis": site.axis, "channels": site.channels},
+        "settings": {**asdict(settings), "targets": search.target_spec, "sources": search.source_spec,
+                     "evidence": scoring.evidence},
+        "site": {"name": settings.site, "tensor": inputs.site.tensor, "axis": inputs.site.axis,
+                 "channels": inputs.site.channels},
         "search": {"images": len(calibration.search), "baseline_miou": _pct(result.baseline),
-                   "tuned_miou": _pct(result.ious_of(candidate)), "pairs_scored": len(result.pair_scores),
-                   "search_choice_pairs": len(result.best),
-                   "targets": targets, "sources": sources,
+                   "tuned_miou": _pct(result.ious_of(result.curve[decision.candidate])),
+                   "pairs_scored": len(result.pair_scores), "search_choice_pairs": len(result.best),
+                   "targets": search.targets, "sources": search.sources,
                    "top_pairs": [[t, s, d * 100] for (t, s), d in result.pair_scores[:20]],
                    "candidates": [list(p) for p in result.candidates], "subsets": len(result.subsets),
-                   "salience": [float(v) for v in salience]},
-        "held_out": None if not calibration.held_out else {
-            "images": len(keys), "baseline_miou": _pct(held_base), "tuned_miou": _pct(held_tuned),
-            **{k: v for k, v in Gain.of(gains).to_json().items() if k != "images"},
-            "per_image": [{"key": k, "baseline": float(b * 100), "tuned": float(t * 100)}
-                          for k, b, t in zip(keys, held_base, held_tuned)],
-            "validation_keys": [keys[i] for i in held_out_parts(len(keys))[0]],
-            "test_keys": [keys[i] for i in held_out_parts(len(keys))[1]]},
-        "curve": curve,
+                   "salience": [float(v) for v in search.salience]},
+        "held_out": held,
+        "curve": assessment.curve,
         "strategy_details": result.details,
-        "reuse_map": reuse_map.to_json(),
-        "tuned_encoder_check": {"image": check_samples[check_sample].key, "max_abs_diff": max_diff,
-                                "rewrite": ", ".join(f"{k}: {v}" for k, v in applied.items()) or "none (empty map)"},
-        "overlays": [f"overlay-{keys[i]}.png" for i in chosen],
-        "cost": {"decoder_evaluations": {"search": search_eval.evaluations,
-                                         "held_out": held_eval.evaluations if calibration.held_out else 0},
+        "reuse_map": assessment.reuse_map.to_json(),
+        "tuned_encoder_check": assessment.check,
+        "overlays": [f"overlay-{keys[i]}.png" for i in overlays],
+        "cost": {"decoder_evaluations": {"search": scoring.search_eval.evaluations,
+                                         "held_out": scoring.held_eval.evaluations if scoring.held_eval else 0},
                  "maps_reused_from_journal": result.reused,
                  "encoded_images": len(calibration.search) + len(calibration.held_out),
                  "wall_s": wall},
     }
+
+
+def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: str | Path,
+         settings: TuneSettings | None = None) -> TuneResult:
+    """Search a reuse map on ``data``'s search split, decide on held-out images whether it ships, write it all.
+
+    Stages: prepare (validate everything), encode (each image once), search (the search split only),
+    assess (the shipping rule, ``calibrate.shipping``, and the rewrite checked exact), publish.
+    Writes ``search.jsonl`` (progress, for resuming) as it goes and, at the end and all at once, the
+    candidate encoder and map (``SHIPPED_OUTPUTS`` or ``NOT_SHIPPED_OUTPUTS``), ``report.json``,
+    ``report.md``, ``miou_vs_pairs.png`` and ``overlay-<key>.png`` for a few held-out images.
+    """
+    settings = settings or TuneSettings()
+    encoder, decoder, data, out_dir = Path(encoder), Path(decoder), Path(data), Path(out_dir)
+    wall: dict[str, float] = {}
+    started = mark = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal mark
+        wall[stage], mark = time.perf_counter() - mark, time.perf_counter()
+
+    inputs = _prepare(encoder, decoder, data, out_dir, settings)
+    lap("load")
+    scoring = _encode(inputs, settings)
+    lap("encode")
+    search = _search(inputs, scoring, settings, out_dir)
+    lap("search")
+    assessment = _assess(inputs, scoring, search, settings)
+    lap("held_out")
+
+    decision = assessment.decision
+    keys = [s.key for s in inputs.calibration.held_out]
+    overlays = (_choose_overlays(keys, assessment.gains, settings.overlays)
+                if assessment.held_ious is not None and decision.candidate else [])
+    names = SHIPPED_OUTPUTS if decision.ship_tuned else NOT_SHIPPED_OUTPUTS
     with staged_outputs(out_dir, replacing=TUNE_OUTPUTS) as staging:
         if decision.candidate:
-            onnx.save(tuned_model, str(staging / shipped_names[0]))
-            reuse_map.save(staging / shipped_names[1])
-        plot_curve(curve, decision.candidate, staging / "miou_vs_pairs.png")
-        if chosen:
-            _write_overlays(held_eval, chosen, reuse.index(), held_base, held_tuned, staging)
+            onnx.save(assessment.tuned_model, str(staging / names[0]))
+            assessment.reuse_map.save(staging / names[1])
+        plot_curve(assessment.curve, decision.candidate, staging / "miou_vs_pairs.png")
+        if overlays:
+            _write_overlays(scoring.held_eval, overlays, assessment.reuse_map.sites[settings.site].index(),
+                            *assessment.held_ious, staging)
         wall["total"] = time.perf_counter() - started
+        report = _report(inputs, scoring, search, assessment, settings, overlays, wall)
         write_json(staging / "report.json", report)
         (staging / "report.md").write_text(markdown(report))
-    return TuneResult(reuse_map=reuse_map, report=report, out_dir=out_dir, decision=decision)
+    return TuneResult(reuse_map=assessment.reuse_map, report=report, out_dir=out_dir, decision=decision)
 
 
 @dataclass

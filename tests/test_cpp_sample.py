@@ -92,7 +92,7 @@ def test_cpp_engines_run_like_onnx_runtime(build, mobilesam_export, sample_recor
     from sam_reuse.calibrate.activations import encode
     from sam_reuse.calibrate.data import load_sample
     from sam_reuse.calibrate.evaluator import MaskEvaluator
-    from sam_reuse.calibrate.metrics import binary_iou
+    from sam_reuse.base.imaging import binary_iou
     from sam_reuse.exporter.engine import build_engine, gpu_available
 
     if not (build / "sam_trt").exists():

@@ -269,7 +269,7 @@ def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mob
     from sam_reuse.calibrate.activations import encode
     from sam_reuse.calibrate.data import load_sample
     from sam_reuse.calibrate.evaluator import MaskEvaluator
-    from sam_reuse.calibrate.metrics import binary_iou
+    from sam_reuse.base.imaging import binary_iou
     from sam_reuse.exporter.models import build_sam
 
     samples = [load_sample(r) for r in sample_records[:3]]
@@ -342,7 +342,7 @@ def test_evaluator_batches_mixed_prompts_and_image_sizes_like_one_at_a_time(task
     from sam_reuse.calibrate.activations import encode
     from sam_reuse.calibrate.data import load_calibration
     from sam_reuse.calibrate.evaluator import MaskEvaluator
-    from sam_reuse.calibrate.metrics import binary_iou
+    from sam_reuse.base.imaging import binary_iou
 
     data = synthetic.write_dataset(tmp_path / "data", 8)
     for i in (1, 4, 6):  # non-square images (and masks) of another size
