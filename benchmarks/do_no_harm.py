@@ -25,12 +25,13 @@ gains with 90% bootstrap intervals, shipped or not, and the paired difference
 between the arms. Searches are journaled in WORK/runs, so an interrupted
 benchmark resumes.
 
-Writes benchmarks/results/do_no_harm-<evidence>.{json,md}.
+Writes benchmarks/results/do_no_harm-<evidence>.{json,md}, keeping the rows of splits not rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
@@ -42,6 +43,7 @@ from shift_splits import SHIFT_SPLITS, pooled_embeddings, write_split
 
 from sam_reuse.base.files import write_json
 from sam_reuse.calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
+from sam_reuse.calibrate.report import TuneReport
 from sam_reuse.calibrate.shipping import held_out_parts
 from sam_reuse.calibrate.tune import TuneSettings, tune
 
@@ -63,25 +65,25 @@ def _arm(gains: np.ndarray, shipped: bool, test: np.ndarray) -> dict:
             "test_per_image": gains[test].tolist()}
 
 
-def summarise(report: dict) -> dict:
+def summarise(report: TuneReport) -> dict:
     """Both arms of one split, read off a tune report (its curve holds every prefix's held-out IoUs)."""
-    curve = report["curve"]
+    curve = report.curve
     baseline = np.asarray(curve[0]["held_out_per_image"])
     _, test = held_out_parts(len(baseline))
-    search_choice = report["search"]["search_choice_pairs"]
-    shipping = report["shipping"]
+    search_choice = report.search.search_choice_pairs
+    shipping = report.shipping
     old = np.asarray(curve[search_choice]["held_out_per_image"]) - baseline
-    new = np.asarray(curve[shipping["candidate_pairs"]]["held_out_per_image"]) - baseline
+    new = np.asarray(curve[shipping.candidate_pairs]["held_out_per_image"]) - baseline
     arms = {ARMS[0]: {"pairs": search_choice, **_arm(old, search_choice > 0, test)},
-            ARMS[1]: {"pairs": shipping["candidate_pairs"], **_arm(new, shipping["shipped"] == "tuned", test),
-                      "verdict": report["verdict"]}}
+            ARMS[1]: {"pairs": shipping.candidate_pairs, **_arm(new, shipping.shipped == "tuned", test),
+                      "verdict": report.verdict}}
     difference = np.asarray(arms[ARMS[1]]["test_per_image"]) - np.asarray(arms[ARMS[0]]["test_per_image"])
     return {"search_gain": curve[search_choice]["search_miou"] - curve[0]["search_miou"],
             "held_out_baseline_miou": float(baseline.mean()), "path_length": len(curve) - 1,
             "held_out_gain_by_pairs": [p["held_out_miou"] - curve[0]["held_out_miou"] for p in curve],
             "arms": arms, "new_minus_old_test": float(difference.mean()),
             "new_minus_old_test_interval_90": _interval(difference),
-            "search_decoder_runs": report["cost"]["decoder_evaluations"]["search"]}
+            "search_decoder_runs": report.cost["decoder_evaluations"]["search"]}
 
 
 def run_split(export: Path, work: Path, name: str, split: str, evidence: str) -> dict:
@@ -146,10 +148,18 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(run_split, *zip(*[(args.export, args.work, n, s, args.evidence) for n, s in jobs])))
     stem = f"do_no_harm-{args.evidence}"
+    rows = _merged(RESULTS / f"{stem}.json", rows)
     write_json(RESULTS / f"{stem}.json", {"export": str(args.export), "machine": platform.node(),
                                          "evidence": args.evidence, "rows": rows})
     (RESULTS / f"{stem}.md").write_text(markdown(rows, args.evidence))
     print(markdown(rows, args.evidence))
+
+
+def _merged(path: Path, rows: list[dict]) -> list[dict]:
+    """This run's rows, plus the rows of an earlier results file for the splits this run did not redo."""
+    done = {(r["set"], r["split"]) for r in rows}
+    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+    return [r for r in earlier if (r["set"], r["split"]) not in done] + rows
 
 
 if __name__ == "__main__":

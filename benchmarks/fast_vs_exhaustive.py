@@ -71,12 +71,12 @@ def main() -> None:
                                     selection="guarded", ship_anyway=True)  # the search's own choice
             report = tune(args.export / "encoder.onnx", args.export / "decoder.onnx", SHARED / name,
                           args.work / name / strategy, settings).report
-            held, search = report["held_out"], report["search"]
-            row[strategy] = {"pairs": report["reuse_map"]["sites"]["embedding"]["pairs"],
-                             "search_gain": search["tuned_miou"] - search["baseline_miou"],
-                             "held_out_gain": held["gain"], "gain_interval_90": held["gain_interval_90"],
-                             "decoder_runs": report["cost"]["decoder_evaluations"]["search"],
-                             "search_s": report["cost"]["wall_s"]["search"]}
+            held, search = report.held_out, report.search
+            row[strategy] = {"pairs": report.candidate_pairs,
+                             "search_gain": search.tuned_miou - search.baseline_miou,
+                             "held_out_gain": held.gain.gain, "gain_interval_90": list(held.gain.interval),
+                             "decoder_runs": report.cost["decoder_evaluations"]["search"],
+                             "search_s": report.cost["wall_s"]["search"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
         _write(rows, args)

@@ -51,6 +51,7 @@ from sam_reuse.calibrate.activations import encode
 from sam_reuse.calibrate.data import load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
 from sam_reuse.calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
+from sam_reuse.calibrate.report import TuneReport
 from sam_reuse.calibrate.tune import JOURNAL, TuneSettings, tune
 from sam_reuse.graphops.reuse_map import reuse_index
 
@@ -63,20 +64,20 @@ ARMS = {"naive": ("naive", "given", None), "guarded": ("guarded", "given", "naiv
         "guarded-points": ("guarded", "points", None), "naive-points": ("naive", "points", "guarded-points")}
 
 
-def _summary(report: dict) -> dict:
-    held, search, cost = report["held_out"], report["search"], report["cost"]
-    gains = np.array([p["tuned"] - p["baseline"] for p in held["per_image"]])
+def _summary(report: TuneReport) -> dict:
+    held, search, cost = report.held_out, report.search, report.cost
+    gains = np.array([p["tuned"] - p["baseline"] for p in held.per_image])
     return {
-        "pairs": report["reuse_map"]["sites"]["embedding"]["pairs"],
-        "search_miou": [search["baseline_miou"], search["tuned_miou"]],
-        "held_out_miou": [held["baseline_miou"], held["tuned_miou"]],
-        "held_out_gain": held["gain"], "gain_interval_90": held["gain_interval_90"],
-        "improved_same_worse": [held["improved"], held["unchanged"], held["worse"]],
+        "pairs": report.candidate_pairs,
+        "search_miou": [search.baseline_miou, search.tuned_miou],
+        "held_out_miou": [held.baseline_miou, held.tuned_miou],
+        "held_out_gain": held.gain.gain, "gain_interval_90": list(held.gain.interval),
+        "improved_same_worse": [held.gain.improved, held.gain.unchanged, held.gain.worse],
         "gain_quantiles_5_25_50_75_95": [float(q) for q in np.percentile(gains, [5, 25, 50, 75, 95])],
-        "verdict": report["verdict"],
+        "verdict": report.verdict,
         "decoder_evaluations": cost["decoder_evaluations"], "wall_s": cost["wall_s"],
-        "path_lower_bounds_90": report["strategy_details"]["path_lower_bounds_90"],
-        "curve": [[p["pairs"], p["search_miou"], p["held_out_miou"]] for p in report["curve"]],
+        "path_lower_bounds_90": report.strategy_details["path_lower_bounds_90"],
+        "curve": [[p["pairs"], p["search_miou"], p["held_out_miou"]] for p in report.curve],
     }
 
 

@@ -48,17 +48,16 @@ def latency_ratio(original: Path, tuned: Path, image_path: Path, repeats: int) -
 
 
 def _row(name: str, report: dict, latency: dict) -> dict:
-    held, search, cost = report["held_out"], report["search"], report["cost"]
-    site = report["site"]["name"]
-    return {"set": name, "pairs": report["reuse_map"]["sites"][site]["pairs"],
-            "search_miou": [search["baseline_miou"], search["tuned_miou"]],
-            "held_out_miou": [held["baseline_miou"], held["tuned_miou"]], "held_out_gain": held["gain"],
-            "gain_interval_90": held["gain_interval_90"],
-            "improved_same_worse": [held["improved"], held["unchanged"], held["worse"]],
-            "verdict": report["verdict"], "rewrite": report["tuned_encoder_check"]["rewrite"],
-            "max_abs_diff": report["tuned_encoder_check"]["max_abs_diff"],
+    held, search, cost = report.held_out, report.search, report.cost
+    return {"set": name, "pairs": report.candidate_pairs,
+            "search_miou": [search.baseline_miou, search.tuned_miou],
+            "held_out_miou": [held.baseline_miou, held.tuned_miou], "held_out_gain": held.gain.gain,
+            "gain_interval_90": list(held.gain.interval),
+            "improved_same_worse": [held.gain.improved, held.gain.unchanged, held.gain.worse],
+            "verdict": report.verdict, "rewrite": report.tuned_encoder_check["rewrite"],
+            "max_abs_diff": report.tuned_encoder_check["max_abs_diff"],
             "search_runs": cost["decoder_evaluations"]["search"], "wall_s": cost["wall_s"],
-            "curve": [[p["pairs"], p["search_miou"], p["held_out_miou"]] for p in report["curve"]],
+            "curve": [[p["pairs"], p["search_miou"], p["held_out_miou"]] for p in report.curve],
             "latency": latency}
 
 

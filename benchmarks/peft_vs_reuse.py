@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sam_reuse.calibrate.report import TuneReport
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -89,9 +91,8 @@ def evaluate_all(args: argparse.Namespace) -> None:
         if not (folder / "reuse" / "report.json").exists():
             tune(folder / "export" / "encoder.onnx", folder / "export" / "decoder.onnx", args.data / name,
                  folder / "reuse", _settings())
-        report = json.loads((folder / "reuse" / "report.json").read_text())
-        print(f"{name} {method} + reuse: {report['held_out']['baseline_miou']:.2f} -> "
-              f"{report['held_out']['tuned_miou']:.2f}", flush=True)
+        held = TuneReport.load(folder / "reuse" / "report.json").held_out
+        print(f"{name} {method} + reuse: {held.baseline_miou:.2f} -> {held.tuned_miou:.2f}", flush=True)
 
 
 def _interval(base: dict[str, float], other: dict[str, float]) -> dict:
@@ -153,12 +154,12 @@ def report_all(args: argparse.Namespace) -> None:
 
     rows = {}
     for name in args.sets:
-        reuse_report = json.loads((args.reuse_work / name / "guarded" / "report.json").read_text())
-        base = {p["key"]: p["baseline"] for p in reuse_report["held_out"]["per_image"]}
-        reuse = {p["key"]: p["tuned"] for p in reuse_report["held_out"]["per_image"]}
-        set_rows = {"baseline": {"held_out_miou": reuse_report["held_out"]["baseline_miou"]},
-                    "reuse": {"held_out_miou": reuse_report["held_out"]["tuned_miou"], **_interval(base, reuse),
-                              "pairs": len(reuse_report["reuse_map"]["sites"]["embedding"]["pairs"])}}
+        reuse_report = TuneReport.load(args.reuse_work / name / "guarded" / "report.json")
+        base = {p["key"]: p["baseline"] for p in reuse_report.held_out.per_image}
+        reuse = {p["key"]: p["tuned"] for p in reuse_report.held_out.per_image}
+        set_rows = {"baseline": {"held_out_miou": reuse_report.held_out.baseline_miou},
+                    "reuse": {"held_out_miou": reuse_report.held_out.tuned_miou, **_interval(base, reuse),
+                              "pairs": len(reuse_report.candidate_pairs)}}
         for method in args.methods:
             folder = args.work / name / method
             trained = json.loads((folder / "train.json").read_text())
@@ -170,9 +171,9 @@ def report_all(args: argparse.Namespace) -> None:
                                 "final_train_loss": trained["final_loss"]}
             reuse_file = folder / "reuse" / "report.json"
             if reuse_file.exists():
-                on_top = json.loads(reuse_file.read_text())["held_out"]
-                tuned = {p["key"]: p["tuned"] for p in on_top["per_image"]}
-                set_rows[f"{method}+reuse"] = {"held_out_miou": on_top["tuned_miou"], **_interval(base, tuned),
+                on_top = TuneReport.load(reuse_file).held_out
+                tuned = {p["key"]: p["tuned"] for p in on_top.per_image}
+                set_rows[f"{method}+reuse"] = {"held_out_miou": on_top.tuned_miou, **_interval(base, tuned),
                                                "over_peft": _interval(peft, tuned)}
         rows[name] = set_rows
     first = args.sets[0]

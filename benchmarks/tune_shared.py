@@ -48,13 +48,14 @@ def main() -> None:
         report = tune(args.export / "encoder.onnx", args.export / "decoder.onnx", SHARED / name,
                       args.work / name, settings).report
         wall = time.perf_counter() - started
-        held, search, cost = report["held_out"], report["search"], report["cost"]
+        held, search, cost = report.held_out, report.search, report.cost
         rows.append({
-            "set": name, "pairs": report["reuse_map"]["sites"]["embedding"]["pairs"],
-            "search_miou": [search["baseline_miou"], search["tuned_miou"]],
-            "held_out_miou": [held["baseline_miou"], held["tuned_miou"]], "held_out_gain": held["gain"],
-            "gain_interval_90": held["gain_interval_90"], "improved_same_worse": [held["improved"], held["unchanged"], held["worse"]],
-            "verdict": report["verdict"], "pairs_scored": search["pairs_scored"], "subsets": search["subsets"],
+            "set": name, "pairs": report.candidate_pairs,
+            "search_miou": [search.baseline_miou, search.tuned_miou],
+            "held_out_miou": [held.baseline_miou, held.tuned_miou], "held_out_gain": held.gain.gain,
+            "gain_interval_90": list(held.gain.interval),
+            "improved_same_worse": [held.gain.improved, held.gain.unchanged, held.gain.worse],
+            "verdict": report.verdict, "pairs_scored": search.pairs_scored, "subsets": search.subsets,
             "decoder_evaluations": cost["decoder_evaluations"], "maps_reused": cost["maps_reused_from_journal"],
             "wall_s": {**cost["wall_s"], "benchmark": wall},
         })

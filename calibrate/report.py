@@ -1,20 +1,145 @@
-"""What a tuning run tells its user: report.json, report.md, the mIoU curve and mask overlays.
+"""What a tuning run tells its user: the typed report (saved as report.json), report.md, the curve, overlays.
+
+``TuneReport`` is the one record of a tune that crosses stages: ``tune``
+builds it, report.md, the command's summary and the benchmarks read it, and
+``TuneReport.load`` reads a report.json back. The sections that carry the
+decision (search, held-out, shipping) are typed; descriptive ones (model,
+data, settings, site, curve, cost) stay plain JSON objects.
 
 All mIoU figures are percentages. What ships, and the verdict, come from
-``calibrate.shipping``: read off the paired 90% bootstrap interval of the gain
-on the held-out split's validation part (or, without a held-out split, of the
-cross-validated gain); the test part's gain is the figure to quote.
+``sam_reuse.calibrate.shipping``: read off the paired 90% bootstrap interval
+of the gain on the held-out split's validation part (or, without a held-out
+split, of the cross-validated gain); the test part's gain is the figure to
+quote.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sam_reuse.base.contract import REPORT_FORMAT
+from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.imaging import load_image_rgb
+from sam_reuse.calibrate.shipping import Gain
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """The search split: mIoU of the original and of the candidate, and what the search looked at."""
+
+    images: int
+    baseline_miou: float
+    tuned_miou: float  # the candidate's
+    pairs_scored: int
+    search_choice_pairs: int  # pairs the search itself chose (guarded prefix / best subset)
+    targets: list[int]
+    sources: list[int]
+    top_pairs: list[list[float]]  # [target, source, search-split mIoU change] of the best 20 pairs
+    candidates: list[list[int]]
+    subsets: int
+    salience: list[float]
+
+
+@dataclass(frozen=True)
+class HeldOutSummary:
+    """The held-out split, original against the candidate, and how it was cut into validation and test."""
+
+    images: int
+    baseline_miou: float
+    tuned_miou: float
+    gain: Gain  # over both parts
+    per_image: list[dict[str, Any]]  # {"key", "baseline", "tuned"}
+    validation_keys: list[str]
+    test_keys: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        gain = {k: v for k, v in self.gain.to_json().items() if k != "images"}
+        return {"images": self.images, "baseline_miou": self.baseline_miou, "tuned_miou": self.tuned_miou, **gain,
+                "per_image": self.per_image, "validation_keys": self.validation_keys, "test_keys": self.test_keys}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HeldOutSummary:
+        return cls(images=data["images"], baseline_miou=data["baseline_miou"], tuned_miou=data["tuned_miou"],
+                   gain=Gain.from_json(data), per_image=data["per_image"], validation_keys=data["validation_keys"],
+                   test_keys=data["test_keys"])
+
+
+@dataclass(frozen=True)
+class Shipping:
+    """What shipped, on what evidence, and under which file names (``calibrate.shipping.Decision`` as saved)."""
+
+    shipped: str  # "tuned" or "original"
+    encoder: str  # the shipped encoder: a file in the output folder, or the original's path
+    candidate_files: list[str]  # the candidate's encoder and map, [] when there is no candidate
+    candidate_pairs: int
+    basis: str
+    decided_on: Gain | None
+    reported: Gain | None  # on images that decided nothing (the held-out test part)
+    forced: bool
+    exit_status: int
+    verdict: str
+    lower_bounds_90: list[float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "decided_on": None if self.decided_on is None else self.decided_on.to_json(),
+                "reported": None if self.reported is None else self.reported.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Shipping:
+        gains = {k: None if data[k] is None else Gain.from_json(data[k]) for k in ("decided_on", "reported")}
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name not in gains}, **gains)
+
+
+@dataclass(frozen=True)
+class TuneReport:
+    """Every figure of a tune, what shipped and why; ``to_json`` is report.json (format ``REPORT_FORMAT``)."""
+
+    verdict: str
+    shipping: Shipping
+    estimate: dict[str, Any] | None  # the figure to quote: basis, gain, gain_interval_90
+    model: dict[str, Any]
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    site: dict[str, Any]
+    search: SearchSummary
+    held_out: HeldOutSummary | None
+    curve: list[dict[str, Any]]  # per map along the path: pairs, map, search_miou, held_out_miou, per image
+    strategy_details: dict[str, Any]
+    reuse_map: dict[str, Any]  # the candidate's map
+    tuned_encoder_check: dict[str, Any]
+    overlays: list[str]
+    cost: dict[str, Any]
+
+    @property
+    def candidate_pairs(self) -> list[list[int]]:
+        return self.reuse_map["sites"][self.site["name"]]["pairs"]
+
+    def to_json(self) -> dict[str, Any]:
+        typed = {"shipping": self.shipping.to_json(), "search": asdict(self.search),
+                 "held_out": None if self.held_out is None else self.held_out.to_json()}
+        return {"format": REPORT_FORMAT, **{f.name: typed.get(f.name, getattr(self, f.name)) for f in fields(self)}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TuneReport:
+        if data.get("format") != REPORT_FORMAT:
+            raise SamReuseError(f"not a tuning report of this version (format {data.get('format')!r}, "
+                                f"expected {REPORT_FORMAT!r})")
+        typed = {"shipping": Shipping.from_json(data["shipping"]), "search": SearchSummary(**data["search"]),
+                 "held_out": None if data["held_out"] is None else HeldOutSummary.from_json(data["held_out"])}
+        return cls(**{f.name: typed.get(f.name, data[f.name]) for f in fields(cls)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TuneReport:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SamReuseError(f"{path}: not a readable tuning report ({exc})") from None
 
 OVERLAY_SIDE = 256
 COLOURS = {"truth": (0, 200, 0), "before": (230, 60, 40), "after": (40, 110, 240)}
@@ -67,65 +192,63 @@ def overlay(image_path: Path, truth: np.ndarray, before: np.ndarray, after: np.n
     sheet.save(path, format="PNG")
 
 
-def _gain_row(name: str, role: str, gain: dict[str, Any] | None) -> str:
+def _gain_row(name: str, role: str, gain: Gain | None) -> str:
     if gain is None:
         return f"| {name} | {role} | - | - | - |"
-    low, high = gain["gain_interval_90"]
-    return (f"| {name} ({gain['images']}) | {role} | {gain['gain']:+.2f} | [{low:+.2f}, {high:+.2f}] "
-            f"| {gain['improved']} / {gain['worse']} |")
+    low, high = gain.interval
+    return (f"| {name} ({gain.images}) | {role} | {gain.gain:+.2f} | [{low:+.2f}, {high:+.2f}] "
+            f"| {gain.improved} / {gain.worse} |")
 
 
-def _estimate_lines(report: dict[str, Any]) -> list[str]:
+def _estimate_lines(report: TuneReport) -> list[str]:
     """Where each figure comes from and what it decided, candidate against the original."""
-    held, search, shipping = report["held_out"], report["search"], report["shipping"]
-    shipped = (f"`{shipping['encoder']}` ({shipping['candidate_pairs']} pair(s))" if shipping["shipped"] == "tuned"
-               else f"the original encoder, `{shipping['encoder']}`")
-    kept = ("" if shipping["shipped"] == "tuned" or not shipping["candidate_files"] else
-            f" The candidate is kept as `{shipping['candidate_files'][0]}` and "
-            f"`{shipping['candidate_files'][1]}` (`--ship-anyway` ships it).")
+    held, search, shipping = report.held_out, report.search, report.shipping
+    shipped = (f"`{shipping.encoder}` ({shipping.candidate_pairs} pair(s))" if shipping.shipped == "tuned"
+               else f"the original encoder, `{shipping.encoder}`")
+    kept = ("" if shipping.shipped == "tuned" or not shipping.candidate_files else
+            f" The candidate is kept as `{shipping.candidate_files[0]}` and `{shipping.candidate_files[1]}` "
+            "(`--ship-anyway` ships it).")
     lines = [f"**Shipped:** {shipped}.{kept}", "",
              "| images | role | change (mIoU) | 90% CI | better / worse |", "|---|---|---:|---|---|",
-             f"| search ({search['images']}) | chose the pairs | "
-             f"{search['tuned_miou'] - search['baseline_miou']:+.2f} | - | - |"]
+             f"| search ({search.images}) | chose the pairs | {search.tuned_miou - search.baseline_miou:+.2f} "
+             "| - | - |"]
     if held is None:
         return lines + [_gain_row("search, cross-validated", "decided what ships; leans optimistic (screening saw "
-                                  "every image)", shipping["decided_on"]), "",
+                                  "every image)", shipping.decided_on), "",
                         "No held-out split: keep images back (`--holdout-images`) for a figure that took no part "
                         "in any choice."]
     return lines + [
-        _gain_row("held-out, validation part", "decided what ships", shipping["decided_on"]),
-        _gain_row("held-out, test part", "decided nothing: the figure to quote", shipping["reported"]),
-        _gain_row("held-out, all", "both parts", None if shipping["decided_on"] is None else held),
-        "", f"Held-out mIoU, original -> candidate: {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f}."]
+        _gain_row("held-out, validation part", "decided what ships", shipping.decided_on),
+        _gain_row("held-out, test part", "decided nothing: the figure to quote", shipping.reported),
+        _gain_row("held-out, all", "both parts", None if shipping.decided_on is None else held.gain),
+        "", f"Held-out mIoU, original -> candidate: {held.baseline_miou:.2f} -> {held.tuned_miou:.2f}."]
 
 
 def _miou(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: TuneReport) -> str:
     """report.md: the figures a user needs to decide whether to ship the tuned model."""
-    search, cost = report["search"], report["cost"]
-    pairs = report["reuse_map"]["sites"][report["site"]["name"]]["pairs"]
-    held_images = report["held_out"]["images"] if report["held_out"] else 0
-    settings = report["settings"]
+    search, cost, settings, check = report.search, report.cost, report.settings, report.tuned_encoder_check
+    held_images = report.held_out.images if report.held_out else 0
     lines = [
         "# sam-reuse tuning report",
         "",
-        f"**Verdict:** {report['verdict']}",
+        f"**Verdict:** {report.verdict}",
         "",
-        f"- Model: `{report['model']['encoder']}` (fingerprint {report['model']['encoder_fingerprint'][:12]})",
-        f"- Data: `{report['data']['source']}`; prompts: {report['data']['prompt']}; "
-        f"{search['images']} search / {held_images} held-out images"
+        f"- Model: `{report.model['encoder']}` (fingerprint {report.model['encoder_fingerprint'][:12]})",
+        f"- Data: `{report.data['source']}`; prompts: {report.data['prompt']}; "
+        f"{search.images} search / {held_images} held-out images"
         + ("; search images also scored on 2 spread points (evidence: points)"
            if settings.get("evidence", "given") == "points" else "")
-        + (f"; {len(report['data']['skipped'])} skipped" if report["data"]["skipped"] else ""),
-        f"- Site: `{report['site']['name']}` ({report['site']['channels']} channels); strategy "
+        + (f"; {len(report.data['skipped'])} skipped" if report.data["skipped"] else ""),
+        f"- Site: `{report.site['name']}` ({report.site['channels']} channels); strategy "
         f"`{settings['strategy']}` ({settings['selection']} selection)"
-        + f", top N = {settings['top_n']}, {search['pairs_scored']} pairs ranked on all search images "
+        + f", top N = {settings['top_n']}, {search.pairs_scored} pairs ranked on all search images "
         f"(targets `{settings['targets']}`, sources `{settings['sources']}`)",
-        f"- Candidate pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}"
-        + (f" (the search's own choice: {search['search_choice_pairs']} pair(s))"
+        f"- Candidate pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in report.candidate_pairs) or 'none'}"
+        + (f" (the search's own choice: {search.search_choice_pairs} pair(s))"
            if settings["selection"] == "validated" else ""),
         "",
         *_estimate_lines(report),
@@ -135,7 +258,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| pairs | map | search mIoU | held-out mIoU |",
         "|---:|---|---:|---:|",
         *[f"| {p['pairs']} | {', '.join(f'{t}<-{s}' for t, s in p['map']) or '-'} | {p['search_miou']:.2f} "
-          f"| {_miou(p['held_out_miou'])} |" for p in report["curve"]],
+          f"| {_miou(p['held_out_miou'])} |" for p in report.curve],
         "",
         "![mIoU against pairs](miou_vs_pairs.png)",
         "",
@@ -145,11 +268,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"{cost['decoder_evaluations']['held_out']:,} (held-out); "
         f"{cost['maps_reused_from_journal']:,} units of work read back from `search.jsonl`",
         f"- Wall time: {', '.join(f'{k} {v:.1f} s' for k, v in cost['wall_s'].items())}",
-        f"- Tuned encoder check on `{report['tuned_encoder_check']['image']}`: max |diff| vs the searched "
-        f"embedding {report['tuned_encoder_check']['max_abs_diff']:.2e} ({report['tuned_encoder_check']['rewrite']})",
+        f"- Tuned encoder check on `{check['image']}`: max |diff| vs the searched "
+        f"embedding {check['max_abs_diff']:.2e} ({check['rewrite']})",
         "",
     ]
-    if report["overlays"]:
+    if report.overlays:
         lines += ["## Overlays (held-out: green truth, red original, blue tuned)", "",
-                  *[f"![{name}]({name})" for name in report["overlays"]], ""]
+                  *[f"![{name}]({name})" for name in report.overlays], ""]
     return "\n".join(lines)

@@ -70,6 +70,11 @@ class Gain:
         return {"images": self.images, "gain": self.gain, "gain_interval_90": list(self.interval),
                 "improved": self.improved, "unchanged": self.unchanged, "worse": self.worse, "label": self.label()}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Gain:
+        return cls(images=data["images"], gain=data["gain"], interval=tuple(data["gain_interval_90"]),
+                   improved=data["improved"], unchanged=data["unchanged"], worse=data["worse"])
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -98,13 +103,6 @@ class Decision:
             return head + ("; the tuned encoder ships anyway (--ship-anyway)" if self.forced
                            else "; the tuned encoder ships")
         return head + "; the original encoder ships"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"shipped": "tuned" if self.ship_tuned else "original", "forced": self.forced, "basis": self.basis,
-                "candidate_pairs": self.candidate, "exit_status": self.exit_status, "verdict": self.verdict,
-                "decided_on": None if self.decided is None else self.decided.to_json(),
-                "reported": None if self.reported is None else self.reported.to_json(),
-                "lower_bounds_90": self.lower_bounds}
 
 
 def held_out_parts(count: int) -> tuple[np.ndarray, np.ndarray]:

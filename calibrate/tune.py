@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from sam_reuse.base.contract import EMBEDDING, REPORT_FORMAT
+from sam_reuse.base.contract import EMBEDDING
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import ensure_writable_dir, staged_outputs, write_json
 from sam_reuse.base.imaging import load_image_rgb, preprocess
@@ -37,7 +37,15 @@ from sam_reuse.calibrate.evaluator import MaskEvaluator
 from sam_reuse.calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
 from sam_reuse.calibrate.fast import FastPlan, fast
 from sam_reuse.calibrate.journal import Journal
-from sam_reuse.calibrate.report import markdown, overlay, plot_curve
+from sam_reuse.calibrate.report import (
+    HeldOutSummary,
+    SearchSummary,
+    Shipping,
+    TuneReport,
+    markdown,
+    overlay,
+    plot_curve,
+)
 from sam_reuse.calibrate.salience import channel_salience
 from sam_reuse.calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, planned_subsets
 from sam_reuse.calibrate.shipping import SELECTIONS as SHIP_SELECTIONS
@@ -93,7 +101,7 @@ class TuneSettings:
 @dataclass
 class TuneResult:
     reuse_map: ReuseMap  # the candidate's map (empty when there is none); shipped only if decision says so
-    report: dict[str, Any]
+    report: TuneReport
     out_dir: Path
     decision: Decision
 
@@ -402,8 +410,8 @@ def _assess(inputs: _Inputs, scoring: _Scoring, search: _Search, settings: TuneS
 
 
 def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _Assessment, settings: TuneSettings,
-            overlays: list[int], wall: dict[str, float]) -> dict[str, Any]:
-    """report.json's content: every figure, what shipped and why (format ``REPORT_FORMAT``)."""
+            overlays: list[int], wall: dict[str, float]) -> TuneReport:
+    """Every figure of the run, what shipped and why."""
     calibration, result, decision = inputs.calibration, search.result, assessment.decision
     keys = [s.key for s in calibration.held_out]
     shipped_names = SHIPPED_OUTPUTS if decision.ship_tuned else NOT_SHIPPED_OUTPUTS
@@ -412,48 +420,51 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
     if assessment.held_ious is not None:
         held_base, held_tuned = assessment.held_ious
         validation, test = held_out_parts(len(keys))
-        held = {"images": len(keys), "baseline_miou": _pct(held_base), "tuned_miou": _pct(held_tuned),
-                **{k: v for k, v in Gain.of(assessment.gains).to_json().items() if k != "images"},
-                "per_image": [{"key": k, "baseline": float(b * 100), "tuned": float(t * 100)}
-                              for k, b, t in zip(keys, held_base, held_tuned)],
-                "validation_keys": [keys[i] for i in validation], "test_keys": [keys[i] for i in test]}
-    return {
-        "format": REPORT_FORMAT,
-        "verdict": decision.verdict,
-        "shipping": {**decision.to_json(),
-                     "encoder": shipped_names[0] if decision.ship_tuned else str(inputs.encoder),
-                     "candidate_files": list(shipped_names) if decision.candidate else []},
-        "estimate": None if reported is None else {
+        held = HeldOutSummary(images=len(keys), baseline_miou=_pct(held_base), tuned_miou=_pct(held_tuned),
+                              gain=Gain.of(assessment.gains),
+                              per_image=[{"key": k, "baseline": float(b * 100), "tuned": float(t * 100)}
+                                         for k, b, t in zip(keys, held_base, held_tuned)],
+                              validation_keys=[keys[i] for i in validation], test_keys=[keys[i] for i in test])
+    shipping = Shipping(shipped="tuned" if decision.ship_tuned else "original",
+                        encoder=shipped_names[0] if decision.ship_tuned else str(inputs.encoder),
+                        candidate_files=list(shipped_names) if decision.candidate else [],
+                        candidate_pairs=decision.candidate, basis=decision.basis, decided_on=decision.decided,
+                        reported=reported, forced=decision.forced, exit_status=decision.exit_status,
+                        verdict=decision.verdict, lower_bounds_90=decision.lower_bounds)
+    return TuneReport(
+        verdict=decision.verdict,
+        shipping=shipping,
+        estimate=None if reported is None else {
             "basis": ("test part of the held-out split (decided nothing)" if calibration.held_out
                       else decision.basis),
             "gain": reported.gain, "gain_interval_90": list(reported.interval)},
-        "model": {"encoder": str(inputs.encoder), "decoder": str(inputs.decoder),
-                  "encoder_fingerprint": inputs.encoder_fp, "decoder_fingerprint": inputs.decoder_fp},
-        "data": {"source": str(inputs.data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
-                 "search": [s.key for s in calibration.search], "held_out": keys, "skipped": calibration.skipped},
-        "settings": {**asdict(settings), "targets": search.target_spec, "sources": search.source_spec,
-                     "evidence": scoring.evidence},
-        "site": {"name": settings.site, "tensor": inputs.site.tensor, "axis": inputs.site.axis,
-                 "channels": inputs.site.channels},
-        "search": {"images": len(calibration.search), "baseline_miou": _pct(result.baseline),
-                   "tuned_miou": _pct(result.ious_of(result.curve[decision.candidate])),
-                   "pairs_scored": len(result.pair_scores), "search_choice_pairs": len(result.best),
-                   "targets": search.targets, "sources": search.sources,
-                   "top_pairs": [[t, s, d * 100] for (t, s), d in result.pair_scores[:20]],
-                   "candidates": [list(p) for p in result.candidates], "subsets": len(result.subsets),
-                   "salience": [float(v) for v in search.salience]},
-        "held_out": held,
-        "curve": assessment.curve,
-        "strategy_details": result.details,
-        "reuse_map": assessment.reuse_map.to_json(),
-        "tuned_encoder_check": assessment.check,
-        "overlays": [f"overlay-{keys[i]}.png" for i in overlays],
-        "cost": {"decoder_evaluations": {"search": scoring.search_eval.evaluations,
-                                         "held_out": scoring.held_eval.evaluations if scoring.held_eval else 0},
-                 "maps_reused_from_journal": result.reused,
-                 "encoded_images": len(calibration.search) + len(calibration.held_out),
-                 "wall_s": wall},
-    }
+        model={"encoder": str(inputs.encoder), "decoder": str(inputs.decoder),
+               "encoder_fingerprint": inputs.encoder_fp, "decoder_fingerprint": inputs.decoder_fp},
+        data={"source": str(inputs.data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
+              "search": [s.key for s in calibration.search], "held_out": keys, "skipped": calibration.skipped},
+        settings={**asdict(settings), "targets": search.target_spec, "sources": search.source_spec,
+                  "evidence": scoring.evidence},
+        site={"name": settings.site, "tensor": inputs.site.tensor, "axis": inputs.site.axis,
+              "channels": inputs.site.channels},
+        search=SearchSummary(images=len(calibration.search), baseline_miou=_pct(result.baseline),
+                             tuned_miou=_pct(result.ious_of(result.curve[decision.candidate])),
+                             pairs_scored=len(result.pair_scores), search_choice_pairs=len(result.best),
+                             targets=search.targets, sources=search.sources,
+                             top_pairs=[[t, s, d * 100] for (t, s), d in result.pair_scores[:20]],
+                             candidates=[list(p) for p in result.candidates], subsets=len(result.subsets),
+                             salience=[float(v) for v in search.salience]),
+        held_out=held,
+        curve=assessment.curve,
+        strategy_details=result.details,
+        reuse_map=assessment.reuse_map.to_json(),
+        tuned_encoder_check=assessment.check,
+        overlays=[f"overlay-{keys[i]}.png" for i in overlays],
+        cost={"decoder_evaluations": {"search": scoring.search_eval.evaluations,
+                                      "held_out": scoring.held_eval.evaluations if scoring.held_eval else 0},
+              "maps_reused_from_journal": result.reused,
+              "encoded_images": len(calibration.search) + len(calibration.held_out),
+              "wall_s": wall},
+    )
 
 
 def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: str | Path,
@@ -499,7 +510,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                             *assessment.held_ious, staging)
         wall["total"] = time.perf_counter() - started
         report = _report(inputs, scoring, search, assessment, settings, overlays, wall)
-        write_json(staging / "report.json", report)
+        write_json(staging / "report.json", report.to_json())
         (staging / "report.md").write_text(markdown(report))
     return TuneResult(reuse_map=assessment.reuse_map, report=report, out_dir=out_dir, decision=decision)
 

@@ -82,7 +82,7 @@ def test_tune_with_points_evidence_finds_the_planted_pair_at_three_runs_per_imag
 
     def run(evidence: str) -> dict:
         settings = TuneSettings(evidence=evidence, top_n=3, overlays=0, progress=False, cache_dir=str(tmp_path))
-        return tune(encoder, decoder, data, tmp_path / "out", settings).report
+        return tune(encoder, decoder, data, tmp_path / "out", settings).report.to_json()
 
     given, points = run("given"), run("points")  # one folder: the second search must not reuse the first's journal
     assert points["reuse_map"]["sites"]["embedding"]["pairs"] == [[synthetic.TARGET, synthetic.HELPER]]

@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 from sam_reuse.base.errors import SamReuseError
+from sam_reuse.calibrate.report import TuneReport
 from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
 from sam_reuse.cli import main
 from sam_reuse.graphops.reuse_map import ReuseMap
@@ -78,15 +79,17 @@ def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path, s
     again = tune(task["encoder"], task["decoder"], task["data"], tmp_path,
                  _settings(task, overlays=2, strategy=strategy))
     assert again.reuse_map.to_json() == result.reuse_map.to_json()
-    assert again.report["cost"]["decoder_evaluations"]["search"] == 0
-    assert again.report["cost"]["maps_reused_from_journal"] == units
+    assert again.report.cost["decoder_evaluations"]["search"] == 0
+    assert again.report.cost["maps_reused_from_journal"] == units
+    # report.json is the typed report, saved: it reads back to the same report.
+    assert TuneReport.load(tmp_path / "report.json") == again.report
 
 
 def test_default_evidence_depends_on_the_site(task, tmp_path):
     """3 prompts per search image at the embedding, 1 inside the encoder, unless the user says otherwise."""
     def report(encoder, site: str, folder: str) -> dict:
         settings = TuneSettings(site=site, top_n=3, overlays=0, progress=False, cache_dir=str(task["cache"]))
-        return tune(encoder, task["decoder"], task["data"], tmp_path / folder, settings).report
+        return tune(encoder, task["decoder"], task["data"], tmp_path / folder, settings).report.to_json()
 
     embedding, inner = report(task["encoder"], "embedding", "embedding"), report(task["mlp_encoder"], "mlp.0", "mlp")
     assert (embedding["settings"]["evidence"], inner["settings"]["evidence"]) == ("points", "given")
@@ -101,7 +104,7 @@ def test_tune_inside_the_encoder_finds_the_planted_hidden_pair_and_prunes_it(tas
     result = tune(task["mlp_encoder"], task["decoder"], task["data"], tmp_path,
                   _settings(task, site="mlp.0", overlays=0))
     assert result.reuse_map.sites["mlp.0"].pairs == ((synthetic.HIDDEN_TARGET, synthetic.HIDDEN_HELPER),)
-    report = result.report
+    report = result.report.to_json()
     assert (report["settings"]["targets"], report["settings"]["sources"]) == ("unsalient:8", "salient:8")
     assert report["site"]["tensor"] == "hidden" and report["strategy_details"]["plan"]["race_images"] == 8
     held = report["held_out"]
@@ -126,16 +129,16 @@ def test_restricted_pair_space_without_the_helper_finds_nothing(task, tmp_path):
     result = tune(task["encoder"], task["decoder"], task["data"], tmp_path,
                   _settings(task, sources="0-4,6-7", overlays=0))
     assert result.reuse_map.num_pairs == 0 and result.decision.exit_status == 3
-    assert result.report["held_out"]["gain"] == 0.0
-    assert result.report["verdict"] == "no pair improved the search split: the original encoder ships"
-    assert result.report["shipping"]["encoder"] == str(task["encoder"])
+    assert result.report.held_out.gain.gain == 0.0 and result.report.shipping.decided_on is None
+    assert result.report.verdict == "no pair improved the search split: the original encoder ships"
+    assert result.report.shipping.encoder == str(task["encoder"])
     assert not list(tmp_path.glob("encoder.tuned*")) and not list(tmp_path.glob("reuse_map*"))
 
 
 def test_without_a_held_out_split_the_report_gives_a_cross_validated_estimate(task, tmp_path, capsys):
     result = tune(task["encoder"], task["decoder"], task["data"], tmp_path,
                   _settings(task, search_images=12, holdout_images=0, cv_folds=3))
-    report = result.report
+    report = result.report.to_json()
     assert result.reuse_map.sites["embedding"].pairs == ((synthetic.TARGET, synthetic.HELPER),)
     assert report["held_out"] is None and report["overlays"] == []
     cv = report["strategy_details"]["cross_validation"]

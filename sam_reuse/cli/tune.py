@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.cli.common import add_data_args, add_model_args, add_search_args, tune_settings
 from sam_reuse.cli.engine import deployment_engines, engine_precisions
 from sam_reuse.cli.export import export_and_report
 from sam_reuse.samples import BUNDLED_DATA
+
+if TYPE_CHECKING:
+    from sam_reuse.calibrate.report import TuneReport
 
 
 def register(sub: argparse._SubParsersAction) -> dict:
@@ -44,18 +48,18 @@ def register(sub: argparse._SubParsersAction) -> dict:
     return {"tune": _tune, "evaluate": _evaluate, "run": _run}
 
 
-def _print_report(report: dict) -> None:
-    search, held, shipping = report["search"], report["held_out"], report["shipping"]
-    pairs = report["reuse_map"]["sites"][report["site"]["name"]]["pairs"]
-    print(f"candidate pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in pairs) or 'none'}")
-    print(f"search split   ({search['images']} images): mIoU {search['baseline_miou']:.2f} -> {search['tuned_miou']:.2f}")
+def _print_report(report: TuneReport) -> None:
+    search, held, shipping = report.search, report.held_out, report.shipping
+    pairs = ", ".join(f"{t} <- {s}" for t, s in report.candidate_pairs)
+    print(f"candidate pairs (target <- source): {pairs or 'none'}")
+    print(f"search split   ({search.images} images): mIoU {search.baseline_miou:.2f} -> {search.tuned_miou:.2f}")
     if held:
-        print(f"held-out split ({held['images']} images): mIoU {held['baseline_miou']:.2f} -> {held['tuned_miou']:.2f}")
-    if held and shipping["reported"]:
-        low, high = shipping["reported"]["gain_interval_90"]
-        print(f"held-out test part ({shipping['reported']['images']} images, decided nothing): "
-              f"{shipping['reported']['gain']:+.2f} mIoU, 90% CI [{low:+.2f}, {high:+.2f}]")
-    print(f"verdict: {report['verdict']}")
+        print(f"held-out split ({held.images} images): mIoU {held.baseline_miou:.2f} -> {held.tuned_miou:.2f}")
+    if held and shipping.reported:
+        low, high = shipping.reported.interval
+        print(f"held-out test part ({shipping.reported.images} images, decided nothing): "
+              f"{shipping.reported.gain:+.2f} mIoU, 90% CI [{low:+.2f}, {high:+.2f}]")
+    print(f"verdict: {report.verdict}")
 
 
 def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace) -> tuple[int, Path]:
@@ -64,15 +68,14 @@ def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace
 
     result = tune(encoder, decoder, args.data, out, tune_settings(args))
     _print_report(result.report)
-    shipping = result.report["shipping"]
-    written = ", ".join(shipping["candidate_files"] + ["report.md", "report.json", "miou_vs_pairs.png"])
-    print(f"wrote {out}: {written}")
-    shipped = out / shipping["encoder"] if result.decision.ship_tuned else encoder
+    shipping = result.report.shipping
+    print(f"wrote {out}: {', '.join(shipping.candidate_files + ['report.md', 'report.json', 'miou_vs_pairs.png'])}")
+    shipped = out / shipping.encoder if result.decision.ship_tuned else encoder
     if result.decision.ship_tuned:
         print(f"shipped: {shipped} (exit status 0)")
     else:
         print(f"shipped: the original encoder {shipped} (exit status {result.decision.exit_status}: no tuned model "
-              f"ships{'; --ship-anyway ships the candidate' if shipping['candidate_files'] else ''})")
+              f"ships{'; --ship-anyway ships the candidate' if shipping.candidate_files else ''})")
     return result.decision.exit_status, shipped
 
 
