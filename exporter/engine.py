@@ -1,7 +1,8 @@
 """TensorRT engines from the exported ONNX models, with a JSON sidecar describing each.
 
-Two backends share one code path: standard TensorRT (module ``tensorrt``),
-used when installed, and TensorRT-RTX (``tensorrt_rtx_bindings`` from the
+Engines are built through polygraphy's loaders (``NetworkFromOnnxBytes``,
+``CreateConfig``, ``EngineBytesFromNetwork``), which cover both backends:
+standard TensorRT (module ``tensorrt``), used when installed, and TensorRT-RTX (``tensorrt_rtx_bindings`` from the
 PyPI wheels ``tensorrt-rtx-cu13-bindings`` + ``tensorrt-rtx-cu13-libs``),
 which compiles ahead of time on a machine without a GPU: its engines are
 finished for the target GPU when they are loaded there.
@@ -12,7 +13,8 @@ precision first, keeping LayerNorm (also the decomposed LayerNorm2d of the
 neck, as a whole chain) and Softmax in fp32 - an all-fp16 SAM encoder
 overflows there. Inputs and outputs stay fp32. A TensorRT without
 strongly typed networks gets the fp32 ONNX and its FP16 builder flag.
-``fp32`` turns TF32 off, so an fp32 engine computes in fp32.
+``fp32`` turns TF32 off, so an fp32 engine computes in fp32. An engine and
+its sidecar are published together or not at all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import importlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -155,6 +158,62 @@ def _io(trt: ModuleType, network, profile: dict[str, tuple[tuple[int, ...], ...]
     return {"inputs": inputs, "outputs": [describe(network.get_output(i)) for i in range(network.num_outputs)]}
 
 
+def _build_with_polygraphy(backend: Backend, source: onnx.ModelProto, onnx_path: Path, precision: str,
+                           typed_fp16: bool, profile_shapes: dict[str, tuple[tuple[int, ...], ...]],
+                           compute_capabilities: tuple[str, ...]) -> tuple[Any, bytes]:
+    """(network, serialized engine) built by polygraphy's loaders, for standard TensorRT and TensorRT-RTX alike.
+
+    What polygraphy's ``CreateConfig`` does not cover, the TensorRT-RTX target GPUs, is set in a
+    ``PostprocessConfig`` hook.
+    """
+    from polygraphy import config as polygraphy_config
+
+    polygraphy_config.USE_TENSORRT_RTX = backend.name == "tensorrt-rtx"  # read when backend.trt is first imported
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineBytesFromNetwork,
+        NetworkFromOnnxBytes,
+        PostprocessConfig,
+        Profile,
+    )
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    trt = backend.trt
+    profile = Profile()
+    for name, (low, opt, high) in profile_shapes.items():
+        profile.add(name, low, opt, high)
+
+    def targets(builder, network, config) -> None:
+        if compute_capabilities:
+            config.num_compute_capabilities = len(compute_capabilities)
+            for i, text in enumerate(compute_capabilities):
+                config.set_compute_capability(_compute_capability(trt, text), i)
+
+    verbose = bool(os.environ.get("SAM_REUSE_TRT_VERBOSE"))
+    strongly_typed = backend.name == "tensorrt" and backend.strongly_typed and typed_fp16
+    with G_LOGGER.verbosity(G_LOGGER.VERBOSE if verbose else G_LOGGER.ERROR):
+        try:
+            network = NetworkFromOnnxBytes(source.SerializeToString(), strongly_typed=strongly_typed or None)()
+        except PolygraphyException as exc:
+            raise SamReuseError(f"{onnx_path}: {backend.name} cannot parse it: {_first_line(exc)}") from None
+        config = PostprocessConfig(CreateConfig(tf32=False, fp16=precision == "fp16" and not typed_fp16,
+                                                profiles=[profile]), targets)
+        try:
+            with warnings.catch_warnings():  # polygraphy sets a timing cache, a no-op TensorRT-RTX deprecates
+                warnings.filterwarnings("ignore", message=".*Timing cache operations are no-ops",
+                                        category=DeprecationWarning)
+                serialized = EngineBytesFromNetwork(network, config)()
+        except PolygraphyException as exc:
+            raise SamReuseError(f"{onnx_path}: {backend.name} could not build an engine ({precision}): "
+                                f"{_first_line(exc)}; rerun with SAM_REUSE_TRT_VERBOSE=1 for the builder log") from None
+    return network[1], bytes(serialized)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str = "fp32",
                  batch: tuple[int, int, int] = (1, 1, 1), points: tuple[int, int, int] = (1, 2, 16),
                  compute_capabilities: tuple[str, ...] = (), backend: Backend | None = None) -> dict[str, Any]:
@@ -178,33 +237,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
     profile_shapes = input_profile(model, batch, points)
 
     started = time.perf_counter()
-    logger = trt.Logger(trt.Logger.VERBOSE if os.environ.get("SAM_REUSE_TRT_VERBOSE") else trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    flags = 0
-    if backend.name == "tensorrt" and backend.strongly_typed and typed_fp16:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(source.SerializeToString()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise SamReuseError(f"{onnx_path}: {backend.name} cannot parse it: {errors}")
-    config = builder.create_builder_config()
-    if hasattr(trt.BuilderFlag, "TF32") and precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if precision == "fp16" and not typed_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if compute_capabilities:
-        config.num_compute_capabilities = len(compute_capabilities)
-        for i, text in enumerate(compute_capabilities):
-            config.set_compute_capability(_compute_capability(trt, text), i)
-    profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile_shapes.items():
-        profile.set_shape(name, low, opt, high)
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise SamReuseError(f"{onnx_path}: {backend.name} could not build an engine ({precision}); "
-                            "rerun with SAM_REUSE_TRT_VERBOSE=1 for the builder log")
+    network, serialized = _build_with_polygraphy(backend, source, onnx_path, precision, typed_fp16, profile_shapes,
+                                                 compute_capabilities)
     build_s = time.perf_counter() - started
 
     sidecar = {"format": ENGINE_SIDECAR_FORMAT, "backend": backend.name, "backend_version": backend.version,
@@ -213,11 +247,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
                "compute_capabilities": list(compute_capabilities) or ("portable default" if backend.name == "tensorrt-rtx" else "build GPU"),
                "source_onnx": str(onnx_path), "source_onnx_sha256": sha256_file(onnx_path),
                **_io(trt, network, profile_shapes), "build_s": round(build_s, 2)}
-    engine = bytes(serialized)
-    sidecar["engine_bytes"] = len(engine)
-    sidecar["engine_sha256"] = hashlib.sha256(engine).hexdigest()
+    sidecar["engine_bytes"] = len(serialized)
+    sidecar["engine_sha256"] = hashlib.sha256(serialized).hexdigest()
     with staged_outputs(engine_path.parent) as staging:  # the engine and its sidecar appear together
-        (staging / engine_path.name).write_bytes(engine)
+        (staging / engine_path.name).write_bytes(serialized)
         write_json(staging / sidecar_path(engine_path).name, sidecar)
     return sidecar
 
