@@ -57,7 +57,9 @@ def parse_channels(spec: str, channels: int, salience: np.ndarray | None = None)
         if not match:
             raise ValueError(f"'{spec}': not 'all', 'salient:K', 'unsalient:K' or a list like 3,7,10-15")
         low, high = int(match[1]), int(match[2] or match[1])
-        if not low <= high < channels:
+        if low > high:
+            raise ValueError(f"'{spec}': range {low}-{high} runs backwards (write {high}-{low})")
+        if high >= channels:
             raise ValueError(f"'{spec}': channels must lie in 0..{channels - 1}")
         picked.update(range(low, high + 1))
     return sorted(picked)

@@ -192,6 +192,8 @@ def _check_settings(settings: TuneSettings) -> None:
         raise SamReuseError("--cv-folds must be at least 2")
     if settings.min_images < 1:
         raise SamReuseError("--min-images must be at least 1")
+    if settings.overlays < 0:
+        raise SamReuseError("--overlays must be 0 or more")
 
 
 def _empty_reason(result: SearchResult) -> str:

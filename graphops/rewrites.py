@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import atomic_path
+from sam_reuse.base.files import atomic_path, refuse_overwriting
 from sam_reuse.graphops.chain import NotChannelwise, ProducerChain, linear_consumers, take, trace_producer
 from sam_reuse.graphops.graph import constant_value, finalize, fingerprint, load_graph
 from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse
@@ -167,6 +167,7 @@ def apply_reuse_map_file(encoder: str | Path, reuse_map_path: str | Path, out: s
     encoder = Path(encoder)
     if not encoder.is_file():
         raise SamReuseError(f"{encoder}: ONNX model not found")
+    refuse_overwriting(out, encoder, reuse_map_path)
     model, applied = apply_reuse_map(encoder, ReuseMap.load(reuse_map_path), strategy)
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))

@@ -85,3 +85,64 @@ def test_failed_export_leaves_existing_outputs_untouched(capsys, tmp_path, sampl
     assert code == 2 and "gone.jpg: image not found" in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["encoder.onnx"]
     assert (out / "encoder.onnx").read_text() == "previous result"
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its content hash and mode: what a refused command must leave as it was."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode & 0o777)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tuned_folder(tmp_path_factory):
+    """A synthetic encoder/decoder, data and a reuse map, in one folder."""
+    from sam_reuse.graphops.graph import fingerprint
+    from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse
+    from tests import synthetic
+
+    root = tmp_path_factory.mktemp("campaign")
+    encoder, _ = synthetic.write_models(root)
+    synthetic.write_dataset(root / "data", 12)
+    ReuseMap(model_fingerprint=fingerprint(encoder),
+             sites={"embedding": SiteReuse("image_embeddings", 1, synthetic.CHANNELS,
+                                           ((synthetic.TARGET, synthetic.HELPER),))}).save(root / "map.json")
+    return root
+
+
+def test_outputs_never_replace_inputs_and_bad_options_are_refused_before_any_work(capsys, tuned_folder):
+    root = tuned_folder
+    enc, dec, data, rmap = (str(root / n) for n in ("encoder.onnx", "decoder.onnx", "data", "map.json"))
+    tune = ["tune", "--encoder", enc, "--decoder", dec, "--data", data, "--out", str(root / "out"),
+            "--cache-dir", str(root / "cache"), "--no-progress", "--evidence", "given", "--top-pairs", "2"]
+    cases = {
+        "apply over its encoder": (["apply", enc, rmap, "--out", enc], f"--out {enc}: is an input of this command"),
+        "apply over its map": (["apply", enc, rmap, "--out", rmap], f"--out {rmap}: is an input of this command"),
+        "apply into a folder": (["apply", enc, rmap, "--out", str(root)], f"--out {root}: is a folder, not a file"),
+        "apply into a missing folder": (["apply", enc, rmap, "--out", str(root / "nowhere" / "e.onnx")],
+                                        "does not exist"),
+        "negative overlays": (tune + ["--overlays", "-1"], "--overlays must be 0 or more"),
+        "backwards range": (tune + ["--targets", "5-2"], "range 5-2 runs backwards (write 2-5)"),
+        "negative tolerance": (["verify", enc, "--reference", enc, "--atol", "-1"], "--atol -1: a tolerance must be"),
+        "evaluate json into a folder": (["evaluate", "--encoder", enc, "--decoder", dec, "--data", data,
+                                         "--no-progress", "--cache-dir", str(root / "cache"), "--json", str(root)],
+                                        f"--json {root}: is a folder, not a file to write"),
+    }
+    for name, (argv, message) in cases.items():
+        before = _tree(root)
+        code, err = _run(capsys, *argv)
+        assert code == 2 and len(err) == 1 and message in err[0], (name, err)
+        after = {k: v for k, v in _tree(root).items() if not k.startswith("cache/")}
+        assert after == {k: v for k, v in before.items() if not k.startswith("cache/")}, name
+
+
+def test_outputs_get_the_usual_file_mode(capsys, tuned_folder, tmp_path):
+    import os
+
+    root = tuned_folder
+    out = tmp_path / "tuned.onnx"
+    assert main(["apply", str(root / "encoder.onnx"), str(root / "map.json"), "--out", str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

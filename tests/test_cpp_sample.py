@@ -89,10 +89,10 @@ def test_cpp_check_names_a_bad_image(build, tmp_path):
 
 def test_cpp_engines_run_like_onnx_runtime(build, mobilesam_export, sample_records, tmp_path):
     """Where TensorRT headers and a GPU exist: sam_trt's mask against the ONNX Runtime path's."""
+    from sam_reuse.base.imaging import binary_iou
     from sam_reuse.calibrate.activations import encode
     from sam_reuse.calibrate.data import load_sample
     from sam_reuse.calibrate.evaluator import MaskEvaluator
-    from sam_reuse.base.imaging import binary_iou
     from sam_reuse.exporter.engine import build_engine, gpu_available
 
     if not (build / "sam_trt").exists():

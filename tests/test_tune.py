@@ -268,11 +268,10 @@ def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mob
     """The probe evaluator's IoU equals IoU of SamPredictor.predict(multimask_output=False) masks."""
     from segment_anything import SamPredictor
 
-    from sam_reuse.base.imaging import load_image_rgb
+    from sam_reuse.base.imaging import binary_iou, load_image_rgb
     from sam_reuse.calibrate.activations import encode
     from sam_reuse.calibrate.data import load_sample
     from sam_reuse.calibrate.evaluator import MaskEvaluator
-    from sam_reuse.base.imaging import binary_iou
     from sam_reuse.exporter.models import build_sam
 
     samples = [load_sample(r) for r in sample_records[:3]]
@@ -340,12 +339,11 @@ def test_evaluator_batches_mixed_prompts_and_image_sizes_like_one_at_a_time(task
     from PIL import Image
 
     from sam_reuse.base.contract import decoder_feeds
-    from sam_reuse.base.imaging import logits_to_mask, prompt_arrays, upscale_logits
+    from sam_reuse.base.imaging import binary_iou, logits_to_mask, prompt_arrays, upscale_logits
     from sam_reuse.base.runtime import ort_session
     from sam_reuse.calibrate.activations import encode
     from sam_reuse.calibrate.data import load_calibration
     from sam_reuse.calibrate.evaluator import MaskEvaluator
-    from sam_reuse.base.imaging import binary_iou
 
     data = synthetic.write_dataset(tmp_path / "data", 8)
     for i in (1, 4, 6):  # non-square images (and masks) of another size

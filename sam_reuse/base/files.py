@@ -46,15 +46,41 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _default_file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` would give a new file (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def refuse_overwriting(output: str | os.PathLike, *inputs: str | os.PathLike, option: str = "--out") -> None:
+    """An output never replaces one of the command's inputs."""
+    target = Path(output).resolve()
+    for source in inputs:
+        if source is not None and Path(source).resolve() == target:
+            raise SamReuseError(f"{option} {output}: is an input of this command; write the output elsewhere")
+
+
+def check_output_file(path: str | os.PathLike, option: str = "") -> Path:
+    """A file path that can be written: not a folder, in a folder that exists (checked before any work)."""
+    path, named = Path(path), f"{option} {path}" if option else str(path)
+    if path.is_dir():
+        raise SamReuseError(f"{named}: is a folder, not a file to write")
+    if not path.parent.is_dir():
+        raise SamReuseError(f"{named}: its folder {path.parent} does not exist")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it over ``final`` on success."""
-    final = Path(final)
+    """Yield a temporary path beside ``final``; rename it over ``final`` on success (with the usual file mode)."""
+    final = check_output_file(final)
     fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; outputs get what any new file would
         os.replace(tmp, final)
     finally:
         if tmp.exists():

@@ -51,8 +51,10 @@ def _sites(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from sam_reuse.base.files import check_output_file
     from sam_reuse.graphops.rewrites import apply_reuse_map_file
 
+    check_output_file(args.out, "--out")
     applied = apply_reuse_map_file(args.encoder, args.reuse_map, args.out, args.strategy)
     done = ", ".join(f"{site}: {strategy}" for site, strategy in applied.items()) or "no pairs, model unchanged"
     print(f"wrote {args.out} ({done})")
@@ -65,6 +67,9 @@ def _verify(args: argparse.Namespace) -> int:
 
     if args.images < 1:
         raise SamReuseError("--images must be at least 1")
+    for option, value in (("--atol", args.atol), ("--rtol", args.rtol)):
+        if not value >= 0:
+            raise SamReuseError(f"{option} {value:g}: a tolerance must be 0 or more")
     result = verify_tuned(args.reference, args.tuned, read_records(args.data)[: args.images], args.reuse_map,
                           args.atol, args.rtol)
     return comparison_status(result, "tuned - reference",

@@ -85,9 +85,11 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from sam_reuse.base.files import write_json
+    from sam_reuse.base.files import check_output_file, write_json
     from sam_reuse.calibrate.tune import evaluate
 
+    if args.json:
+        check_output_file(args.json, "--json")
     result = evaluate(args.encoder, args.decoder, args.data, args.split, tune_settings(args))
     print(f"{args.split} split ({len(result.keys)} images): mIoU {result.miou:.2f}")
     if args.json:
