@@ -16,6 +16,7 @@ is exact, which removes the replaced channels and makes the encoder cheaper.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from sam_reuse.base.contract import EMBEDDING
+from sam_reuse.base.contract import DECODER_INPUTS, EMBEDDING, REUSE_MAP_PROPERTY
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import ensure_writable_dir, staged_outputs, write_json
 from sam_reuse.base.imaging import load_image_rgb, preprocess
@@ -307,10 +308,25 @@ class _Assessment:
     check: dict[str, Any]
 
 
+def _check_roles(encoder: Path, encoder_model: onnx.ModelProto, decoder: Path, decoder_model: onnx.ModelProto) -> None:
+    """The decoder has the exported decoder's inputs, and the encoder is not already rewritten by a map."""
+    inputs = [i.name for i in decoder_model.graph.input]
+    if not set(DECODER_INPUTS) <= set(inputs):
+        raise SamReuseError(f"{decoder}: not a SAM decoder exported by export-and-tune (inputs {', '.join(inputs)}; "
+                            f"expected {', '.join(DECODER_INPUTS)})")
+    tuned = next((p.value for p in encoder_model.metadata_props if p.key == REUSE_MAP_PROPERTY), None)
+    if tuned is not None and ReuseMap.from_json(json.loads(tuned)).num_pairs:
+        raise SamReuseError(f"{encoder}: already rewritten by a reuse map (see its metadata '{REUSE_MAP_PROPERTY}'); "
+                            "tune the original encoder")
+
+
 def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: TuneSettings) -> _Inputs:
     _check_settings(settings)
+    if settings.cache_dir is not None and Path(settings.cache_dir).exists() and not Path(settings.cache_dir).is_dir():
+        raise SamReuseError(f"--cache-dir {settings.cache_dir}: is a file, not a folder")
     encoder_model = load_model(encoder, "encoder ONNX")
     decoder_model = load_model(decoder, "decoder ONNX")
+    _check_roles(encoder, encoder_model, decoder, decoder_model)
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.name, site.channels)
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,

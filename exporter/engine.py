@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib
+import json
 import os
 import time
 import warnings
@@ -257,6 +258,20 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
 
 def sidecar_path(engine_path: str | Path) -> Path:
     return Path(f"{engine_path}.json")
+
+
+def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
+    """An engine's sidecar, or one line saying why it cannot be read."""
+    path = sidecar_path(engine_path)
+    if not path.is_file():
+        raise SamReuseError(f"{engine_path}: no sidecar {path.name} (build engines with export-and-tune)")
+    try:
+        sidecar = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SamReuseError(f"{path}: not a valid engine sidecar ({exc})") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != ENGINE_SIDECAR_FORMAT:
+        raise SamReuseError(f"{path}: not an engine sidecar of this version (expected format {ENGINE_SIDECAR_FORMAT})")
+    return sidecar
 
 
 def engine_name(onnx_path: str | Path, precision: str) -> Path:

@@ -15,14 +15,16 @@ encoder against torch on real images, the decoder against
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import onnx
 
 from sam_reuse.base import imaging
 from sam_reuse.base.contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, decoder_feeds
@@ -34,6 +36,7 @@ from sam_reuse.exporter.models import build_sam, spec_for
 from sam_reuse.graphops.sites import sites_of
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 7  # the oldest opset torch's exporter writes; a newer one it cannot use fails as one line (_torch_errors)
 EXPORTERS = ("legacy", "dynamo")
 TWO_GB = 2**31
 
@@ -53,11 +56,24 @@ class ExportResult:
     info: dict[str, Any]
 
 
+@contextlib.contextmanager
+def _torch_errors(path: Path, exporter: str, opset: int) -> Iterator[None]:
+    """torch's export failures as one line naming the file, the exporter and the opset."""
+    try:
+        yield
+    except SamReuseError:
+        raise
+    except Exception as exc:  # torch raises many types; none of them is the user's to read in full
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SamReuseError(f"{path.name}: torch could not export it ({exporter} exporter, opset {opset}): "
+                            f"{first[:300]}") from None
+
+
 def _torch_export(module, args: tuple, path: Path, input_names: Sequence[str], output_names: Sequence[str],
                   dynamic: dict[str, dict[int, str]], exporter: str, opset: int) -> None:
     import torch
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _torch_errors(path, exporter, opset):
         warnings.simplefilter("ignore")
         if exporter == "legacy":
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
@@ -203,16 +219,21 @@ def export_model(model_type: str, out_dir: str | Path, checkpoint: str | Path | 
     Nothing appears in ``out_dir`` unless both models were written and passed
     verification on ``verify_records``; existing files are replaced atomically.
     """
-    check_export_request(model_type, exporter, verify_records)
+    check_export_request(model_type, exporter, verify_records, opset)
     sam = build_sam(model_type, checkpoint, seed=seed)
     return export_sam(sam, out_dir, verify_records, export_identity(model_type, checkpoint, seed, exporter, opset))
 
 
-def check_export_request(model_type: str, exporter: str, verify_records: Sequence[Record]) -> None:
+def check_export_request(model_type: str, exporter: str, verify_records: Sequence[Record],
+                         opset: int = DEFAULT_OPSET) -> None:
     """Fail before any model is built when the request cannot be exported and verified."""
     spec_for(model_type)
     if exporter not in EXPORTERS:
         raise SamReuseError(f"unknown exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise SamReuseError(f"--opset {opset}: not an opset torch can export to here ({MIN_OPSET} to {newest}; "
+                            f"default {DEFAULT_OPSET})")
     if not verify_records:
         raise SamReuseError("export needs at least one image to verify the ONNX models against torch")
 

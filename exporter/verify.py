@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import onnx
 
+from sam_reuse.base.contract import REUSE_MAP_PROPERTY
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.imaging import load_image_rgb, preprocess, prompt_arrays
 from sam_reuse.base.records import Record, Sample
@@ -26,7 +27,6 @@ from sam_reuse.graphops.rewrites import apply_reuse_map
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
-MAP_PROPERTY = "sam_reuse.reuse_map"
 # engine vs ONNX Runtime, per engine precision: (atol, rtol)
 ENGINE_TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2)}
 
@@ -44,7 +44,7 @@ class VerifyResult:
 def embedded_reuse_map(model: onnx.ModelProto, source: str) -> ReuseMap:
     """The reuse map recorded in a tuned model's metadata."""
     for prop in model.metadata_props:
-        if prop.key == MAP_PROPERTY:
+        if prop.key == REUSE_MAP_PROPERTY:
             return ReuseMap.from_json(json.loads(prop.value), source=f"{source} metadata")
     raise SamReuseError(f"{source}: no reuse map in the model's metadata; pass --reuse-map")
 
@@ -115,12 +115,10 @@ def verify_engine(engine: str | Path, samples: Sequence[Sample]) -> VerifyResult
 
     Needs an NVIDIA GPU: engines are finished for, and run on, the GPU.
     """
-    from sam_reuse.exporter.engine import gpu_available, sidecar_path
+    from sam_reuse.exporter.engine import gpu_available, read_sidecar
 
     engine = Path(engine)
-    if not sidecar_path(engine).is_file():
-        raise SamReuseError(f"{engine}: no sidecar {sidecar_path(engine).name} (build engines with export-and-tune)")
-    sidecar = json.loads(sidecar_path(engine).read_text())
+    sidecar = read_sidecar(engine)
     if not gpu_available():
         raise SamReuseError(f"{engine}: comparing an engine with ONNX Runtime needs an NVIDIA GPU (none found)")
     from polygraphy import config

@@ -60,7 +60,7 @@ def export_finetuned(model_type: str, adapters: str | Path, out_dir: str | Path,
                      verify_records: Sequence[Record] = (), exporter: str = "legacy", opset: int = DEFAULT_OPSET,
                      seed: int = 0) -> ExportResult:
     """Export ``encoder.onnx``/``decoder.onnx``/``export.json`` of the base model plus ``adapters``."""
-    check_export_request(model_type, exporter, verify_records)
+    check_export_request(model_type, exporter, verify_records, opset)
     unmerged, config, record = load_finetuned(model_type, checkpoint, adapters, seed)
     merged = copy.deepcopy(unmerged)
     pieces = merge_adapters(merged)

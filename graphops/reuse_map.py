@@ -56,6 +56,13 @@ class SiteReuse:
                 "pairs": [list(p) for p in sorted(self.pairs)]}
 
 
+def _integer(value: Any) -> int:
+    """A JSON integer; 3.5 (or "3", or true) is refused, never truncated to a channel nobody asked for."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an integer")
+    return value
+
+
 @dataclass
 class ReuseMap:
     """Site name -> pairs, bound to one model by its graph fingerprint."""
@@ -77,12 +84,14 @@ class ReuseMap:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: str = "reuse map") -> "ReuseMap":
+        if not isinstance(data, Mapping):
+            raise SamReuseError(f"{source}: not a reuse map (a JSON {type(data).__name__}, expected an object)")
         if data.get("format") != REUSE_MAP_FORMAT:
             raise SamReuseError(f"{source}: not a reuse map (format {data.get('format')!r}, expected {REUSE_MAP_FORMAT!r})")
         try:
             sites = {
-                name: SiteReuse(tensor=str(s["tensor"]), axis=int(s["axis"]), channels=int(s["channels"]),
-                                pairs=tuple((int(t), int(src)) for t, src in s["pairs"]))
+                name: SiteReuse(tensor=str(s["tensor"]), axis=_integer(s["axis"]), channels=_integer(s["channels"]),
+                                pairs=tuple((_integer(t), _integer(src)) for t, src in s["pairs"]))
                 for name, s in data["sites"].items()
             }
         except (KeyError, TypeError, ValueError) as exc:

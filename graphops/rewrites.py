@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from sam_reuse.base.contract import REUSE_MAP_PROPERTY
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import atomic_path, refuse_overwriting
 from sam_reuse.graphops.chain import NotChannelwise, ProducerChain, linear_consumers, take, trace_producer
@@ -155,7 +156,7 @@ def apply_reuse_map(model: str | Path | onnx.ModelProto, reuse_map: ReuseMap, st
         STRATEGIES[applied[name]](graph, sites[name], reuse)
     result = finalize(graph)
     onnx.helper.set_model_props(result, {
-        "sam_reuse.reuse_map": json.dumps(reuse_map.to_json(), sort_keys=True),
+        REUSE_MAP_PROPERTY: json.dumps(reuse_map.to_json(), sort_keys=True),
         "sam_reuse.strategies": json.dumps(applied, sort_keys=True),
     })
     return result, applied

@@ -139,4 +139,8 @@ def sites_of(model_path: str | Path) -> dict[str, Site]:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError and others
         raise SamReuseError(f"{path}: not a readable ONNX model ({exc})") from None
-    return find_sites(load_graph(model))
+    sites = find_sites(load_graph(model))
+    if not sites:
+        raise SamReuseError(f"{path}: no channel site (no '{EMBEDDING}' output and no MLP hidden activation); "
+                            "is it an encoder exported by export-and-tune?")
+    return sites

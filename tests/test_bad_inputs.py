@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,6 +89,12 @@ def test_failed_export_leaves_existing_outputs_untouched(capsys, tmp_path, sampl
     assert (out / "encoder.onnx").read_text() == "previous result"
 
 
+def _with(argv: list[str], option: str, value: str) -> list[str]:
+    """``argv`` with ``option``'s value replaced."""
+    at = argv.index(option) + 1
+    return argv[:at] + [value] + argv[at + 1:]
+
+
 def _tree(folder):
     """Every file under ``folder`` with its content hash and mode: what a refused command must leave as it was."""
     import hashlib
@@ -114,6 +122,7 @@ def tuned_folder(tmp_path_factory):
 def test_outputs_never_replace_inputs_and_bad_options_are_refused_before_any_work(capsys, tuned_folder):
     root = tuned_folder
     enc, dec, data, rmap = (str(root / n) for n in ("encoder.onnx", "decoder.onnx", "data", "map.json"))
+    rmap_text = Path(rmap).read_text()
     tune = ["tune", "--encoder", enc, "--decoder", dec, "--data", data, "--out", str(root / "out"),
             "--cache-dir", str(root / "cache"), "--no-progress", "--evidence", "given", "--top-pairs", "2"]
     cases = {
@@ -129,6 +138,28 @@ def test_outputs_never_replace_inputs_and_bad_options_are_refused_before_any_wor
                                          "--no-progress", "--cache-dir", str(root / "cache"), "--json", str(root)],
                                         f"--json {root}: is a folder, not a file to write"),
     }
+    listed, fractional, tuned, bad_sidecar = (root / n for n in ("list.json", "half.json", "tuned.onnx", "e.engine"))
+    listed.write_text("[[2, 5]]")
+    fractional.write_text(rmap_text.replace("[\n          2,", "[\n          2.5,"))
+    bad_sidecar.write_bytes(b"engine")
+    Path(f"{bad_sidecar}.json").write_text("{not json")
+    if not tuned.exists():
+        assert main(["apply", enc, rmap, "--out", str(tuned)]) == 0
+    cases.update({
+        "a map that is a list": (["apply", enc, str(listed), "--out", str(root / "x.onnx")], "a JSON list"),
+        "a fractional channel": (["apply", enc, str(fractional), "--out", str(root / "x.onnx")],
+                                 "malformed site entry (2.5 is not an integer)"),
+        "a map on a tuned encoder": (["apply", str(tuned), rmap, "--out", str(root / "x.onnx")],
+                                     "reuse map was made for another model"),
+        "the encoder as decoder": (_with(tune, "--decoder", enc),
+                                   "encoder.onnx: not a SAM decoder exported by export-and-tune"),
+        "tuning a tuned encoder": (_with(tune, "--encoder", str(tuned)), "already rewritten by a reuse map"),
+        "a cache that is a file": (_with(tune, "--cache-dir", rmap), "is a file, not a folder"),
+        "sites of a decoder": (["sites", dec], "decoder.onnx: no channel site"),
+        "opset 5": (["export", "--model-type", "test_vit_t", "--opset", "5", "--out", str(root / "exp")],
+                    "--opset 5: not an opset torch can export to"),
+        "sidecar not JSON": (["verify-engine", str(bad_sidecar)], "e.engine.json: not a valid engine sidecar"),
+    })
     for name, (argv, message) in cases.items():
         before = _tree(root)
         code, err = _run(capsys, *argv)
@@ -146,3 +177,17 @@ def test_outputs_get_the_usual_file_mode(capsys, tuned_folder, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(capsys, monkeypatch, tuned_folder):
+    from sam_reuse.cli import graph
+
+    def broken(_args):
+        raise ZeroDivisionError("a bug\nwith a second line")
+
+    monkeypatch.setattr(graph, "_sites", broken)
+    code, err = _run(capsys, "sites", str(tuned_folder / "encoder.onnx"))
+    assert code == 1 and err == ["export-and-tune sites: unexpected error: ZeroDivisionError: a bug "
+                                 "(rerun with --debug for the traceback)"]
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "sites", str(tuned_folder / "encoder.onnx")])

@@ -17,6 +17,7 @@ DECODER_INPUTS = (EMBEDDING, "point_coords", "point_labels", "mask_input", "has_
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 
 REUSE_MAP_FORMAT = "sam-reuse/reuse-map@1"
+REUSE_MAP_PROPERTY = "sam_reuse.reuse_map"  # metadata key of a rewritten model: the map it was rewritten by
 REPORT_FORMAT = "sam-reuse/report@2"
 ENGINE_SIDECAR_FORMAT = "sam-reuse/engine@1"
 

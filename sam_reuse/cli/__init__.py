@@ -25,6 +25,7 @@ DESCRIPTION = ("Adapt a Segment Anything model to an image domain by channel reu
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     """The parser and each subcommand's handler."""
     parser = argparse.ArgumentParser(prog="export-and-tune", description=DESCRIPTION)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     for group in COMMAND_GROUPS:
@@ -46,7 +47,7 @@ def _warnings_to_stderr() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--debug"):
         argv.insert(0, "run")  # `export-and-tune --model-type ...` runs the whole pipeline
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
@@ -59,3 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("export-and-tune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last line of defence: a bug, or a case no check foresaw
+        if args.debug:
+            raise
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"export-and-tune {args.command}: unexpected error: {type(exc).__name__}"
+              f"{': ' + detail if detail else ''} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
