@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from sam_reuse.base.contract import DECODER_INPUTS, EMBEDDING, REUSE_MAP_PROPERTY
+from sam_reuse.base.contract import DECODER_INPUTS, EMBEDDING, REUSE_MAP_PROPERTY, TUNE_OUTPUTS
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import ensure_writable_dir, staged_outputs, write_json
+from sam_reuse.base.files import ensure_writable_dir, folder_lock, staged_outputs, write_json
 from sam_reuse.base.imaging import load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import load_model, ort_session
@@ -58,12 +58,9 @@ from sam_reuse.graphops.rewrites import apply_reuse_map
 from sam_reuse.graphops.sites import Site, find_sites
 
 # What tune publishes: the encoder and map under these names when they ship, under the others when the evidence
-# kept them back. A tune replaces every output of an earlier tune in the folder, engines of the tuned encoder
-# included, so a stale tuned encoder can never sit beside a run that shipped the original.
+# kept them back. A tune replaces every output of an earlier tune in the folder (contract.TUNE_OUTPUTS).
 SHIPPED_OUTPUTS = ("encoder.tuned.onnx", "reuse_map.json")
 NOT_SHIPPED_OUTPUTS = ("encoder.tuned.not-shipped.onnx", "reuse_map.not-shipped.json")
-TUNE_OUTPUTS = ("encoder.tuned.*", "reuse_map*.json", "report.json", "report.md", "miou_vs_pairs.png",
-                "overlay-*.png")
 STRATEGIES = ("fast", "exhaustive")
 JOURNAL = "search.jsonl"
 CHECK_TOLERANCE = 1e-4
@@ -506,31 +503,32 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
 
     inputs = _prepare(encoder, decoder, data, out_dir, settings)
     lap("load")
-    scoring = _encode(inputs, settings)
-    lap("encode")
-    search = _search(inputs, scoring, settings, out_dir)
-    lap("search")
-    assessment = _assess(inputs, scoring, search, settings)
-    lap("held_out")
+    with folder_lock(out_dir):  # the journal is checked and written under the lock
+        scoring = _encode(inputs, settings)
+        lap("encode")
+        search = _search(inputs, scoring, settings, out_dir)
+        lap("search")
+        assessment = _assess(inputs, scoring, search, settings)
+        lap("held_out")
 
-    decision = assessment.decision
-    keys = [s.key for s in inputs.calibration.held_out]
-    overlays = (_choose_overlays(keys, assessment.gains, settings.overlays)
-                if assessment.held_ious is not None and decision.candidate else [])
-    names = SHIPPED_OUTPUTS if decision.ship_tuned else NOT_SHIPPED_OUTPUTS
-    with staged_outputs(out_dir, replacing=TUNE_OUTPUTS) as staging:
-        if decision.candidate:
-            onnx.save(assessment.tuned_model, str(staging / names[0]))
-            assessment.reuse_map.save(staging / names[1])
-        plot_curve(assessment.curve, decision.candidate, staging / "miou_vs_pairs.png")
-        if overlays:
-            _write_overlays(scoring.held_eval, overlays, assessment.reuse_map.sites[settings.site].index(),
-                            *assessment.held_ious, staging)
-        wall["total"] = time.perf_counter() - started
-        report = _report(inputs, scoring, search, assessment, settings, overlays, wall)
-        write_json(staging / "report.json", report.to_json())
-        (staging / "report.md").write_text(markdown(report))
-    return TuneResult(reuse_map=assessment.reuse_map, report=report, out_dir=out_dir, decision=decision)
+        decision = assessment.decision
+        keys = [s.key for s in inputs.calibration.held_out]
+        overlays = (_choose_overlays(keys, assessment.gains, settings.overlays)
+                    if assessment.held_ious is not None and decision.candidate else [])
+        names = SHIPPED_OUTPUTS if decision.ship_tuned else NOT_SHIPPED_OUTPUTS
+        with staged_outputs(out_dir, replacing=TUNE_OUTPUTS) as staging:
+            if decision.candidate:
+                onnx.save(assessment.tuned_model, str(staging / names[0]))
+                assessment.reuse_map.save(staging / names[1])
+            plot_curve(assessment.curve, decision.candidate, staging / "miou_vs_pairs.png")
+            if overlays:
+                _write_overlays(scoring.held_eval, overlays, assessment.reuse_map.sites[settings.site].index(),
+                                *assessment.held_ious, staging)
+            wall["total"] = time.perf_counter() - started
+            report = _report(inputs, scoring, search, assessment, settings, overlays, wall)
+            write_json(staging / "report.json", report.to_json())
+            (staging / "report.md").write_text(markdown(report))
+        return TuneResult(reuse_map=assessment.reuse_map, report=report, out_dir=out_dir, decision=decision)
 
 
 @dataclass

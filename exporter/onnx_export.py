@@ -27,9 +27,16 @@ import numpy as np
 import onnx
 
 from sam_reuse.base import imaging
-from sam_reuse.base.contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, decoder_feeds
+from sam_reuse.base.contract import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    EXPORT_DERIVED_OUTPUTS,
+    decoder_feeds,
+)
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import sha256_file, staged_outputs, write_json
+from sam_reuse.base.files import folder_lock, sha256_file, staged_outputs, write_json
 from sam_reuse.base.records import Record
 from sam_reuse.base.runtime import onnx_io_spec, ort_session
 from sam_reuse.exporter.models import build_sam, spec_for
@@ -262,7 +269,7 @@ def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info:
     """
     out_dir = Path(out_dir)
     exporter, opset = info["exporter"], info["opset"]
-    with staged_outputs(out_dir) as staging:
+    with folder_lock(out_dir), staged_outputs(out_dir, replacing=EXPORT_DERIVED_OUTPUTS) as staging:
         started = time.perf_counter()
         export_encoder(sam, staging / "encoder.onnx", exporter, opset)
         export_decoder(sam, staging / "decoder.onnx", exporter, opset)

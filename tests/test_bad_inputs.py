@@ -159,6 +159,10 @@ def test_outputs_never_replace_inputs_and_bad_options_are_refused_before_any_wor
         "opset 5": (["export", "--model-type", "test_vit_t", "--opset", "5", "--out", str(root / "exp")],
                     "--opset 5: not an opset torch can export to"),
         "sidecar not JSON": (["verify-engine", str(bad_sidecar)], "e.engine.json: not a valid engine sidecar"),
+        "run with an unknown precision": (["run", "--model-type", "test_vit_t", "--out", str(root), "--engines",
+                                           "fp8"], "--engines: unknown precision fp8"),
+        "run with half a model pair": (["run", "--encoder", enc, "--out", str(root)],
+                                       "--encoder and --decoder go together"),
     })
     for name, (argv, message) in cases.items():
         before = _tree(root)
@@ -191,3 +195,16 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(capsys, m
                                  "(rerun with --debug for the traceback)"]
     with pytest.raises(ZeroDivisionError):
         main(["--debug", "sites", str(tuned_folder / "encoder.onnx")])
+
+
+def test_a_new_export_removes_what_was_derived_from_the_models_it_replaces(capsys, tmp_path, sample_records):
+    """Tuned encoders, maps, reports and engines of the old models go; the user's own files stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("encoder.onnx", "encoder.tuned.onnx", "reuse_map.json", "report.json", "encoder.tuned.fp16.engine",
+                 "notes.txt"):
+        (out / name).write_text("earlier")
+    code, _ = _run(capsys, "export", "--model-type", "test_vit_t", "--out", str(out), "--verify-images", "1")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "export.json", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "earlier" and (out / "encoder.onnx").read_bytes() != b"earlier"

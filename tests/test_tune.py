@@ -188,6 +188,29 @@ def test_killed_search_resumes_to_the_identical_map(task, tmp_path):
     assert resumed["search"] == first["search"] and resumed["held_out"] == first["held_out"]
 
 
+def test_two_tunes_into_one_folder_one_is_refused_naming_the_other(task, tmp_path, capsys):
+    """A second tune into a folder a running tune holds gets one line with the holder's PID, and writes nothing."""
+    args = ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["slow_decoder"]),
+            "--data", str(task["data"]), "--top-pairs", "3", "--cache-dir", str(task["cache"]), "--no-progress",
+            "--overlays", "0", "--evidence", "given", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-m", "sam_reuse.cli", *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _journal_entries(tmp_path / "out" / "search.jsonl") < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.poll() is None, f"the first tune ended too soon: {first.stderr.read()!r}"
+    journal = (tmp_path / "out" / "search.jsonl").read_bytes()
+    second = [*args, "--prompt", "box"]  # other settings: it would restart the journal
+    message = _cli_error(capsys, second)
+    assert f"in use by PID {first.pid}" in message and str(tmp_path / "out") in message
+    assert (tmp_path / "out" / "search.jsonl").read_bytes().startswith(journal)  # the first one's journal intact
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert main(second) == 0  # a killed holder leaves no lock behind
+    assert not (tmp_path / "out" / ".sam-reuse.lock").exists()
+
+
 def _cli_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

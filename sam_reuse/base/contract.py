@@ -16,6 +16,13 @@ ENCODER_OUTPUTS = (EMBEDDING,)
 DECODER_INPUTS = (EMBEDDING, "point_coords", "point_labels", "mask_input", "has_mask_input")
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 
+# Files of an output folder that a tune writes, and those derived from the folder's exported models. A tune
+# replaces every earlier tune output, engines of a tuned encoder included, so a stale tuned encoder never sits
+# beside a run that shipped the original; a new export removes everything derived from the models it replaces.
+TUNE_OUTPUTS = ("encoder.tuned.*", "reuse_map*.json", "report.json", "report.md", "miou_vs_pairs.png",
+                "overlay-*.png")
+EXPORT_DERIVED_OUTPUTS = (*TUNE_OUTPUTS, "*.engine", "*.engine.json")
+
 REUSE_MAP_FORMAT = "sam-reuse/reuse-map@1"
 REUSE_MAP_PROPERTY = "sam_reuse.reuse_map"  # metadata key of a rewritten model: the map it was rewritten by
 REPORT_FORMAT = "sam-reuse/report@2"

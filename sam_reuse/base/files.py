@@ -9,6 +9,7 @@ error the temporary files are removed and existing outputs stay untouched.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -87,6 +88,55 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+LOCK_NAME = ".sam-reuse.lock"
+_held_locks: set[Path] = set()  # folders this process holds: run locks once, its export and tune inside
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block, so two processes never write one output folder at once.
+
+    The lock is an ``flock`` on ``folder/.sam-reuse.lock``: it ends with the process, even on a kill. A second
+    process gets one line naming the holder's PID. The file is removed on release; a lock taken on a file that
+    was removed meanwhile is taken again on the new one.
+    """
+    folder = Path(folder).resolve()
+    if folder in _held_locks:
+        yield
+        return
+    created = not folder.exists()
+    ensure_writable_dir(folder)
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SamReuseError(f"{folder}: in use by PID {holder} (another export-and-tune is writing there); "
+                                "wait for it, or write to another folder") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed by the holder we waited on: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _held_locks.add(folder)
+        yield
+    finally:
+        _held_locks.discard(folder)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # only if nothing was published in it
+                folder.rmdir()
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON, atomically."""
     with atomic_path(path) as tmp:
@@ -121,7 +171,7 @@ def staged_outputs(out_dir: str | os.PathLike, replacing: Sequence[str] = ()) ->
         for item in sorted(staging.iterdir()):
             os.replace(item, out_dir / item.name)
     except BaseException:
-        if created and not any(p for p in out_dir.iterdir() if p != staging):
+        if created and not any(p for p in out_dir.iterdir() if p not in (staging, out_dir / LOCK_NAME)):
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:

@@ -99,17 +99,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Export (or copy the given ONNX pair into --out), tune, and build the engines of what ships."""
+    from sam_reuse.base.files import folder_lock
     from sam_reuse.calibrate.tune import copy_model
 
     if (args.encoder is None) != (args.decoder is None):
         raise SamReuseError("--encoder and --decoder go together")
     precisions = engine_precisions(args.engines)  # a typo here must not cost an export and a search
-    if args.encoder is not None:
-        copy_model(args.encoder, args.out / "encoder.onnx")
-        copy_model(args.decoder, args.out / "decoder.onnx")
-    else:
-        export_and_report(args, reuse=True)
-    status, shipped = _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
-    if precisions:
-        deployment_engines(shipped, args.out / "decoder.onnx", precisions)
+    with folder_lock(args.out):  # one run per folder; its export and tune take the same lock again
+        if args.encoder is not None:
+            copy_model(args.encoder, args.out / "encoder.onnx")
+            copy_model(args.decoder, args.out / "decoder.onnx")
+        else:
+            export_and_report(args, reuse=True)
+        status, shipped = _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
+        if precisions:
+            deployment_engines(shipped, args.out / "decoder.onnx", precisions)
     return status
