@@ -22,18 +22,17 @@ Default: the first half is the search split, the second half held out.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import distance_transform_edt
 
 from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import sha256_file
+from sam_reuse.base.imaging import open_image
 from sam_reuse.base.records import Prompt, Record, Sample
 
 MANIFEST = "manifest.jsonl"
@@ -142,15 +141,13 @@ def binarize_mask(values: np.ndarray) -> np.ndarray:
 
 def load_mask(path: str | Path) -> np.ndarray:
     """Binary HxW mask by ``MASK_RULE``."""
-    try:
-        with Image.open(path) as img:
+    with open_image(path, "mask") as img:
+        try:
             if img.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr"):
                 img = img.convert("RGB")
             values = np.asarray(img)
-    except FileNotFoundError:
-        raise SamReuseError(f"{path}: mask not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise SamReuseError(f"{path}: cannot read mask ({exc})") from None
+        except OSError as exc:  # truncated data shows up when the pixels are decoded
+            raise SamReuseError(f"{path}: cannot read mask ({exc})") from None
     return binarize_mask(values)
 
 
@@ -192,11 +189,13 @@ def choose_prompt(record: Record, mask: np.ndarray, mode: str) -> Prompt:
 
 
 def _image_size_and_hash(path: Path) -> tuple[tuple[int, int], str]:
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # decode fully: a truncated file fails here, not during encoding
+    with open_image(path) as img:
+        try:
+            img.load()  # decode fully: a truncated file fails here, not during encoding
+        except OSError as exc:
+            raise SamReuseError(f"{path}: cannot read image ({exc})") from None
         width, height = img.size
-    return (height, width), hashlib.sha256(data).hexdigest()
+    return (height, width), sha256_file(path)
 
 
 def _prompt_problem(prompt: Prompt, hw: tuple[int, int]) -> str | None:
@@ -214,10 +213,7 @@ def load_sample(record: Record, prompt_mode: str = "given") -> Sample:
     """Read and check one record; raises ``SamReuseError`` saying what is wrong with it."""
     if not record.image.is_file():
         raise SamReuseError(f"{record.image}: image not found")
-    try:
-        hw, digest = _image_size_and_hash(record.image)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise SamReuseError(f"{record.image}: cannot read image ({exc})") from None
+    hw, digest = _image_size_and_hash(record.image)
     mask = load_mask(record.mask)
     if mask.shape != hw:
         raise SamReuseError(f"{record.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {hw[1]}x{hw[0]}")

@@ -81,3 +81,61 @@ def test_prompt_arrays_add_padding_point_like_prompt_encoder(sam):
 def test_prompt_without_points_or_box_is_rejected():
     with pytest.raises(ValueError, match="at least one point or a box"):
         imaging.prompt_arrays(imaging.Prompt(), (100, 100))
+
+
+def _bomb_png(path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+
+
+def test_every_pillow_mode_becomes_8_bit_rgb_the_way_a_user_expects(tmp_path):
+    from PIL import Image
+
+    ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(4, 256) * 64).astype(np.uint16)  # 0..65472
+    Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    gray16 = imaging.load_image_rgb(tmp_path / "gray16.png")
+    assert gray16.dtype == np.uint8 and gray16.shape == (4, 256, 3)
+    assert np.array_equal(gray16[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))  # scaled, not clipped
+    Image.new("CMYK", (4, 4), (0, 0, 0, 0)).save(tmp_path / "cmyk.jpg")
+    assert imaging.load_image_rgb(tmp_path / "cmyk.jpg")[0, 0].tolist() == [255, 255, 255]
+    Image.new("RGBA", (4, 4), (10, 20, 30, 0)).save(tmp_path / "alpha.png")
+    assert imaging.load_image_rgb(tmp_path / "alpha.png")[0, 0].tolist() == [10, 20, 30]
+    palette = Image.new("P", (4, 4))
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette.save(tmp_path / "palette.png")
+    assert imaging.load_image_rgb(tmp_path / "palette.png")[1, 1].tolist() == [200, 100, 50]
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "float.tiff")
+    assert imaging.load_image_rgb(tmp_path / "float.tiff")[0, 0].tolist() == [128, 128, 128]
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+    from sam_reuse.base.errors import SamReuseError
+
+    _bomb_png(tmp_path / "bomb.png", 9000, 9000)  # above our limit, below Pillow's own
+    with pytest.raises(SamReuseError, match=r"bomb.png: image is 9000x9000 pixels, too large to decode"):
+        imaging.load_image_rgb(tmp_path / "bomb.png")
+    _bomb_png(tmp_path / "huge.png", 60000, 60000)  # Pillow refuses it at open
+    with pytest.raises(SamReuseError, match=r"huge.png: image too large to decode \(Image size"):
+        imaging.load_image_rgb(tmp_path / "huge.png")
+
+
+def test_a_bomb_in_the_data_is_a_skipped_record(tmp_path):
+    from sam_reuse.calibrate.data import SkippedRecordsWarning, load_calibration
+    from tests import synthetic
+
+    data = synthetic.write_dataset(tmp_path / "data", 6)
+    _bomb_png(data / "img02.png", 50000, 50000)
+    with pytest.warns(SkippedRecordsWarning, match="img02: .*too large to decode"):
+        calibration = load_calibration(data, search_images=3, holdout_images=3)
+    assert [s.key for s in calibration.search] == ["img00", "img01"] and "img02" in calibration.skipped

@@ -15,7 +15,10 @@ sample all see identical tensors:
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,15 +33,54 @@ PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 MASK_THRESHOLD = 0.0
 
 
-def load_image_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB, with a clear error for bad files."""
+MAX_PIXELS = 8192 * 8192  # SAM looks at 1024 px; anything larger is a mistake or a decompression bomb
+_HIGH_DEPTH_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
+    """``Image.open`` with one clear error per problem: missing, unreadable, or too large to decode."""
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise SamReuseError(f"{path}: {what} is {width}x{height} pixels, too large to decode (limit "
+                                        f"{MAX_PIXELS:,} pixels): a decompression bomb, or an image to downscale")
+                yield img
     except FileNotFoundError:
-        raise SamReuseError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise SamReuseError(f"{path}: cannot read image ({exc})") from None
+        raise SamReuseError(f"{path}: {what} not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SamReuseError(f"{path}: {what} too large to decode ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SamReuseError(f"{path}: cannot read {what} ({exc})") from None
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """HxWx3 uint8 RGB of any mode Pillow reads: palette, alpha and CMYK converted, alpha dropped;
+    16-bit and 32-bit gray scaled to 8 bits (65535 -> 255), not clipped as ``convert("RGB")`` would."""
+    if img.mode not in _HIGH_DEPTH_GRAY:
+        return np.asarray(img.convert("RGB"))
+    values = np.asarray(img, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if img.mode.startswith("I;16"):
+        full = 65535.0  # the format's own range, however dark the image
+    elif img.mode == "I":  # 32-bit integers: usually 8- or 16-bit data that Pillow widened
+        full = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    else:  # "F": floats in 0..1, else 0..255
+        full = 1.0 if top <= 1.0 else 255.0
+    gray = np.clip(np.round(values / full * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def load_image_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (``to_rgb8``), with a clear error for bad files."""
+    with open_image(path) as img:
+        try:
+            return to_rgb8(img)
+        except OSError as exc:  # truncated data shows up when the pixels are decoded
+            raise SamReuseError(f"{path}: cannot read image ({exc})") from None
 
 
 def resized_shape(height: int, width: int, long_side: int = IMAGE_SIZE) -> tuple[int, int]:
