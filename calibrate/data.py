@@ -58,19 +58,40 @@ class CalibrationSet:
     prompt_mode: str = "given"
 
 
+def _plain_name(value: object, what: str) -> str:
+    """A record id used in file names (overlays): a non-empty string (or integer) naming no folder."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"{what} {value!r} is not a plain file name")
+    return value
+
+
+def _relative_file(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ValueError(f"'{what}' must be a path string, not {value!r}")
+    return value
+
+
 def read_manifest(folder: str | Path) -> list[Record]:
     """Records of ``folder/manifest.jsonl`` in file order."""
     folder = Path(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise SamReuseError(f"{manifest}: manifest not found")
-    records = []
-    for line_no, line in enumerate(manifest.read_text().splitlines(), start=1):
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SamReuseError(f"{manifest}: not UTF-8 text ({exc})") from None
+    records, seen = [], {}
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
-            image, mask = entry["image"], entry["mask"]
+            if not isinstance(entry, dict):
+                raise TypeError(f"a JSON {type(entry).__name__}, not an object")
+            image, mask = _relative_file(entry["image"], "image"), _relative_file(entry["mask"], "mask")
             points = np.asarray(entry["points"], dtype=np.float32).reshape(-1, 2) if entry.get("points") else None
             labels = None
             if points is not None:
@@ -78,10 +99,17 @@ def read_manifest(folder: str | Path) -> list[Record]:
                 if len(labels) != len(points):
                     raise ValueError(f"{len(points)} points but {len(labels)} labels")
             box = np.asarray(entry["box"], dtype=np.float32).reshape(4) if entry.get("box") else None
+            for name, values in (("points", points), ("labels", labels), ("box", box)):
+                if values is not None and not np.isfinite(values).all():
+                    raise ValueError(f"'{name}' holds a value that is not a finite number")
+            key = _plain_name(entry.get("id", Path(image).stem), "id")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SamReuseError(f"{manifest}:{line_no}: not a record with 'image' and 'mask' ({exc})") from None
-        records.append(Record(key=str(entry.get("id", Path(image).stem)), image=folder / image, mask=folder / mask,
-                              points=points, labels=labels, box=box))
+        if key in seen:
+            raise SamReuseError(f"{manifest}:{line_no}: record id '{key}' already used on line {seen[key]}")
+        seen[key] = line_no
+        records.append(Record(key=key, image=folder / image, mask=folder / mask, points=points, labels=labels,
+                              box=box))
     if not records:
         raise SamReuseError(f"{manifest}: no records")
     return records

@@ -56,6 +56,12 @@ class SiteReuse:
                 "pairs": [list(p) for p in sorted(self.pairs)]}
 
 
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
 def _integer(value: Any) -> int:
     """A JSON integer; 3.5 (or "3", or true) is refused, never truncated to a channel nobody asked for."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -90,13 +96,21 @@ class ReuseMap:
             raise SamReuseError(f"{source}: not a reuse map (format {data.get('format')!r}, expected {REUSE_MAP_FORMAT!r})")
         try:
             sites = {
-                name: SiteReuse(tensor=str(s["tensor"]), axis=_integer(s["axis"]), channels=_integer(s["channels"]),
+                name: SiteReuse(tensor=_string(s["tensor"]), axis=_integer(s["axis"]),
+                                channels=_integer(s["channels"]),
                                 pairs=tuple((_integer(t), _integer(src)) for t, src in s["pairs"]))
                 for name, s in data["sites"].items()
             }
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SamReuseError(f"{source}: malformed site entry ({exc})") from None
-        return cls(model_fingerprint=str(data.get("model_fingerprint", "")), sites=sites, meta=dict(data.get("meta", {})))
+        meta = data.get("meta", {})
+        if not isinstance(meta, Mapping):
+            raise SamReuseError(f"{source}: malformed 'meta' (a JSON {type(meta).__name__}, expected an object)")
+        try:
+            fingerprint = _string(data.get("model_fingerprint", ""))
+        except ValueError as exc:
+            raise SamReuseError(f"{source}: malformed 'model_fingerprint' ({exc})") from None
+        return cls(model_fingerprint=fingerprint, sites=sites, meta=dict(meta))
 
     @classmethod
     def load(cls, path: str | Path) -> "ReuseMap":
