@@ -79,9 +79,15 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SamReuseError(f"--device {name}: not a torch device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SamReuseError(f"--device {name}: adapters train on cpu or cuda only")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SamReuseError(f"--device {name}: no CUDA device visible to torch")
-    return torch.device(name)
+    return device
 
 
 def _image_tensor(sample: Sample) -> torch.Tensor:
@@ -229,12 +235,13 @@ def train(model_type: str, checkpoint: str | Path | None, data: str | Path, out_
     settings = settings or TrainSettings()
     if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
         raise SamReuseError("epochs and batch size must be >= 1 and the learning rate > 0")
-    out_dir = ensure_writable_dir(out_dir)
     device = _device(settings.device)
     calibration = load_calibration(data, None, settings.prompt, settings.search_images, settings.holdout_images)
     samples = calibration.search
     torch.manual_seed(config.seed)
     sam = build_sam(model_type, checkpoint, seed=seed).to(device)
+    select_blocks(sam.image_encoder, config.blocks)  # a bad --blocks fails here, before the output folder exists
+    out_dir = ensure_writable_dir(out_dir)
     identity = {"model_type": model_type, "checkpoint": str(checkpoint) if checkpoint else None, "seed": seed,
                 "data": _data_fingerprint(samples), "settings": {k: v for k, v in asdict(settings).items()
                                                                if k not in ("device", "progress")}}

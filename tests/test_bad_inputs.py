@@ -208,3 +208,19 @@ def test_a_new_export_removes_what_was_derived_from_the_models_it_replaces(capsy
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "export.json", "notes.txt"]
     assert (out / "notes.txt").read_text() == "earlier" and (out / "encoder.onnx").read_bytes() != b"earlier"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "tpu"], "--device tpu: not a torch device"),
+    (["--device", "meta"], "--device meta: adapters train on cpu or cuda only"),
+    (["--blocks", "nosuch"], "--blocks: expected 'all', 'last:N'"),
+])
+def test_peft_train_refuses_bad_options_before_writing(capsys, tmp_path, extra, message):
+    from tests.conftest import SAMPLES
+
+    out = tmp_path / "adapters"
+    code, err = _run(capsys, "peft-train", "--model-type", "test_vit_t", "--method", "lora", "--data", str(SAMPLES),
+                     "--search-images", "2", "--holdout-images", "2", "--epochs", "1", "--out", str(out),
+                     "--no-progress", *extra)
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not out.exists()
