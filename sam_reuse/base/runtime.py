@@ -11,14 +11,42 @@ import onnxruntime as ort
 
 from sam_reuse.base.errors import SamReuseError
 
-DEFAULT_THREADS = int(os.environ.get("SAM_REUSE_THREADS", "2"))
+THREADS_VARIABLE = "SAM_REUSE_THREADS"
 
 
-def ort_session(model: str | Path | bytes, threads: int = DEFAULT_THREADS,
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings counted once), from /proc/cpuinfo.
+
+    ONNX Runtime's CPU kernels gain little from a core's second hardware thread, so this is the default.
+    """
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    try:
+        for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if "processor" in fields and int(fields["processor"]) in allowed:
+                cores.add((fields.get("physical id", "0"), fields.get("core id", fields["processor"])))
+    except (OSError, ValueError):
+        pass
+    return max(1, len(cores) or len(allowed))
+
+
+def default_threads() -> int:
+    """``$SAM_REUSE_THREADS`` (``--threads`` sets it), else every physical core."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return physical_cores()
+    if not value.isdigit() or int(value) < 1:
+        raise SamReuseError(f"{THREADS_VARIABLE}={value!r}: expected a number of threads, 1 or more")
+    return int(value)
+
+
+def ort_session(model: str | Path | bytes, threads: int | None = None,
                 providers: list[str] | None = None) -> ort.InferenceSession:
-    """A CPU session with a fixed thread count, so timings and results are reproducible."""
+    """A CPU session with a fixed thread count (``default_threads`` unless given): reproducible timings."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)

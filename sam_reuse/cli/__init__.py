@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 from typing import Callable, Iterator, Sequence
 
 from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.runtime import THREADS_VARIABLE
 from sam_reuse.cli import engine, export, graph, peft, tune
 
 COMMAND_GROUPS = (export, graph, tune, engine, peft)
@@ -26,6 +28,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     """The parser and each subcommand's handler."""
     parser = argparse.ArgumentParser(prog="export-and-tune", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    parser.add_argument("--threads", type=int,
+                        help="ONNX Runtime threads (default: $SAM_REUSE_THREADS, else every physical core)")
     sub = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     for group in COMMAND_GROUPS:
@@ -47,10 +51,15 @@ def _warnings_to_stderr() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--debug"):
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--debug", "--threads"):
         argv.insert(0, "run")  # `export-and-tune --model-type ...` runs the whole pipeline
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print("export-and-tune: error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        os.environ[THREADS_VARIABLE] = str(args.threads)  # every session this process opens reads it
     try:
         with _warnings_to_stderr():
             return handlers[args.command](args)
