@@ -16,7 +16,9 @@ serves both arms, which differ only in what ships:
   and always published;
 * ``validated, shipping rule`` (the default now): the prefix with the best
   lower 90% bound on the held-out validation part (even positions), shipped
-  only when that bound is above 0, otherwise the original.
+  only when that bound is above 0, otherwise the original;
+* ``validated, always shipped``: the same prefix, shipped whatever the
+  bound says (``--ship-anyway``): what the choice of length alone does.
 
 Both arms are scored on the held-out test part (odd positions), which decided
 nothing in either arm, and, for reference, on all 50 held-out images (the
@@ -50,7 +52,7 @@ from sam_reuse.calibrate.tune import TuneSettings, tune
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
-ARMS = ("search choice, always shipped", "validated, shipping rule")
+ARMS = ("search choice, always shipped", "validated, shipping rule", "validated, always shipped")
 
 
 def _interval(values: np.ndarray) -> list[float]:
@@ -76,7 +78,8 @@ def summarise(report: TuneReport) -> dict:
     new = np.asarray(curve[shipping.candidate_pairs]["held_out_per_image"]) - baseline
     arms = {ARMS[0]: {"pairs": search_choice, **_arm(old, search_choice > 0, test)},
             ARMS[1]: {"pairs": shipping.candidate_pairs, **_arm(new, shipping.shipped == "tuned", test),
-                      "verdict": report.verdict}}
+                      "verdict": report.verdict},
+            ARMS[2]: {"pairs": shipping.candidate_pairs, **_arm(new, shipping.candidate_pairs > 0, test)}}
     difference = np.asarray(arms[ARMS[1]]["test_per_image"]) - np.asarray(arms[ARMS[0]]["test_per_image"])
     return {"search_gain": curve[search_choice]["search_miou"] - curve[0]["search_miou"],
             "held_out_baseline_miou": float(baseline.mean()), "path_length": len(curve) - 1,
