@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sam_reuse.calibrate.fast import guarded_prefix
 from sam_reuse.calibrate.metrics import bootstrap_interval
 
 TUNED_SHIPPED = 0
@@ -114,11 +115,6 @@ def held_out_parts(count: int) -> tuple[np.ndarray, np.ndarray]:
     return rows[0::2], rows[1::2]
 
 
-def _lower_bounds(curve_ious: Sequence[np.ndarray], rows: np.ndarray) -> list[float]:
-    baseline = curve_ious[0][rows]
-    return [bootstrap_interval((ious[rows] - baseline) * 100)[0] for ious in curve_ious[1:]]
-
-
 def decide_on_held_out(curve_ious: Sequence[np.ndarray], search_choice: int, selection: str = "validated",
                        force: bool = False, empty_reason: str = "no pair improved the search split") -> Decision:
     """The rule on a held-out split; ``curve_ious[k]`` are the held-out IoUs of curve map k (0: original).
@@ -128,7 +124,7 @@ def decide_on_held_out(curve_ious: Sequence[np.ndarray], search_choice: int, sel
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection '{selection}' (choose from {', '.join(SELECTIONS)})")
     validation, test = held_out_parts(len(curve_ious[0]))
-    bounds = _lower_bounds(curve_ious, validation)
+    _, bounds = guarded_prefix(curve_ious[0][validation], [ious[validation] for ious in curve_ious[1:]])
     if selection == "validated":
         # The highest bound; ties keep the shorter map. Index 0 only when the curve has no map at all.
         candidate = 1 + int(np.argmax(bounds)) if bounds else 0
