@@ -46,13 +46,14 @@ from pathlib import Path
 
 import numpy as np
 
+from sam_reuse.base.contract import JOURNAL
 from sam_reuse.base.files import write_json
 from sam_reuse.calibrate.activations import encode
 from sam_reuse.calibrate.data import load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
 from sam_reuse.calibrate.metrics import bootstrap_interval, pooled_bootstrap_interval
 from sam_reuse.calibrate.report import TuneReport
-from sam_reuse.calibrate.tune import JOURNAL, TuneSettings, tune
+from sam_reuse.calibrate.tune import TuneSettings, tune
 from sam_reuse.graphops.reuse_map import reuse_index
 
 REPO = Path(__file__).resolve().parents[1]

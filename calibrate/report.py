@@ -75,7 +75,7 @@ class Shipping:
     """What shipped, on what evidence, and under which file names (``calibrate.shipping.Decision`` as saved)."""
 
     shipped: str  # "tuned" or "original"
-    encoder: str  # the shipped encoder: a file in the output folder, or the original's path
+    encoder: str  # the shipped encoder: a bare name for a file in the report's folder, else an absolute path
     candidate_files: list[str]  # the candidate's encoder and map, [] when there is no candidate
     candidate_pairs: int
     basis: str

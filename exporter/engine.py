@@ -246,7 +246,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
                "precision": precision, "fp16_by": ("onnx types" if typed_fp16 else "builder flag") if precision == "fp16" else None,
                "fp32_ops": FP32_OPS if typed_fp16 else [],
                "compute_capabilities": list(compute_capabilities) or ("portable default" if backend.name == "tensorrt-rtx" else "build GPU"),
-               "source_onnx": str(onnx_path), "source_onnx_sha256": sha256_file(onnx_path),
+               "source_onnx": (onnx_path.name if onnx_path.resolve().parent == engine_path.resolve().parent
+                               else str(onnx_path.resolve())),  # bare beside the engine, so the folder can move
+               "source_onnx_sha256": sha256_file(onnx_path),
                **_io(trt, network, profile_shapes), "build_s": round(build_s, 2)}
     sidecar["engine_bytes"] = len(serialized)
     sidecar["engine_sha256"] = hashlib.sha256(serialized).hexdigest()
@@ -258,6 +260,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
 
 def sidecar_path(engine_path: str | Path) -> Path:
     return Path(f"{engine_path}.json")
+
+
+def source_onnx(engine_path: str | Path, sidecar: dict[str, Any]) -> Path:
+    """The ONNX an engine was built from (a bare name in the sidecar means: beside the engine)."""
+    source = Path(engine_path).parent / sidecar["source_onnx"]
+    if not source.is_file():
+        raise SamReuseError(f"{engine_path}: its source ONNX {source} is gone (the sidecar names it)")
+    return source
 
 
 def read_sidecar(engine_path: str | Path) -> dict[str, Any]:

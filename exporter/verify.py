@@ -102,9 +102,11 @@ def decoder_inputs(samples: Sequence[Sample], encoder: str | Path) -> list[dict[
 
 def _engine_feeds(sidecar: dict[str, Any], engine: Path, samples: Sequence[Sample]) -> list[dict[str, Any]]:
     """Real inputs for an engine: images for an encoder; embeddings (from encoder.onnx beside it) and prompts."""
+    from sam_reuse.exporter.engine import source_onnx
+
     if [i["name"] for i in sidecar["inputs"]] == ["image"]:
         return encoder_inputs([s.record for s in samples])
-    encoder_path = Path(sidecar["source_onnx"]).with_name("encoder.onnx")
+    encoder_path = source_onnx(engine, sidecar).with_name("encoder.onnx")
     if not encoder_path.is_file():
         raise SamReuseError(f"{engine}: decoder engine, but no {encoder_path} to compute embeddings with")
     return decoder_inputs(samples, encoder_path)
@@ -115,7 +117,7 @@ def verify_engine(engine: str | Path, samples: Sequence[Sample]) -> VerifyResult
 
     Needs an NVIDIA GPU: engines are finished for, and run on, the GPU.
     """
-    from sam_reuse.exporter.engine import gpu_available, read_sidecar
+    from sam_reuse.exporter.engine import gpu_available, read_sidecar, source_onnx
 
     engine = Path(engine)
     sidecar = read_sidecar(engine)
@@ -130,6 +132,6 @@ def verify_engine(engine: str | Path, samples: Sequence[Sample]) -> VerifyResult
 
     atol, rtol = ENGINE_TOLERANCES[sidecar["precision"]]
     feeds = _engine_feeds(sidecar, engine, samples)
-    runners = [OnnxrtRunner(SessionFromOnnx(sidecar["source_onnx"], providers=["cpu"]), name="onnxrt"),
+    runners = [OnnxrtRunner(SessionFromOnnx(str(source_onnx(engine, sidecar)), providers=["cpu"]), name="onnxrt"),
                TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="engine")]
     return _compare(runners, feeds, atol, rtol)

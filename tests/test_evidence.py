@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from sam_reuse.base.contract import JOURNAL
 from sam_reuse.calibrate.activations import encode
 from sam_reuse.calibrate.data import load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
 from sam_reuse.calibrate.evidence import MeanOverPrompts, evidence_samples, spread_points
-from sam_reuse.calibrate.tune import JOURNAL, TuneSettings, tune
+from sam_reuse.calibrate.tune import TuneSettings, tune
 from sam_reuse.graphops.reuse_map import reuse_index
 from tests import synthetic
 

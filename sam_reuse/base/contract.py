@@ -22,6 +22,8 @@ DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 TUNE_OUTPUTS = ("encoder.tuned.*", "reuse_map*.json", "report.json", "report.md", "miou_vs_pairs.png",
                 "overlay-*.png")
 EXPORT_DERIVED_OUTPUTS = (*TUNE_OUTPUTS, "*.engine", "*.engine.json")
+EXPORT_OUTPUTS = ("encoder.onnx", "decoder.onnx", "export.json")
+JOURNAL = "search.jsonl"  # a tune's progress, appended to as the search goes, so a rerun resumes
 
 REUSE_MAP_FORMAT = "sam-reuse/reuse-map@1"
 REUSE_MAP_PROPERTY = "sam_reuse.reuse_map"  # metadata key of a rewritten model: the map it was rewritten by

@@ -38,6 +38,8 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and prove we can write there, before any work starts."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SamReuseError(f"{path}: is a file, not a folder to write in")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -143,6 +145,20 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _publish(staging: Path, out_dir: Path, replacing: Sequence[str]) -> None:
+    """Move ``staging``'s entries into ``out_dir``; first remove the ``replacing`` files it does not renew.
+
+    Hidden entries (a lock, another stage's staging folder left by a kill) are work, not outputs: they stay.
+    """
+    fresh = {item.name for item in staging.iterdir() if not item.name.startswith(".")}
+    for pattern in replacing:
+        for stale in out_dir.glob(pattern):
+            if stale.name not in fresh and stale.is_file():
+                stale.unlink()
+    for name in sorted(fresh):
+        os.replace(staging / name, out_dir / name)
+
+
 @contextlib.contextmanager
 def staged_outputs(out_dir: str | os.PathLike, replacing: Sequence[str] = ()) -> Iterator[Path]:
     """Collect a stage's outputs in a hidden staging directory, then publish them together.
@@ -163,16 +179,52 @@ def staged_outputs(out_dir: str | os.PathLike, replacing: Sequence[str] = ()) ->
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
     try:
         yield staging
-        fresh = {item.name for item in staging.iterdir()}
-        for pattern in replacing:
-            for stale in out_dir.glob(pattern):
-                if stale.name not in fresh and stale.is_file():
-                    stale.unlink()
-        for item in sorted(staging.iterdir()):
-            os.replace(item, out_dir / item.name)
+        _publish(staging, out_dir, replacing)
     except BaseException:
         if created and not any(p for p in out_dir.iterdir() if p not in (staging, out_dir / LOCK_NAME)):
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+WORK_NAME = ".run-work"
+
+
+@contextlib.contextmanager
+def resumable_outputs(out_dir: str | os.PathLike, replacing: Sequence[str], linked: Sequence[str] = (),
+                      copied: Sequence[str] = ()) -> Iterator[Path]:
+    """Like ``staged_outputs`` for a long multi-stage job: its whole set of outputs appears in ``out_dir`` at once.
+
+    The stages work in ``out_dir/.run-work``, which starts with the job's earlier outputs still usable there
+    (``linked``: files only ever replaced, never changed in place, such as models, are hard-linked; ``copied``:
+    files appended to, such as a search journal, are copied), so a rerun with the same settings reuses them.
+    On success the work folder's files replace ``out_dir``'s (with ``replacing`` as in ``staged_outputs``).
+    On an error the work folder is removed and ``out_dir`` is as it was. On an interrupt (Ctrl-C, or a kill)
+    the work folder stays, so the next run resumes in it; ``out_dir`` is as it was then too.
+    Call it under ``folder_lock(out_dir)``: the work folder belongs to the lock's holder.
+    """
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    ensure_writable_dir(out_dir)
+    work = out_dir / WORK_NAME
+    work.mkdir(exist_ok=True)
+    for names, share in ((linked, True), (copied, False)):
+        for name in names:
+            source, target = out_dir / name, work / name
+            if source.is_file() and not target.exists():
+                try:
+                    if not share:
+                        raise OSError("copy")
+                    os.link(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
+    try:
+        yield work
+        _publish(work, out_dir, replacing)
+        shutil.rmtree(work, ignore_errors=True)
+    except Exception:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and not any(p for p in out_dir.iterdir() if p != out_dir / LOCK_NAME):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise

@@ -19,20 +19,26 @@ def register(sub: argparse._SubParsersAction) -> dict:
     return {"fetch-weights": _fetch, "export": _export}
 
 
-def export_and_report(args: argparse.Namespace, reuse: bool = False):
-    """Export (or, with ``reuse``, keep a verified export of the same settings in --out) and print its parity."""
+def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: bool = False):
+    """Export into ``out`` (default --out), or with ``reuse`` keep a verified export of the same settings there.
+
+    Prints the export's parity with torch.
+    """
     from sam_reuse.exporter.onnx_export import existing_export, export_model
 
+    out = out or args.out
     checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
     if reuse:
-        found = existing_export(args.out, args.model_type, checkpoint, args.exporter, args.opset, args.seed)
+        found = existing_export(out, args.model_type, checkpoint, args.exporter, args.opset, args.seed)
         if found is not None:
             print(f"reusing the verified export in {args.out} (export.json matches these settings)")
             return found
-    result = export_model(args.model_type, args.out, checkpoint, verify_records(args), exporter=args.exporter,
+    result = export_model(args.model_type, out, checkpoint, verify_records(args), exporter=args.exporter,
                           opset=args.opset, seed=args.seed)
     parity = result.info["parity"]
-    print(f"wrote {result.encoder}, {result.decoder}, {result.sidecar}")
+    names = ", ".join(path.name for path in (result.encoder, result.decoder, result.sidecar))
+    print(f"{'exported' if out != args.out else 'wrote'} {names} ({'to publish in ' if out != args.out else 'in '}"
+          f"{args.out})")
     print(f"parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "
           f"decoder max|diff| {parity['decoder_max_abs_diff']:.2e}, "
           f"mask IoU vs SamPredictor {parity['min_mask_iou']:.6f}")

@@ -62,21 +62,26 @@ def _print_report(report: TuneReport) -> None:
     print(f"verdict: {report.verdict}")
 
 
-def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace) -> tuple[int, Path]:
-    """Tune; returns the exit status (0: the tuned encoder ships, 3: the original) and the shipped encoder."""
+def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace, shown: Path | None = None
+               ) -> tuple[int, str]:
+    """Tune; returns the exit status (0: the tuned encoder ships, 3: the original) and the shipped encoder's name.
+
+    ``shown``: the folder the outputs will be published in, when ``out`` is a work folder (``run``).
+    """
     from sam_reuse.calibrate.tune import tune
 
     result = tune(encoder, decoder, args.data, out, tune_settings(args))
     _print_report(result.report)
     shipping = result.report.shipping
-    print(f"wrote {out}: {', '.join(shipping.candidate_files + ['report.md', 'report.json', 'miou_vs_pairs.png'])}")
-    shipped = out / shipping.encoder if result.decision.ship_tuned else encoder
+    shown = shown or out
+    print(f"{'will publish' if shown != out else 'wrote'} {shown}: "
+          f"{', '.join(shipping.candidate_files + ['report.md', 'report.json', 'miou_vs_pairs.png'])}")
     if result.decision.ship_tuned:
-        print(f"shipped: {shipped} (exit status 0)")
+        print(f"shipped: {shown / shipping.encoder} (exit status 0)")
     else:
-        print(f"shipped: the original encoder {shipped} (exit status {result.decision.exit_status}: no tuned model "
-              f"ships{'; --ship-anyway ships the candidate' if shipping.candidate_files else ''})")
-    return result.decision.exit_status, shipped
+        print(f"shipped: the original encoder {shown / shipping.encoder} (exit status {result.decision.exit_status}: "
+              f"no tuned model ships{'; --ship-anyway ships the candidate' if shipping.candidate_files else ''})")
+    return result.decision.exit_status, shipping.encoder
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -85,11 +90,12 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from sam_reuse.base.files import check_output_file, write_json
+    from sam_reuse.base.files import check_output_file, refuse_overwriting, write_json
     from sam_reuse.calibrate.tune import evaluate
 
     if args.json:
         check_output_file(args.json, "--json")
+        refuse_overwriting(args.json, args.encoder, args.decoder, args.data / "manifest.jsonl", option="--json")
     result = evaluate(args.encoder, args.decoder, args.data, args.split, tune_settings(args))
     print(f"{args.split} split ({len(result.keys)} images): mIoU {result.miou:.2f}")
     if args.json:
@@ -97,21 +103,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_exported_pair(out: Path, encoder: Path, decoder: Path) -> bool:
+    """Whether ``encoder`` and ``decoder`` are the very files of ``out``'s export (a rerun on its own models)."""
+    try:
+        return (out / "encoder.onnx").samefile(encoder) and (out / "decoder.onnx").samefile(decoder)
+    except OSError:
+        return False
+
+
 def _run(args: argparse.Namespace) -> int:
-    """Export (or copy the given ONNX pair into --out), tune, and build the engines of what ships."""
-    from sam_reuse.base.files import folder_lock
+    """Export (or copy the given ONNX pair), tune and build the engines of what ships; publish it all at once.
+
+    The stages work in ``OUT/.run-work`` (``resumable_outputs``): until the last stage is done, ``OUT`` holds
+    exactly what it held before, and an interrupted run resumes its search there.
+    """
+    from sam_reuse.base.contract import EXPORT_DERIVED_OUTPUTS, EXPORT_OUTPUTS, JOURNAL
+    from sam_reuse.base.files import folder_lock, resumable_outputs
     from sam_reuse.calibrate.tune import copy_model
 
     if (args.encoder is None) != (args.decoder is None):
         raise SamReuseError("--encoder and --decoder go together")
     precisions = engine_precisions(args.engines)  # a typo here must not cost an export and a search
-    with folder_lock(args.out):  # one run per folder; its export and tune take the same lock again
+    replacing = (*EXPORT_OUTPUTS, *EXPORT_DERIVED_OUTPUTS, JOURNAL)
+    with folder_lock(args.out), resumable_outputs(args.out, replacing, linked=EXPORT_OUTPUTS,
+                                                  copied=(JOURNAL,)) as work:
         if args.encoder is not None:
-            copy_model(args.encoder, args.out / "encoder.onnx")
-            copy_model(args.decoder, args.out / "decoder.onnx")
+            if not _is_exported_pair(args.out, args.encoder, args.decoder):
+                (work / "export.json").unlink(missing_ok=True)  # it describes models this run replaces
+            copy_model(args.encoder, work / "encoder.onnx")
+            copy_model(args.decoder, work / "decoder.onnx")
         else:
-            export_and_report(args, reuse=True)
-        status, shipped = _tune_into(args.out, args.out / "encoder.onnx", args.out / "decoder.onnx", args)
+            export_and_report(args, out=work, reuse=True)
+        status, shipped = _tune_into(work, work / "encoder.onnx", work / "decoder.onnx", args, shown=args.out)
         if precisions:
-            deployment_engines(shipped, args.out / "decoder.onnx", precisions)
+            deployment_engines(work / shipped, work / "decoder.onnx", precisions)
+    print(f"published {args.out}")
     return status
