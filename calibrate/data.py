@@ -148,6 +148,8 @@ def read_records(folder: str | Path, masks: str | Path | None = None) -> list[Re
     if not folder.is_dir():
         raise SamReuseError(f"{folder}: data folder not found")
     if masks is not None:
+        if not Path(masks).is_dir():
+            raise SamReuseError(f"--masks {masks}: not a folder (it pairs its masks with {folder}'s images by stem)")
         return pair_folders(folder, masks)
     if (folder / MANIFEST).is_file():
         return read_manifest(folder)

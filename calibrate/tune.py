@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from sam_reuse.base.contract import DECODER_INPUTS, EMBEDDING, REUSE_MAP_PROPERTY, TUNE_OUTPUTS
+from sam_reuse.base.contract import EMBEDDING, JOURNAL, REUSE_MAP_PROPERTY, TUNE_OUTPUTS
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import ensure_writable_dir, folder_lock, staged_outputs, write_json
 from sam_reuse.base.imaging import load_image_rgb, preprocess
@@ -62,7 +62,6 @@ from sam_reuse.graphops.sites import Site, find_sites
 SHIPPED_OUTPUTS = ("encoder.tuned.onnx", "reuse_map.json")
 NOT_SHIPPED_OUTPUTS = ("encoder.tuned.not-shipped.onnx", "reuse_map.not-shipped.json")
 STRATEGIES = ("fast", "exhaustive")
-JOURNAL = "search.jsonl"
 CHECK_TOLERANCE = 1e-4
 # Defaults for sites inside the encoder: the least salient channels may be replaced (pruned) by copies of
 # the most salient, and the plan races on fewer images and keeps fewer candidates per stage.
@@ -192,6 +191,11 @@ def _check_settings(settings: TuneSettings) -> None:
         raise SamReuseError("--min-images must be at least 1")
     if settings.overlays < 0:
         raise SamReuseError("--overlays must be 0 or more")
+    if settings.cache_dir is not None:
+        try:
+            ensure_writable_dir(settings.cache_dir)
+        except SamReuseError as exc:
+            raise SamReuseError(f"--cache-dir {exc}") from None
 
 
 def _empty_reason(result: SearchResult) -> str:
@@ -305,12 +309,8 @@ class _Assessment:
     check: dict[str, Any]
 
 
-def _check_roles(encoder: Path, encoder_model: onnx.ModelProto, decoder: Path, decoder_model: onnx.ModelProto) -> None:
-    """The decoder has the exported decoder's inputs, and the encoder is not already rewritten by a map."""
-    inputs = [i.name for i in decoder_model.graph.input]
-    if not set(DECODER_INPUTS) <= set(inputs):
-        raise SamReuseError(f"{decoder}: not a SAM decoder exported by export-and-tune (inputs {', '.join(inputs)}; "
-                            f"expected {', '.join(DECODER_INPUTS)})")
+def _check_original(encoder: Path, encoder_model: onnx.ModelProto) -> None:
+    """The encoder to tune is not already rewritten by a map (its metadata would be overwritten, its pairs lost)."""
     tuned = next((p.value for p in encoder_model.metadata_props if p.key == REUSE_MAP_PROPERTY), None)
     if tuned is not None and ReuseMap.from_json(json.loads(tuned)).num_pairs:
         raise SamReuseError(f"{encoder}: already rewritten by a reuse map (see its metadata '{REUSE_MAP_PROPERTY}'); "
@@ -319,11 +319,9 @@ def _check_roles(encoder: Path, encoder_model: onnx.ModelProto, decoder: Path, d
 
 def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: TuneSettings) -> _Inputs:
     _check_settings(settings)
-    if settings.cache_dir is not None and Path(settings.cache_dir).exists() and not Path(settings.cache_dir).is_dir():
-        raise SamReuseError(f"--cache-dir {settings.cache_dir}: is a file, not a folder")
-    encoder_model = load_model(encoder, "encoder ONNX")
-    decoder_model = load_model(decoder, "decoder ONNX")
-    _check_roles(encoder, encoder_model, decoder, decoder_model)
+    encoder_model = load_model(encoder, "encoder ONNX", role="encoder")
+    decoder_model = load_model(decoder, "decoder ONNX", role="decoder")
+    _check_original(encoder, encoder_model)
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.name, site.channels)
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
@@ -424,8 +422,13 @@ def _assess(inputs: _Inputs, scoring: _Scoring, search: _Search, settings: TuneS
     return _Assessment(decision, curve, reuse_map, tuned_model, gains, held_ious, check)
 
 
+def _as_seen_from(folder: Path, path: Path) -> str:
+    """``path`` as a report in ``folder`` names it: a bare name when it lies there, so the folder can move."""
+    return path.name if path.resolve().parent == folder.resolve() else str(path.resolve())
+
+
 def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _Assessment, settings: TuneSettings,
-            overlays: list[int], wall: dict[str, float]) -> TuneReport:
+            overlays: list[int], wall: dict[str, float], out_dir: Path) -> TuneReport:
     """Every figure of the run, what shipped and why."""
     calibration, result, decision = inputs.calibration, search.result, assessment.decision
     keys = [s.key for s in calibration.held_out]
@@ -441,7 +444,7 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
                                          for k, b, t in zip(keys, held_base, held_tuned)],
                               validation_keys=[keys[i] for i in validation], test_keys=[keys[i] for i in test])
     shipping = Shipping(shipped="tuned" if decision.ship_tuned else "original",
-                        encoder=shipped_names[0] if decision.ship_tuned else str(inputs.encoder),
+                        encoder=shipped_names[0] if decision.ship_tuned else _as_seen_from(out_dir, inputs.encoder),
                         candidate_files=list(shipped_names) if decision.candidate else [],
                         candidate_pairs=decision.candidate, basis=decision.basis, decided_on=decision.decided,
                         reported=reported, forced=decision.forced, exit_status=decision.exit_status,
@@ -453,7 +456,7 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
             "basis": ("test part of the held-out split (decided nothing)" if calibration.held_out
                       else decision.basis),
             "gain": reported.gain, "gain_interval_90": list(reported.interval)},
-        model={"encoder": str(inputs.encoder), "decoder": str(inputs.decoder),
+        model={"encoder": _as_seen_from(out_dir, inputs.encoder), "decoder": _as_seen_from(out_dir, inputs.decoder),
                "encoder_fingerprint": inputs.encoder_fp, "decoder_fingerprint": inputs.decoder_fp},
         data={"source": str(inputs.data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
               "search": [s.key for s in calibration.search], "held_out": keys, "skipped": calibration.skipped},
@@ -525,7 +528,7 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
                 _write_overlays(scoring.held_eval, overlays, assessment.reuse_map.sites[settings.site].index(),
                                 *assessment.held_ious, staging)
             wall["total"] = time.perf_counter() - started
-            report = _report(inputs, scoring, search, assessment, settings, overlays, wall)
+            report = _report(inputs, scoring, search, assessment, settings, overlays, wall, out_dir)
             write_json(staging / "report.json", report.to_json())
             (staging / "report.md").write_text(markdown(report))
         return TuneResult(reuse_map=assessment.reuse_map, report=report, out_dir=out_dir, decision=decision)
@@ -555,8 +558,9 @@ def evaluate(encoder: str | Path, decoder: str | Path, data: str | Path, split: 
     settings = settings or TuneSettings()
     if split not in SPLITS:
         raise SamReuseError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
-    encoder_model = load_model(encoder, "encoder ONNX")
-    decoder_model = load_model(decoder, "decoder ONNX")
+    _check_settings(settings)
+    encoder_model = load_model(encoder, "encoder ONNX", role="encoder")
+    decoder_model = load_model(decoder, "decoder ONNX", role="decoder")
     calibration: CalibrationSet = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                                    settings.holdout_images, min_images=0)
     samples = {"held-out": calibration.held_out, "search": calibration.search,

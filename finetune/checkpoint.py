@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import atomic_path, ensure_writable_dir
+from sam_reuse.base.files import atomic_path, refuse_overwriting, staged_outputs
 from sam_reuse.exporter.models import load_state_dict
 from sam_reuse.finetune.config import PeftConfig
 
 FORMAT = "sam-reuse-adapters-1"
 FINAL = "adapters.pt"
 PARTIAL = "adapters.partial.pt"
+BASE = "base.pt"  # the base weights an imported LoRA came with (pass as --checkpoint)
 LORA_KEY = re.compile(r"^image_encoder\.(?P<block>.+)\.attn\.(?P<linear>qkv|proj)\.lora_(?P<factor>[AB])$")
 
 
@@ -83,7 +84,9 @@ def import_lora(source: str | Path, out_dir: str | Path) -> tuple[Path, Path | N
     Returns (adapter checkpoint, base checkpoint or None). Errors name the
     file and the first key that does not fit the documented layout.
     """
-    source = Path(source)
+    source, out_dir = Path(source), Path(out_dir)
+    for output in (FINAL, BASE):
+        refuse_overwriting(out_dir / output, source)
     state = load_state_dict(source)
     factors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     base = {}
@@ -120,16 +123,13 @@ def import_lora(source: str | Path, out_dir: str | Path) -> tuple[Path, Path | N
                         linears=tuple(linears))
     adapters = {f"image_encoder.{b}.attn.{lin}.lora_{f}": factors[(b, lin)][f].float()
                 for b, lin in factors for f in ("A", "B")}
-    out_dir = ensure_writable_dir(out_dir)
-    base_path = None
-    if base:
-        base_path = out_dir / "base.pt"
-        with atomic_path(base_path) as tmp:
-            torch.save(base, tmp)
     identity = {"imported_from": str(source)}
-    save_checkpoint(out_dir / FINAL, identity, config, adapters, None,
-                    {"record": {"method": "lora", "imported_from": str(source), "config": config.to_json()}})
-    return out_dir / FINAL, base_path
+    with staged_outputs(out_dir, replacing=(BASE,)) as staging:  # adapters and their base appear together
+        if base:
+            torch.save(base, staging / BASE)
+        save_checkpoint(staging / FINAL, identity, config, adapters, None,
+                        {"record": {"method": "lora", "imported_from": str(source), "config": config.to_json()}})
+    return out_dir / FINAL, out_dir / BASE if base else None
 
 
 def remove_partial(out_dir: Path) -> None:

@@ -233,8 +233,11 @@ def train(model_type: str, checkpoint: str | Path | None, data: str | Path, out_
     Returns the training record that ``train.json`` holds.
     """
     settings = settings or TrainSettings()
-    if settings.epochs < 1 or settings.batch_size < 1 or settings.lr <= 0:
-        raise SamReuseError("epochs and batch size must be >= 1 and the learning rate > 0")
+    for option, value, least in (("--epochs", settings.epochs, 1), ("--batch-size", settings.batch_size, 1)):
+        if value < least:
+            raise SamReuseError(f"{option} {value}: must be at least {least}")
+    if not settings.lr > 0:
+        raise SamReuseError(f"--lr {settings.lr:g}: the learning rate must be above 0")
     device = _device(settings.device)
     calibration = load_calibration(data, None, settings.prompt, settings.search_images, settings.holdout_images)
     samples = calibration.search

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from sam_reuse.base.contract import REUSE_MAP_PROPERTY
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import atomic_path, refuse_overwriting
+from sam_reuse.base.runtime import load_model
 from sam_reuse.graphops.chain import NotChannelwise, ProducerChain, linear_consumers, take, trace_producer
 from sam_reuse.graphops.graph import constant_value, finalize, fingerprint, load_graph
 from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse
@@ -165,11 +166,8 @@ def apply_reuse_map(model: str | Path | onnx.ModelProto, reuse_map: ReuseMap, st
 def apply_reuse_map_file(encoder: str | Path, reuse_map_path: str | Path, out: str | Path,
                          strategy: str = "auto") -> dict[str, str]:
     """``apply_reuse_map`` from files to a file, written atomically; returns the strategy per site."""
-    encoder = Path(encoder)
-    if not encoder.is_file():
-        raise SamReuseError(f"{encoder}: ONNX model not found")
     refuse_overwriting(out, encoder, reuse_map_path)
-    model, applied = apply_reuse_map(encoder, ReuseMap.load(reuse_map_path), strategy)
+    model, applied = apply_reuse_map(load_model(encoder, "encoder ONNX"), ReuseMap.load(reuse_map_path), strategy)
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     return applied

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_graphsurgeon as gs
 
 from sam_reuse.base.contract import EMBEDDING
 from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.runtime import load_model
 from sam_reuse.graphops.chain import NotChannelwise, linear_consumers, trace_producer
 from sam_reuse.graphops.graph import constant_value, load_graph
 
@@ -133,12 +133,7 @@ def user_site(graph: gs.Graph, name: str, tensor_name: str, axis: int) -> Site:
 def sites_of(model_path: str | Path) -> dict[str, Site]:
     """Sites of an ONNX file (shape inference included)."""
     path = Path(model_path)
-    if not path.is_file():
-        raise SamReuseError(f"{path}: ONNX model not found")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf raises DecodeError and others
-        raise SamReuseError(f"{path}: not a readable ONNX model ({exc})") from None
+    model = load_model(path)
     sites = find_sites(load_graph(model))
     if not sites:
         raise SamReuseError(f"{path}: no channel site (no '{EMBEDDING}' output and no MLP hidden activation); "

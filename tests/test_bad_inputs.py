@@ -119,57 +119,179 @@ def tuned_folder(tmp_path_factory):
     return root
 
 
-def test_outputs_never_replace_inputs_and_bad_options_are_refused_before_any_work(capsys, tuned_folder):
-    root = tuned_folder
+def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
+    """Bad input by subcommand: argv, and what its one line of error must say. Paths are under ``root``."""
     enc, dec, data, rmap = (str(root / n) for n in ("encoder.onnx", "decoder.onnx", "data", "map.json"))
-    rmap_text = Path(rmap).read_text()
-    tune = ["tune", "--encoder", enc, "--decoder", dec, "--data", data, "--out", str(root / "out"),
-            "--cache-dir", str(root / "cache"), "--no-progress", "--evidence", "given", "--top-pairs", "2"]
-    cases = {
-        "apply over its encoder": (["apply", enc, rmap, "--out", enc], f"--out {enc}: is an input of this command"),
-        "apply over its map": (["apply", enc, rmap, "--out", rmap], f"--out {rmap}: is an input of this command"),
-        "apply into a folder": (["apply", enc, rmap, "--out", str(root)], f"--out {root}: is a folder, not a file"),
-        "apply into a missing folder": (["apply", enc, rmap, "--out", str(root / "nowhere" / "e.onnx")],
-                                        "does not exist"),
-        "negative overlays": (tune + ["--overlays", "-1"], "--overlays must be 0 or more"),
-        "backwards range": (tune + ["--targets", "5-2"], "range 5-2 runs backwards (write 2-5)"),
-        "negative tolerance": (["verify", enc, "--reference", enc, "--atol", "-1"], "--atol -1: a tolerance must be"),
-        "evaluate json into a folder": (["evaluate", "--encoder", enc, "--decoder", dec, "--data", data,
-                                         "--no-progress", "--cache-dir", str(root / "cache"), "--json", str(root)],
-                                        f"--json {root}: is a folder, not a file to write"),
+    garbage, empty, folder, nowhere = (str(root / n) for n in ("garbage.onnx", "empty.onnx", "data", "nowhere/x"))
+    listed, fractional, tuned = (str(root / n) for n in ("list.json", "half.json", "tuned.onnx"))
+    engine, bad_sidecar = str(root / "e.engine"), str(root / "bad.engine")
+    quick = ["--no-progress", "--cache-dir", str(root / "cache")]
+    tune = ["tune", "--encoder", enc, "--decoder", dec, "--data", data, "--out", str(root / "out"), *quick,
+            "--evidence", "given", "--top-pairs", "2"]
+    evaluate = ["evaluate", "--encoder", enc, "--decoder", dec, "--data", data, *quick]
+    train = ["peft-train", "--model-type", "test_vit_t", "--method", "lora", "--data", data, "--search-images", "2",
+             "--holdout-images", "2", "--epochs", "1", "--out", str(root / "adapters"), "--no-progress"]
+    run = ["run", "--encoder", enc, "--decoder", dec, "--data", data, "--out", str(root), *quick]
+    return {
+        # the whole CLI
+        "cli: --threads 0": (["--threads", "0", "sites", enc], "--threads must be at least 1"),
+        # fetch-weights
+        "fetch-weights: unknown weights": (["fetch-weights", "nosuch"], "unknown weights 'nosuch'"),
+        # export
+        "export: --verify-images -1": (["export", "--model-type", "test_vit_t", "--out", str(root / "exp"),
+                                        "--verify-images", "-1"], "--verify-images must be at least 1"),
+        "export: --verify-data without a manifest": (["export", "--model-type", "test_vit_t", "--out",
+                                                      str(root / "exp"), "--verify-data", str(root / "cache")],
+                                                     "manifest not found"),
+        "export: --opset 5": (["export", "--model-type", "test_vit_t", "--opset", "5", "--out", str(root / "exp")],
+                              "--opset 5: not an opset torch can export to"),
+        "export: --out is a file": (["export", "--model-type", "test_vit_t", "--out", rmap],
+                                    f"{rmap}: is a file, not a folder"),
+        # sites
+        "sites: not ONNX": (["sites", garbage], "garbage.onnx: not a readable ONNX model"),
+        "sites: an empty file": (["sites", empty], "empty.onnx: not an ONNX model (no graph"),
+        "sites: a folder": (["sites", folder], f"{folder}: is a folder, not an ONNX model file"),
+        "sites: missing": (["sites", str(root / "gone.onnx")], "gone.onnx: ONNX model not found"),
+        "sites: of a decoder": (["sites", dec], "decoder.onnx: no channel site"),
+        # apply
+        "apply: over its encoder": (["apply", enc, rmap, "--out", enc], f"--out {enc}: is an input of this command"),
+        "apply: over its map": (["apply", enc, rmap, "--out", rmap], f"--out {rmap}: is an input of this command"),
+        "apply: into a folder": (["apply", enc, rmap, "--out", str(root)], f"--out {root}: is a folder, not a file"),
+        "apply: into a missing folder": (["apply", enc, rmap, "--out", nowhere], "does not exist"),
+        "apply: a map that is a list": (["apply", enc, listed, "--out", str(root / "x.onnx")], "a JSON list"),
+        "apply: a fractional channel": (["apply", enc, fractional, "--out", str(root / "x.onnx")],
+                                        "malformed site entry (2.5 is not an integer)"),
+        "apply: on a tuned encoder": (["apply", tuned, rmap, "--out", str(root / "x.onnx")],
+                                      "reuse map was made for another model"),
+        "apply: an encoder that is not ONNX": (["apply", garbage, rmap, "--out", str(root / "x.onnx")],
+                                               "garbage.onnx: not a readable ONNX model"),
+        "apply: a map that is not JSON": (["apply", enc, garbage, "--out", str(root / "x.onnx")],
+                                          "garbage.onnx: not valid JSON"),
+        "apply: a missing map": (["apply", enc, str(root / "gone.json"), "--out", str(root / "x.onnx")],
+                                 "gone.json: reuse map not found"),
+        # verify
+        "verify: negative --atol": (["verify", tuned, "--reference", enc, "--atol", "-1"],
+                                    "--atol -1: a tolerance must be"),
+        "verify: negative --rtol": (["verify", tuned, "--reference", enc, "--rtol", "-3"],
+                                    "--rtol -3: a tolerance must be"),
+        "verify: --images 0": (["verify", tuned, "--reference", enc, "--images", "0"], "--images must be at least 1"),
+        "verify: a tuned model that is not ONNX": (["verify", garbage, "--reference", enc],
+                                                   "garbage.onnx: not a readable ONNX model"),
+        "verify: an original without a map": (["verify", enc, "--reference", enc],
+                                               "encoder.onnx: no reuse map in the model's metadata"),
+        # evaluate
+        "evaluate: --json over the encoder": (evaluate + ["--json", enc], f"--json {enc}: is an input"),
+        "evaluate: --json into a folder": (evaluate + ["--json", str(root)], f"--json {root}: is a folder"),
+        "evaluate: --json in a missing folder": (evaluate + ["--json", nowhere], "does not exist"),
+        "evaluate: the decoder as encoder": (_with(evaluate, "--encoder", dec),
+                                             "decoder.onnx: not a SAM encoder exported by export-and-tune"),
+        "evaluate: the encoder as decoder": (_with(evaluate, "--decoder", enc),
+                                             "encoder.onnx: not a SAM decoder exported by export-and-tune"),
+        "evaluate: --batch-size 0": (evaluate + ["--batch-size", "0"], "--batch-size must be at least 1"),
+        "evaluate: missing data": (_with(evaluate, "--data", str(root / "gone")), "gone: data folder not found"),
+        "evaluate: data without records": (_with(evaluate, "--data", str(root / "cache")),
+                                           "no manifest.jsonl, no images/ + masks/"),
+        "evaluate: missing --masks": (evaluate + ["--masks", str(root / "gone")], "--masks"),
+        "evaluate: negative split size": (evaluate + ["--search-images", "-3"], "split sizes must not be negative"),
+        # tune
+        "tune: negative overlays": (tune + ["--overlays", "-1"], "--overlays must be 0 or more"),
+        "tune: backwards range": (tune + ["--targets", "5-2"], "range 5-2 runs backwards (write 2-5)"),
+        "tune: channels out of range": (tune + ["--sources", "3,99"], "--sources: '3,99': channels must lie in 0..7"),
+        "tune: unreadable channel list": (tune + ["--targets", "abc"], "--targets: 'abc': not 'all'"),
+        "tune: --top-pairs 0": (tune + ["--top-pairs", "0"], "--top-pairs must be at least 1"),
+        "tune: unknown site": (tune + ["--site", "nosuch"], "no site 'nosuch'"),
+        "tune: the encoder as decoder": (_with(tune, "--decoder", enc),
+                                         "encoder.onnx: not a SAM decoder exported by export-and-tune"),
+        "tune: a tuned encoder": (_with(tune, "--encoder", tuned), "already rewritten by a reuse map"),
+        "tune: a cache that is a file": (_with(tune, "--cache-dir", rmap), "is a file, not a folder"),
+        "tune: a cache that cannot be made": (_with(tune, "--cache-dir", f"{rmap}/cache"), "--cache-dir"),
+        "tune: --out is a file": (_with(tune, "--out", rmap), f"{rmap}: is a file, not a folder"),
+        "tune: --data is a file": (_with(tune, "--data", rmap), "map.json: data folder not found"),
+        "tune: too few images": (tune + ["--search-images", "1", "--holdout-images", "0"],
+                                 "only 1 usable search record(s)"),
+        # run
+        "run: unknown precision": (run + ["--engines", "fp8"], "--engines: unknown precision fp8"),
+        "run: empty precision": (run + ["--engines", ""], "--engines: unknown precision"),
+        "run: half a model pair": (["run", "--encoder", enc, "--out", str(root)], "--encoder and --decoder go together"),
+        "run: data without records": (_with(run, "--data", str(root / "cache")), "no manifest.jsonl"),
+        "run: the decoder as encoder": (_with(run, "--encoder", dec), "not a SAM encoder exported"),
+        # engine
+        "engine: --out over its ONNX": (["engine", enc, "--out", enc], "is an input of this command"),
+        "engine: --out named .onnx": (["engine", enc, "--out", str(root / "x.onnx")], "name it .engine"),
+        "engine: --out a folder": (["engine", enc, "--out", str(root)], f"--out {root}: is a folder"),
+        "engine: --out in a missing folder": (["engine", enc, "--out", f"{nowhere}.engine"], "does not exist"),
+        "engine: batch range backwards": (["engine", enc, "--batch", "4:2:1"], "need 1 <= MIN <= OPT <= MAX"),
+        "engine: no points": (["engine", dec, "--points", "0"], "--points '0': need 1 <= MIN"),
+        "engine: not ONNX": (["engine", garbage], "garbage.onnx: not a readable ONNX model"),
+        "engine: missing ONNX": (["engine", str(root / "gone.onnx")], "gone.onnx: ONNX model not found"),
+        # verify-engine
+        "verify-engine: no sidecar": (["verify-engine", engine], "e.engine: no sidecar e.engine.json"),
+        "verify-engine: sidecar not JSON": (["verify-engine", bad_sidecar], "bad.engine.json: not a valid engine sidecar"),
+        "verify-engine: --images 0": (["verify-engine", bad_sidecar, "--images", "0"], "--images must be at least 1"),
+        # peft-train
+        "peft-train: --device tpu": (train + ["--device", "tpu"], "--device tpu: not a torch device"),
+        "peft-train: --device meta": (train + ["--device", "meta"], "--device meta: adapters train on cpu or cuda only"),
+        "peft-train: --blocks nosuch": (train + ["--blocks", "nosuch"], "--blocks: expected 'all', 'last:N'"),
+        "peft-train: --epochs 0": (train + ["--epochs", "0"], "--epochs 0: must be at least 1"),
+        "peft-train: --lr -1": (train + ["--lr", "-1"], "--lr -1: the learning rate must be above 0"),
+        "peft-train: --batch-size 0": (train + ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        "peft-train: --rank 0": (train + ["--rank", "0"], "rank 0: must be >= 1"),
+        # peft-export
+        "peft-export: missing adapters": (["peft-export", str(root / "gone.pt"), "--model-type", "test_vit_t",
+                                           "--out", str(root / "pe")], "gone.pt: adapter checkpoint not found"),
+        "peft-export: adapters not a checkpoint": (["peft-export", rmap, "--model-type", "test_vit_t", "--out",
+                                                    str(root / "pe")], "map.json: not a readable adapter checkpoint"),
+        # peft-import
+        "peft-import: missing source": (["peft-import", str(root / "gone.pt"), "--out", str(root / "pi")],
+                                        "gone.pt: checkpoint not found"),
+        "peft-import: source not a checkpoint": (["peft-import", rmap, "--out", str(root / "pi")],
+                                                 "map.json: not a readable PyTorch checkpoint"),
+        "peft-import: source is a folder": (["peft-import", folder, "--out", str(root / "pi")],
+                                            "checkpoint is not a file"),
+        "peft-import: over its source": (["peft-import", str(root / "adapters.pt"), "--out", str(root)],
+                                         "is an input of this command"),
     }
-    listed, fractional, tuned, bad_sidecar = (root / n for n in ("list.json", "half.json", "tuned.onnx", "e.engine"))
-    listed.write_text("[[2, 5]]")
-    fractional.write_text(rmap_text.replace("[\n          2,", "[\n          2.5,"))
-    bad_sidecar.write_bytes(b"engine")
-    Path(f"{bad_sidecar}.json").write_text("{not json")
-    if not tuned.exists():
-        assert main(["apply", enc, rmap, "--out", str(tuned)]) == 0
-    cases.update({
-        "a map that is a list": (["apply", enc, str(listed), "--out", str(root / "x.onnx")], "a JSON list"),
-        "a fractional channel": (["apply", enc, str(fractional), "--out", str(root / "x.onnx")],
-                                 "malformed site entry (2.5 is not an integer)"),
-        "a map on a tuned encoder": (["apply", str(tuned), rmap, "--out", str(root / "x.onnx")],
-                                     "reuse map was made for another model"),
-        "the encoder as decoder": (_with(tune, "--decoder", enc),
-                                   "encoder.onnx: not a SAM decoder exported by export-and-tune"),
-        "tuning a tuned encoder": (_with(tune, "--encoder", str(tuned)), "already rewritten by a reuse map"),
-        "a cache that is a file": (_with(tune, "--cache-dir", rmap), "is a file, not a folder"),
-        "sites of a decoder": (["sites", dec], "decoder.onnx: no channel site"),
-        "opset 5": (["export", "--model-type", "test_vit_t", "--opset", "5", "--out", str(root / "exp")],
-                    "--opset 5: not an opset torch can export to"),
-        "sidecar not JSON": (["verify-engine", str(bad_sidecar)], "e.engine.json: not a valid engine sidecar"),
-        "run with an unknown precision": (["run", "--model-type", "test_vit_t", "--out", str(root), "--engines",
-                                           "fp8"], "--engines: unknown precision fp8"),
-        "run with half a model pair": (["run", "--encoder", enc, "--out", str(root)],
-                                       "--encoder and --decoder go together"),
-    })
-    for name, (argv, message) in cases.items():
-        before = _tree(root)
-        code, err = _run(capsys, *argv)
-        assert code == 2 and len(err) == 1 and message in err[0], (name, err)
-        after = {k: v for k, v in _tree(root).items() if not k.startswith("cache/")}
-        assert after == {k: v for k, v in before.items() if not k.startswith("cache/")}, name
+
+
+@pytest.fixture(scope="module")
+def campaign_folder(tuned_folder):
+    """The synthetic models, data and map, plus the broken files the campaign feeds them."""
+    root = tuned_folder
+    rmap_text = (root / "map.json").read_text()
+    (root / "list.json").write_text("[[2, 5]]")
+    (root / "half.json").write_text(rmap_text.replace("[\n          2,", "[\n          2.5,"))
+    (root / "garbage.onnx").write_bytes(b"\x08garbage, not protobuf")
+    (root / "empty.onnx").write_bytes(b"")
+    (root / "e.engine").write_bytes(b"engine")
+    (root / "bad.engine").write_bytes(b"engine")
+    (root / "bad.engine.json").write_text("{not json")
+    (root / "adapters.pt").write_bytes(b"not a checkpoint")
+    (root / "cache").mkdir(exist_ok=True)
+    assert main(["apply", str(root / "encoder.onnx"), str(root / "map.json"), "--out", str(root / "tuned.onnx")]) == 0
+    return root
+
+
+CAMPAIGN = list(_campaign(Path("/root")))
+
+
+def test_the_campaign_is_at_least_60_cases_over_every_subcommand():
+    from sam_reuse.cli import build_parser
+
+    commands = set(build_parser()[1])
+    covered = {argv[0] for argv, _ in _campaign(Path("/root")).values()} | {"cli"}
+    assert len(CAMPAIGN) >= 60 and commands <= covered, sorted(commands - covered)
+
+
+@pytest.mark.parametrize("case", CAMPAIGN)
+def test_bad_input_is_one_line_naming_it_and_changes_no_file(capsys, campaign_folder, case):
+    """Exit 2, one line that names the file or option, and every file under the folder as it was (hashes, modes)."""
+    argv, message = _campaign(campaign_folder)[case]
+    before = _tree(campaign_folder)
+    code, err = _run(capsys, *argv)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    ignore_cache = lambda tree: {k: v for k, v in tree.items() if not k.startswith("cache/")}  # noqa: E731
+    assert ignore_cache(_tree(campaign_folder)) == ignore_cache(before)
+    assert not [p for p in campaign_folder.rglob(".*") if "cache" not in p.parts], "partial output left"
 
 
 def test_outputs_get_the_usual_file_mode(capsys, tuned_folder, tmp_path):
@@ -208,19 +330,3 @@ def test_a_new_export_removes_what_was_derived_from_the_models_it_replaces(capsy
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "export.json", "notes.txt"]
     assert (out / "notes.txt").read_text() == "earlier" and (out / "encoder.onnx").read_bytes() != b"earlier"
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--device", "tpu"], "--device tpu: not a torch device"),
-    (["--device", "meta"], "--device meta: adapters train on cpu or cuda only"),
-    (["--blocks", "nosuch"], "--blocks: expected 'all', 'last:N'"),
-])
-def test_peft_train_refuses_bad_options_before_writing(capsys, tmp_path, extra, message):
-    from tests.conftest import SAMPLES
-
-    out = tmp_path / "adapters"
-    code, err = _run(capsys, "peft-train", "--model-type", "test_vit_t", "--method", "lora", "--data", str(SAMPLES),
-                     "--search-images", "2", "--holdout-images", "2", "--epochs", "1", "--out", str(out),
-                     "--no-progress", *extra)
-    assert code == 2 and len(err) == 1 and message in err[0]
-    assert not out.exists()

@@ -219,5 +219,5 @@ def test_missing_layouts_are_clear_errors(tmp_path):
         read_records(tmp_path / "nope")
     with pytest.raises(SamReuseError, match="no manifest.jsonl, no images/ \\+ masks/"):
         read_records(tmp_path)
-    with pytest.raises(SamReuseError, match="not a directory"):
+    with pytest.raises(SamReuseError, match="--masks .*nope: not a folder"):
         read_records(tmp_path, masks=tmp_path / "nope")

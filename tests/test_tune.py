@@ -232,7 +232,8 @@ def test_bad_inputs_exit_2_naming_the_problem_and_write_nothing(task, tmp_path, 
     cases = {
         "encoder ONNX not found": base[:4] + [str(tmp_path / "missing.onnx")] + base[5:],
         "not a readable ONNX model": base[:4] + [str(garbage)] + base[5:],
-        "no site 'embedding' (an output named 'image_embeddings' with a channel axis": base[:4] + [str(no_site)] + base[5:],
+        "no_site.onnx: not a SAM encoder exported by export-and-tune (inputs image; expected image -> "
+        "image_embeddings)": base[:4] + [str(no_site)] + base[5:],
         "data folder not found": base[:8] + [str(tmp_path / "nodata")] + base[9:],
         "--targets: 'salient:99': expected salient:K with 1 <= K <= 8": base + ["--targets", "salient:99"],
         "--sources: 'x'": base + ["--sources", "x"],
@@ -355,6 +356,56 @@ def test_run_takes_an_existing_onnx_pair(task, tmp_path, capsys):
     assert (out / "decoder.onnx").read_bytes() == task["decoder"].read_bytes()
     assert f"{synthetic.TARGET} <- {synthetic.HELPER}" in capsys.readouterr().out
     assert "--encoder and --decoder go together" in _cli_error(capsys, argv[:3] + argv[5:])
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_run_publishes_its_whole_set_at_once_and_resumes_after_an_interrupt(task, tmp_path, capsys, monkeypatch):
+    """Into a folder holding an earlier run, with the user's own file beside it: a run that fails late and a run
+    interrupted after its search leave every file as it was; the rerun resumes the search and publishes all."""
+    from sam_reuse.calibrate import tune as tune_module
+
+    out = tmp_path / "run"
+    argv = ["run", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]), "--data", str(task["data"]),
+            "--out", str(out), "--top-pairs", "2", "--cache-dir", str(task["cache"]), "--no-progress",
+            "--overlays", "0", "--evidence", "given", "--engines", "none"]
+    earlier = argv + ["--targets", "0-3", "--sources", "4-7"]  # another search: other settings, other journal
+    assert main(earlier) in (0, 3)
+    (out / "notes.txt").write_text("the user's")
+    before = _hashes(out)
+
+    failing = _with_option(argv, "--decoder", str(task["encoder"]))  # found out only after the pair is copied
+    assert main(failing) == 2 and "not a SAM decoder" in capsys.readouterr().err
+    assert _hashes(out) == before and not (out / ".run-work").exists()
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_module, "_assess", interrupted)
+    assert main(argv) == 130
+    published = {k: v for k, v in _hashes(out).items() if not k.startswith(".run-work/")}
+    assert published == before  # the new search's journal lies in the work folder only
+    searched = _journal_entries(out / ".run-work" / "search.jsonl")
+    assert searched > 1
+    monkeypatch.undo()
+
+    assert main(argv) == 0
+    assert not (out / ".run-work").exists() and (out / "notes.txt").read_text() == "the user's"
+    report = json.loads((out / "report.json").read_text())
+    assert report["cost"]["maps_reused_from_journal"] == searched
+    assert report["model"]["encoder"] == "encoder.onnx" and report["shipping"]["encoder"] == "encoder.tuned.onnx"
+    assert TuneReport.load(out / "report.json").candidate_pairs == [[synthetic.TARGET, synthetic.HELPER]]
+    assert (out / "encoder.onnx").read_bytes() == task["encoder"].read_bytes()
+
+
+def _with_option(argv: list[str], option: str, value: str) -> list[str]:
+    at = argv.index(option) + 1
+    return argv[:at] + [value] + argv[at + 1:]
 
 
 def test_evaluator_batches_mixed_prompts_and_image_sizes_like_one_at_a_time(task, tmp_path):

@@ -9,6 +9,7 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
+from sam_reuse.base.contract import DECODER_INPUTS, DECODER_OUTPUTS, EMBEDDING, ENCODER_INPUTS
 from sam_reuse.base.errors import SamReuseError
 
 THREADS_VARIABLE = "SAM_REUSE_THREADS"
@@ -53,14 +54,37 @@ def ort_session(model: str | Path | bytes, threads: int | None = None,
     return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
 
 
-def load_model(path: str | Path, what: str = "ONNX model") -> onnx.ModelProto:
-    """``onnx.load`` with errors that name the file and the problem."""
-    if not Path(path).is_file():
+def load_model(path: str | Path, what: str = "ONNX model", role: str | None = None) -> onnx.ModelProto:
+    """``onnx.load`` with errors that name the file and the problem.
+
+    ``role`` ("encoder" or "decoder"): also check the model has that exported model's inputs and outputs, so
+    an encoder passed as the decoder (or the reverse) is one clear line, not an ONNX Runtime error minutes later.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SamReuseError(f"{path}: is a folder, not an {what} file")
+    if not path.is_file():
         raise SamReuseError(f"{path}: {what} not found")
     try:
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError and friends without a common base
         raise SamReuseError(f"{path}: not a readable ONNX model ({exc})") from None
+    if not model.graph.node:
+        raise SamReuseError(f"{path}: not an ONNX model (no graph: empty or another kind of file)")
+    if role is not None:
+        _check_role(path, model, role)
+    return model
+
+
+def _check_role(path: Path, model: onnx.ModelProto, role: str) -> None:
+    """The exported encoder reads ``image`` and writes the embedding; the decoder reads the decoder inputs."""
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    expected_inputs, expected_outputs = {"encoder": (ENCODER_INPUTS, (EMBEDDING,)),
+                                         "decoder": (DECODER_INPUTS, DECODER_OUTPUTS)}[role]
+    if not (set(expected_inputs) <= set(inputs) and set(expected_outputs) <= set(outputs)):
+        raise SamReuseError(f"{path}: not a SAM {role} exported by export-and-tune (inputs {', '.join(inputs)}; "
+                            f"expected {', '.join(expected_inputs)} -> {', '.join(expected_outputs)})")
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:

@@ -80,9 +80,16 @@ def _verify_engine(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> int:
-    from sam_reuse.exporter.engine import build_engine, engine_name, load_backend, parse_range
+    from sam_reuse.base.files import check_output_file, refuse_overwriting
+    from sam_reuse.exporter.engine import build_engine, engine_name, load_backend, parse_range, sidecar_path
 
     out = args.out or engine_name(args.onnx, args.precision)
+    check_output_file(out, "--out")
+    refuse_overwriting(out, args.onnx)
+    if out.suffix in (".onnx", ".json"):
+        raise SamReuseError(f"--out {out}: an engine named {out.suffix} would pass for another kind of file; "
+                            "name it .engine")
+    refuse_overwriting(sidecar_path(out), args.onnx, option="--out (its sidecar)")
     sidecar = build_engine(args.onnx, out, args.precision, parse_range(args.batch, "--batch"),
                            parse_range(args.points, "--points"), tuple(args.compute_capability),
                            load_backend(args.backend))
