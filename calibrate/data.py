@@ -265,8 +265,9 @@ def split_records(records: list[Record], search_images: int | None = None,
     total = len(records)
     search = total // 2 if search_images is None else search_images
     held = total - search if holdout_images is None else holdout_images
-    if search < 0 or held < 0:
-        raise SamReuseError("split sizes must not be negative")
+    for option, size in (("--search-images", search), ("--holdout-images", held)):
+        if size < 0:
+            raise SamReuseError(f"{option} {size}: must not be negative")
     if search + held > total:
         raise SamReuseError(f"split asks for {search} search + {held} held-out records, the data has {total}")
     return records[:search], records[total - held:]

@@ -192,10 +192,7 @@ def _check_settings(settings: TuneSettings) -> None:
     if settings.overlays < 0:
         raise SamReuseError("--overlays must be 0 or more")
     if settings.cache_dir is not None:
-        try:
-            ensure_writable_dir(settings.cache_dir)
-        except SamReuseError as exc:
-            raise SamReuseError(f"--cache-dir {exc}") from None
+        ensure_writable_dir(settings.cache_dir, "--cache-dir")
 
 
 def _empty_reason(result: SearchResult) -> str:
@@ -332,7 +329,7 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
     if not calibration.held_out and len(calibration.search) < settings.cv_folds:
         raise SamReuseError(f"{data}: {len(calibration.search)} search images cannot make "
                             f"{settings.cv_folds} cross-validation folds (keep a held-out split or add images)")
-    ensure_writable_dir(out_dir)
+    ensure_writable_dir(out_dir, "--out")
     return _Inputs(encoder, decoder, data, encoder_model, decoder_model, fingerprint(encoder_model),
                    fingerprint(decoder_model), site, calibration)
 

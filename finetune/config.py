@@ -33,7 +33,7 @@ class PeftConfig:
         if not self.linears or any(name not in ("qkv", "proj") for name in self.linears):
             raise SamReuseError(f"linears must be a subset of qkv, proj; got {self.linears}")
         if self.rank < 1 or (self.method == "cobot" and self.rank % 4):
-            raise SamReuseError(f"rank {self.rank}: must be >= 1 (cobot: a multiple of 4)")
+            raise SamReuseError(f"--rank {self.rank}: must be at least 1 (cobot: a multiple of 4)")
         if not 0 < self.sct_fraction <= 1 or not 0 < self.sfa_budget <= 1:
             raise SamReuseError("sct_fraction and sfa_budget must be in (0, 1]")
 

@@ -68,13 +68,6 @@ def test_real_model_type_needs_checkpoint(capsys, tmp_path):
     assert code == 2 and "needs --checkpoint" in err[0]
 
 
-def test_unwritable_output_dir(capsys, tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    code, err = _run(capsys, "export", "--model-type", "test_vit_t", "--out", str(blocker / "sub"))
-    assert code == 2 and len(err) == 1 and "output directory is not writable" in err[0] and str(blocker) in err[0]
-
-
 def test_failed_export_leaves_existing_outputs_untouched(capsys, tmp_path, sample_records):
     """A failure after the models were written (here: a missing verify image) publishes nothing."""
     out = tmp_path / "out"
@@ -146,7 +139,9 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "export: --opset 5": (["export", "--model-type", "test_vit_t", "--opset", "5", "--out", str(root / "exp")],
                               "--opset 5: not an opset torch can export to"),
         "export: --out is a file": (["export", "--model-type", "test_vit_t", "--out", rmap],
-                                    f"{rmap}: is a file, not a folder"),
+                                    f"--out {rmap}: is a file, not a folder"),
+        "export: --out below a file": (["export", "--model-type", "test_vit_t", "--out", f"{rmap}/sub"],
+                                       "map.json is not a folder this user can write in"),
         # sites
         "sites: not ONNX": (["sites", garbage], "garbage.onnx: not a readable ONNX model"),
         "sites: an empty file": (["sites", empty], "empty.onnx: not an ONNX model (no graph"),
@@ -192,7 +187,8 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "evaluate: data without records": (_with(evaluate, "--data", str(root / "cache")),
                                            "no manifest.jsonl, no images/ + masks/"),
         "evaluate: missing --masks": (evaluate + ["--masks", str(root / "gone")], "--masks"),
-        "evaluate: negative split size": (evaluate + ["--search-images", "-3"], "split sizes must not be negative"),
+        "evaluate: negative split size": (evaluate + ["--search-images", "-3"],
+                                          "--search-images -3: must not be negative"),
         # tune
         "tune: negative overlays": (tune + ["--overlays", "-1"], "--overlays must be 0 or more"),
         "tune: backwards range": (tune + ["--targets", "5-2"], "range 5-2 runs backwards (write 2-5)"),
@@ -205,16 +201,19 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "tune: a tuned encoder": (_with(tune, "--encoder", tuned), "already rewritten by a reuse map"),
         "tune: a cache that is a file": (_with(tune, "--cache-dir", rmap), "is a file, not a folder"),
         "tune: a cache that cannot be made": (_with(tune, "--cache-dir", f"{rmap}/cache"), "--cache-dir"),
-        "tune: --out is a file": (_with(tune, "--out", rmap), f"{rmap}: is a file, not a folder"),
+        "tune: --out is a file": (_with(tune, "--out", rmap), f"--out {rmap}: is a file, not a folder"),
         "tune: --data is a file": (_with(tune, "--data", rmap), "map.json: data folder not found"),
         "tune: too few images": (tune + ["--search-images", "1", "--holdout-images", "0"],
                                  "only 1 usable search record(s)"),
         # run
         "run: unknown precision": (run + ["--engines", "fp8"], "--engines: unknown precision fp8"),
         "run: empty precision": (run + ["--engines", ""], "--engines: unknown precision"),
-        "run: half a model pair": (["run", "--encoder", enc, "--out", str(root)], "--encoder and --decoder go together"),
+        "run: half a model pair": (["run", "--encoder", enc, "--out", str(root)],
+                                   "--encoder and --decoder go together"),
         "run: data without records": (_with(run, "--data", str(root / "cache")), "no manifest.jsonl"),
-        "run: the decoder as encoder": (_with(run, "--encoder", dec), "not a SAM encoder exported"),
+        "run: the decoder as encoder": (_with(run, "--encoder", dec),
+                                        f"{dec}: not a SAM encoder exported by export-and-tune"),
+        "run: --out is a file": (_with(run, "--out", rmap), f"--out {rmap}: is a file, not a folder"),
         # engine
         "engine: --out over its ONNX": (["engine", enc, "--out", enc], "is an input of this command"),
         "engine: --out named .onnx": (["engine", enc, "--out", str(root / "x.onnx")], "name it .engine"),
@@ -226,21 +225,25 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "engine: missing ONNX": (["engine", str(root / "gone.onnx")], "gone.onnx: ONNX model not found"),
         # verify-engine
         "verify-engine: no sidecar": (["verify-engine", engine], "e.engine: no sidecar e.engine.json"),
-        "verify-engine: sidecar not JSON": (["verify-engine", bad_sidecar], "bad.engine.json: not a valid engine sidecar"),
+        "verify-engine: sidecar not JSON": (["verify-engine", bad_sidecar],
+                                            "bad.engine.json: not a valid engine sidecar"),
         "verify-engine: --images 0": (["verify-engine", bad_sidecar, "--images", "0"], "--images must be at least 1"),
         # peft-train
         "peft-train: --device tpu": (train + ["--device", "tpu"], "--device tpu: not a torch device"),
-        "peft-train: --device meta": (train + ["--device", "meta"], "--device meta: adapters train on cpu or cuda only"),
+        "peft-train: --device meta": (train + ["--device", "meta"],
+                                       "--device meta: adapters train on cpu or cuda only"),
         "peft-train: --blocks nosuch": (train + ["--blocks", "nosuch"], "--blocks: expected 'all', 'last:N'"),
         "peft-train: --epochs 0": (train + ["--epochs", "0"], "--epochs 0: must be at least 1"),
         "peft-train: --lr -1": (train + ["--lr", "-1"], "--lr -1: the learning rate must be above 0"),
         "peft-train: --batch-size 0": (train + ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-        "peft-train: --rank 0": (train + ["--rank", "0"], "rank 0: must be >= 1"),
+        "peft-train: --rank 0": (train + ["--rank", "0"], "--rank 0: must be at least 1"),
         # peft-export
         "peft-export: missing adapters": (["peft-export", str(root / "gone.pt"), "--model-type", "test_vit_t",
                                            "--out", str(root / "pe")], "gone.pt: adapter checkpoint not found"),
         "peft-export: adapters not a checkpoint": (["peft-export", rmap, "--model-type", "test_vit_t", "--out",
                                                     str(root / "pe")], "map.json: not a readable adapter checkpoint"),
+        "peft-export: --out is a file": (["peft-export", str(root / "adapters.pt"), "--model-type", "test_vit_t",
+                                          "--out", rmap], f"--out {rmap}: is a file, not a folder"),
         # peft-import
         "peft-import: missing source": (["peft-import", str(root / "gone.pt"), "--out", str(root / "pi")],
                                         "gone.pt: checkpoint not found"),
@@ -248,6 +251,8 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
                                                  "map.json: not a readable PyTorch checkpoint"),
         "peft-import: source is a folder": (["peft-import", folder, "--out", str(root / "pi")],
                                             "checkpoint is not a file"),
+        "peft-import: --out is a file": (["peft-import", str(root / "adapters.pt"), "--out", rmap],
+                                         f"--out {rmap}: is a file, not a folder"),
         "peft-import: over its source": (["peft-import", str(root / "adapters.pt"), "--out", str(root)],
                                          "is an input of this command"),
     }

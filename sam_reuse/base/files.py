@@ -35,17 +35,32 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and prove we can write there, before any work starts."""
+def ensure_writable_dir(path: str | os.PathLike, option: str = "") -> Path:
+    """Create ``path`` if needed and prove we can write there, before any work starts.
+
+    ``option``: the command-line option that named the folder, for the error message.
+    """
     path = Path(path)
+    named = f"{option} {path}" if option else str(path)
     if path.exists() and not path.is_dir():
-        raise SamReuseError(f"{path}: is a file, not a folder to write in")
+        raise SamReuseError(f"{named}: is a file, not a folder to write in")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise SamReuseError(f"{path}: output directory is not writable ({exc.strerror or exc})") from exc
+        raise SamReuseError(f"{named}: output directory is not writable ({exc.strerror or exc})") from exc
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """An output folder that can be made or written: not a file, below a folder that exists (creates nothing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SamReuseError(f"{option} {path}: is a file, not a folder to write in")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SamReuseError(f"{option} {path}: {existing} is not a folder this user can write in")
     return path
 
 

@@ -24,9 +24,10 @@ def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: 
 
     Prints the export's parity with torch.
     """
+    from sam_reuse.base.files import check_output_folder
     from sam_reuse.exporter.onnx_export import existing_export, export_model
 
-    out = out or args.out
+    out = out or check_output_folder(args.out)
     checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
     if reuse:
         found = existing_export(out, args.model_type, checkpoint, args.exporter, args.opset, args.seed)

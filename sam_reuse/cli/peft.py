@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sam_reuse.base.files import check_output_folder
 from sam_reuse.cli.common import add_model_args, resolve_checkpoint, verify_records
 from sam_reuse.samples import BUNDLED_DATA
 
@@ -59,6 +60,7 @@ def _peft_train(args: argparse.Namespace) -> int:
     from sam_reuse.finetune.config import PeftConfig, TrainSettings
     from sam_reuse.finetune.train import train
 
+    check_output_folder(args.out)
     config = PeftConfig(method=args.method, blocks=args.blocks, rank=args.rank, alpha=args.alpha,
                         sct_fraction=args.sct_fraction, sfa_budget=args.sfa_budget, seed=args.train_seed)
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=args.device,
@@ -76,6 +78,7 @@ def _peft_train(args: argparse.Namespace) -> int:
 def _peft_export(args: argparse.Namespace) -> int:
     from sam_reuse.finetune.export import export_finetuned
 
+    check_output_folder(args.out)
     checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
     result = export_finetuned(args.model_type, args.adapters, args.out, checkpoint, verify_records(args),
                               exporter=args.exporter, opset=args.opset, seed=args.seed)
@@ -90,6 +93,7 @@ def _peft_export(args: argparse.Namespace) -> int:
 def _peft_import(args: argparse.Namespace) -> int:
     from sam_reuse.finetune.checkpoint import import_lora
 
+    check_output_folder(args.out)
     adapters, base = import_lora(args.source, args.out)
     print(f"wrote {adapters}" + (f" and the base weights {base} (pass it as --checkpoint)" if base else ""))
     if base is None:

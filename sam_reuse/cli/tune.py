@@ -118,11 +118,16 @@ def _run(args: argparse.Namespace) -> int:
     exactly what it held before, and an interrupted run resumes its search there.
     """
     from sam_reuse.base.contract import EXPORT_DERIVED_OUTPUTS, EXPORT_OUTPUTS, JOURNAL
-    from sam_reuse.base.files import folder_lock, resumable_outputs
+    from sam_reuse.base.files import check_output_folder, folder_lock, resumable_outputs
+    from sam_reuse.base.runtime import load_model
     from sam_reuse.calibrate.tune import copy_model
 
+    check_output_folder(args.out)
     if (args.encoder is None) != (args.decoder is None):
         raise SamReuseError("--encoder and --decoder go together")
+    if args.encoder is not None:  # named as the user wrote them, before they are copied
+        load_model(args.encoder, "encoder ONNX", role="encoder")
+        load_model(args.decoder, "decoder ONNX", role="decoder")
     precisions = engine_precisions(args.engines)  # a typo here must not cost an export and a search
     replacing = (*EXPORT_OUTPUTS, *EXPORT_DERIVED_OUTPUTS, JOURNAL)
     with folder_lock(args.out), resumable_outputs(args.out, replacing, linked=EXPORT_OUTPUTS,
