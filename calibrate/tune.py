@@ -31,7 +31,7 @@ from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import ensure_writable_dir, folder_lock, staged_outputs, write_json
 from sam_reuse.base.imaging import load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
-from sam_reuse.base.runtime import load_model, ort_session
+from sam_reuse.base.runtime import DEVICES, active_providers, load_model, on_device, ort_session
 from sam_reuse.calibrate.activations import encode
 from sam_reuse.calibrate.data import MASK_RULE, CalibrationSet, load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
@@ -93,6 +93,7 @@ class TuneSettings:
     overlays: int = 4
     cache_dir: str | None = None
     progress: bool = True
+    device: str = "cpu"  # where ONNX Runtime encodes and searches: cpu, or cuda (onnxruntime-gpu; else the CPU)
 
 
 @dataclass
@@ -191,6 +192,8 @@ def _check_settings(settings: TuneSettings) -> None:
         raise SamReuseError("--min-images must be at least 1")
     if settings.overlays < 0:
         raise SamReuseError("--overlays must be 0 or more")
+    if settings.device not in DEVICES:
+        raise SamReuseError(f"--device {settings.device}: choose from {', '.join(DEVICES)}")
     if settings.cache_dir is not None:
         ensure_writable_dir(settings.cache_dir, "--cache-dir")
 
@@ -478,7 +481,7 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
                                       "held_out": scoring.held_eval.evaluations if scoring.held_eval else 0},
               "maps_reused_from_journal": result.reused,
               "encoded_images": len(calibration.search) + len(calibration.held_out),
-              "wall_s": wall},
+              "execution_providers": active_providers(), "wall_s": wall},
     )
 
 
@@ -493,7 +496,11 @@ def tune(encoder: str | Path, decoder: str | Path, data: str | Path, out_dir: st
     ``report.md``, ``miou_vs_pairs.png`` and ``overlay-<key>.png`` for a few held-out images.
     """
     settings = settings or TuneSettings()
-    encoder, decoder, data, out_dir = Path(encoder), Path(decoder), Path(data), Path(out_dir)
+    with on_device(settings.device):
+        return _tune_stages(Path(encoder), Path(decoder), Path(data), Path(out_dir), settings)
+
+
+def _tune_stages(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: TuneSettings) -> TuneResult:
     wall: dict[str, float] = {}
     started = mark = time.perf_counter()
 
@@ -556,6 +563,12 @@ def evaluate(encoder: str | Path, decoder: str | Path, data: str | Path, split: 
     if split not in SPLITS:
         raise SamReuseError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
     _check_settings(settings)
+    with on_device(settings.device):
+        return _evaluate_split(encoder, decoder, data, split, settings)
+
+
+def _evaluate_split(encoder: str | Path, decoder: str | Path, data: str | Path, split: str,
+                    settings: TuneSettings) -> Evaluation:
     encoder_model = load_model(encoder, "encoder ONNX", role="encoder")
     decoder_model = load_model(decoder, "decoder ONNX", role="decoder")
     calibration: CalibrationSet = load_calibration(data, settings.masks, settings.prompt, settings.search_images,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx
 import onnxruntime as ort
@@ -13,6 +15,13 @@ from sam_reuse.base.contract import DECODER_INPUTS, DECODER_OUTPUTS, EMBEDDING, 
 from sam_reuse.base.errors import SamReuseError
 
 THREADS_VARIABLE = "SAM_REUSE_THREADS"
+DEVICES = ("cpu", "cuda")
+CPU_PROVIDERS = ["CPUExecutionProvider"]
+_session_providers = CPU_PROVIDERS  # what ort_session uses unless told; set for a block by on_device
+
+
+class DeviceFallbackWarning(UserWarning):
+    """``--device cuda`` was asked for and this ONNX Runtime cannot do it: the CPU runs instead."""
 
 
 def physical_cores() -> int:
@@ -43,15 +52,51 @@ def default_threads() -> int:
     return int(value)
 
 
+def execution_providers(device: str) -> list[str]:
+    """ONNX Runtime's providers for a device: CUDA (onnxruntime-gpu) with the CPU behind it, or the CPU alone.
+
+    Without a CUDA execution provider (the plain ``onnxruntime`` wheel, or no GPU), ``cuda`` warns once and
+    falls back to the CPU: a tune asked to run on the GPU still finishes, and says where it ran.
+    """
+    if device not in DEVICES:
+        raise SamReuseError(f"--device {device}: choose from {', '.join(DEVICES)}")
+    if device == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", *CPU_PROVIDERS]
+        warnings.warn(DeviceFallbackWarning(
+            "--device cuda: this ONNX Runtime has no CUDA execution provider (pip install 'sam-reuse[gpu]' "
+            "installs onnxruntime-gpu in place of onnxruntime); running on the CPU"), stacklevel=2)
+    return CPU_PROVIDERS
+
+
+@contextlib.contextmanager
+def on_device(device: str) -> Iterator[list[str]]:
+    """Sessions that ``ort_session`` opens in the block run on ``device``; yields the providers in force."""
+    global _session_providers
+    previous, _session_providers = _session_providers, execution_providers(device)
+    try:
+        yield _session_providers
+    finally:
+        _session_providers = previous
+
+
+def active_providers() -> list[str]:
+    """The providers sessions open with now (recorded in reports: where a tune actually ran)."""
+    return list(_session_providers)
+
+
 def ort_session(model: str | Path | bytes, threads: int | None = None,
                 providers: list[str] | None = None) -> ort.InferenceSession:
-    """A CPU session with a fixed thread count (``default_threads`` unless given): reproducible timings."""
+    """A session with a fixed CPU thread count (``default_threads`` unless given): reproducible timings.
+
+    It runs on ``providers``, else on the device of the enclosing ``on_device`` block (the CPU by default).
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options, providers=providers or _session_providers)
 
 
 def load_model(path: str | Path, what: str = "ONNX model", role: str | None = None) -> onnx.ModelProto:

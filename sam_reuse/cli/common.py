@@ -30,6 +30,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_data_args(parser: argparse.ArgumentParser, data_default: Path | None) -> None:
     """The labelled data and its split (dest names are ``TuneSettings`` fields)."""
+    from sam_reuse.base.runtime import DEVICES
     from sam_reuse.calibrate.data import DEFAULT_MIN_IMAGES, PROMPT_MODES
     from sam_reuse.calibrate.tune import TuneSettings
 
@@ -50,6 +51,9 @@ def add_data_args(parser: argparse.ArgumentParser, data_default: Path | None) ->
                       help=f"fail if a split has fewer usable images (default: {DEFAULT_MIN_IMAGES})")
     data.add_argument("--batch-size", type=int, default=defaults.batch_size, help="decoder batch (default: 8)")
     data.add_argument("--cache-dir", type=str, help="activation cache (default: $SAM_REUSE_CACHE/activations)")
+    data.add_argument("--device", default=defaults.device, choices=DEVICES,
+                      help="where ONNX Runtime encodes and scores: cpu (default) or cuda (needs onnxruntime-gpu, "
+                           "the 'gpu' extra; without it a warning, and the CPU)")
     data.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
