@@ -28,7 +28,7 @@ import onnx
 
 from sam_reuse.base.contract import EMBEDDING, JOURNAL, REUSE_MAP_PROPERTY, TUNE_OUTPUTS
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import ensure_writable_dir, folder_lock, staged_outputs, write_json
+from sam_reuse.base.files import as_seen_from, ensure_writable_dir, folder_lock, staged_outputs, write_json
 from sam_reuse.base.imaging import load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import DEVICES, active_providers, load_model, on_device, ort_session
@@ -422,11 +422,6 @@ def _assess(inputs: _Inputs, scoring: _Scoring, search: _Search, settings: TuneS
     return _Assessment(decision, curve, reuse_map, tuned_model, gains, held_ious, check)
 
 
-def _as_seen_from(folder: Path, path: Path) -> str:
-    """``path`` as a report in ``folder`` names it: a bare name when it lies there, so the folder can move."""
-    return path.name if path.resolve().parent == folder.resolve() else str(path.resolve())
-
-
 def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _Assessment, settings: TuneSettings,
             overlays: list[int], wall: dict[str, float], out_dir: Path) -> TuneReport:
     """Every figure of the run, what shipped and why."""
@@ -444,7 +439,7 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
                                          for k, b, t in zip(keys, held_base, held_tuned)],
                               validation_keys=[keys[i] for i in validation], test_keys=[keys[i] for i in test])
     shipping = Shipping(shipped="tuned" if decision.ship_tuned else "original",
-                        encoder=shipped_names[0] if decision.ship_tuned else _as_seen_from(out_dir, inputs.encoder),
+                        encoder=shipped_names[0] if decision.ship_tuned else as_seen_from(out_dir, inputs.encoder),
                         candidate_files=list(shipped_names) if decision.candidate else [],
                         candidate_pairs=decision.candidate, basis=decision.basis, decided_on=decision.decided,
                         reported=reported, forced=decision.forced, exit_status=decision.exit_status,
@@ -456,7 +451,7 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
             "basis": ("test part of the held-out split (decided nothing)" if calibration.held_out
                       else decision.basis),
             "gain": reported.gain, "gain_interval_90": list(reported.interval)},
-        model={"encoder": _as_seen_from(out_dir, inputs.encoder), "decoder": _as_seen_from(out_dir, inputs.decoder),
+        model={"encoder": as_seen_from(out_dir, inputs.encoder), "decoder": as_seen_from(out_dir, inputs.decoder),
                "encoder_fingerprint": inputs.encoder_fp, "decoder_fingerprint": inputs.decoder_fp},
         data={"source": str(inputs.data), "mask_rule": MASK_RULE, "prompt": settings.prompt,
               "search": [s.key for s in calibration.search], "held_out": keys, "skipped": calibration.skipped},

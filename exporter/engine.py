@@ -36,7 +36,7 @@ import onnx
 
 from sam_reuse.base.contract import ENGINE_SIDECAR_FORMAT
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import sha256_file, staged_outputs, write_json
+from sam_reuse.base.files import as_seen_from, sha256_file, sidecar_path, staged_outputs, write_json
 
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
@@ -246,8 +246,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
                "precision": precision, "fp16_by": ("onnx types" if typed_fp16 else "builder flag") if precision == "fp16" else None,
                "fp32_ops": FP32_OPS if typed_fp16 else [],
                "compute_capabilities": list(compute_capabilities) or ("portable default" if backend.name == "tensorrt-rtx" else "build GPU"),
-               "source_onnx": (onnx_path.name if onnx_path.resolve().parent == engine_path.resolve().parent
-                               else str(onnx_path.resolve())),  # bare beside the engine, so the folder can move
+               "source_onnx": as_seen_from(engine_path.parent, onnx_path),
                "source_onnx_sha256": sha256_file(onnx_path),
                **_io(trt, network, profile_shapes), "build_s": round(build_s, 2)}
     sidecar["engine_bytes"] = len(serialized)
@@ -256,10 +255,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
         (staging / engine_path.name).write_bytes(serialized)
         write_json(staging / sidecar_path(engine_path).name, sidecar)
     return sidecar
-
-
-def sidecar_path(engine_path: str | Path) -> Path:
-    return Path(f"{engine_path}.json")
 
 
 def source_onnx(engine_path: str | Path, sidecar: dict[str, Any]) -> Path:

@@ -38,7 +38,8 @@ def onnx_runner(path: str | Path) -> Runner:
 
 def engine_runner(path: str | Path) -> Runner:
     """A TensorRT engine as a runner (activated until the process ends); needs an NVIDIA GPU."""
-    from sam_reuse.exporter.engine import gpu_available, sidecar_path
+    from sam_reuse.base.files import sidecar_path
+    from sam_reuse.exporter.engine import gpu_available
 
     path = Path(path)
     if not path.is_file():

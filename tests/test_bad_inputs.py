@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -228,6 +229,17 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "verify-engine: sidecar not JSON": (["verify-engine", bad_sidecar],
                                             "bad.engine.json: not a valid engine sidecar"),
         "verify-engine: --images 0": (["verify-engine", bad_sidecar, "--images", "0"], "--images must be at least 1"),
+        # quantize
+        "quantize: a decoder": (["quantize", dec, "--data", data, "--no-progress"], "not a SAM encoder"),
+        "quantize: a quantized model": (["quantize", str(root / "int8.onnx"), "--data", data, "--no-progress"],
+                                        "int8.onnx: already quantized"),
+        "quantize: --out over its ONNX": (["quantize", enc, "--out", enc, "--data", data, "--no-progress"],
+                                          "is an input of this command"),
+        "quantize: no calibration images": (["quantize", enc, "--search-images", "0", "--data", data,
+                                             "--out", str(root / "q.onnx"), "--no-progress"],
+                                            "no calibration images"),
+        "quantize: --decoder that is the encoder": (["quantize", enc, "--decoder", enc, "--data", data,
+                                                     "--no-progress"], "not a SAM decoder"),
         # peft-train
         "peft-train: --device tpu": (train + ["--device", "tpu"], "--device tpu: not a torch device"),
         "peft-train: --device meta": (train + ["--device", "meta"],
@@ -272,6 +284,9 @@ def campaign_folder(tuned_folder):
     (root / "bad.engine.json").write_text("{not json")
     (root / "adapters.pt").write_bytes(b"not a checkpoint")
     (root / "cache").mkdir(exist_ok=True)
+    int8 = onnx.load(str(root / "encoder.onnx"))
+    int8.graph.node[0].op_type = "DequantizeLinear"  # what the refusal looks for; never run
+    onnx.save(int8, str(root / "int8.onnx"))
     assert main(["apply", str(root / "encoder.onnx"), str(root / "map.json"), "--out", str(root / "tuned.onnx")]) == 0
     return root
 

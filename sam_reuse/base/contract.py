@@ -29,6 +29,7 @@ REUSE_MAP_FORMAT = "sam-reuse/reuse-map@1"
 REUSE_MAP_PROPERTY = "sam_reuse.reuse_map"  # metadata key of a rewritten model: the map it was rewritten by
 REPORT_FORMAT = "sam-reuse/report@2"
 ENGINE_SIDECAR_FORMAT = "sam-reuse/engine@1"
+INT8_SIDECAR_FORMAT = "sam-reuse/int8@1"
 
 
 def decoder_feeds(embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray,

@@ -53,6 +53,18 @@ def ensure_writable_dir(path: str | os.PathLike, option: str = "") -> Path:
     return path
 
 
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """Where the JSON describing an output (an engine, an INT8 model) lies: ``<output>.json`` beside it."""
+    return Path(f"{output}.json")
+
+
+def as_seen_from(folder: str | os.PathLike, path: str | os.PathLike) -> str:
+    """``path`` as a file in ``folder`` names it: a bare name when it lies there (so the folder can move), else
+    an absolute path."""
+    path = Path(path)
+    return path.name if path.resolve().parent == Path(folder).resolve() else str(path.resolve())
+
+
 def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
     """An output folder that can be made or written: not a file, below a folder that exists (creates nothing)."""
     path = Path(path)

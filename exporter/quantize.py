@@ -1,0 +1,130 @@
+"""INT8 encoders: ONNX Runtime static quantization (QDQ), calibrated on the user's own images.
+
+What is quantized was chosen by measurement on real MobileSAM (benchmarks/README.md, "INT8 encoder"): the
+MatMuls that multiply an activation by a weight (the transformer's linear layers) take int8 weights, per
+output channel, and uint8 activations whose ranges come from the calibration images (MinMax). Two kinds of
+op stay in float, each listed by node in the sidecar:
+
+* convolutions: quantizing TinyViT's convolutional stages as well took the embedding from a cosine of 0.997
+  with fp32 to 0.85 (a relative error of 0.7), the masks with it;
+* MatMuls of two activations (attention scores and their product with the values): no weight to quantize
+  per channel, and their ranges vary with every image.
+
+A quantized model and its sidecar ``<model>.json`` are published together. The model must be an encoder
+exported by export-and-tune (tuned or not) that is not already quantized.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import onnx
+from onnxruntime import __version__ as ort_version
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from sam_reuse.base.contract import INT8_SIDECAR_FORMAT
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import (
+    as_seen_from,
+    check_output_file,
+    refuse_overwriting,
+    sha256_file,
+    sidecar_path,
+    staged_outputs,
+    write_json,
+)
+from sam_reuse.base.imaging import load_image_rgb, preprocess
+from sam_reuse.base.records import Record
+from sam_reuse.base.runtime import load_model
+
+QUANTIZED_NODES = "MatMul with a weight operand"
+QUANTIZED_MARKERS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+                     "ConvInteger", "DynamicQuantizeLinear"}
+
+
+def int8_name(onnx_path: str | Path) -> Path:
+    """``encoder.tuned.onnx`` -> ``encoder.tuned.int8.onnx`` beside it."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(f"{onnx_path.name.removesuffix('.onnx')}.int8.onnx")
+
+
+def _weight_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and constants, and what reshaping them yields: the tensors a MatMul can take as weights."""
+    weights = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" or (node.op_type in ("Transpose", "Reshape", "Cast", "Unsqueeze")
+                                          and node.input and node.input[0] in weights):
+            weights.update(node.output)
+    return weights
+
+
+def quantized_nodes(model: onnx.ModelProto) -> list[str]:
+    """The MatMuls that take a weight: the nodes quantized."""
+    weights = _weight_tensors(model)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+
+
+def float_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """The nodes that stay in float, by reason (see the module docstring)."""
+    weights = _weight_tensors(model)
+    return {"Conv (accuracy)": [n.name for n in model.graph.node if n.op_type == "Conv"],
+            "MatMul of two activations (no weight)": [n.name for n in model.graph.node if n.op_type == "MatMul"
+                                                      and not any(i in weights for i in n.input)]}
+
+
+class _Calibration(CalibrationDataReader):
+    """ONNX Runtime's calibration reader over records: each image preprocessed exactly as deployment does."""
+
+    def __init__(self, records: Sequence[Record], progress: bool):
+        from tqdm import tqdm
+
+        self._images: Iterator[Record] = iter(tqdm(records, desc="calibrate int8", unit="img", disable=not progress))
+
+    def get_next(self) -> dict[str, Any] | None:
+        record = next(self._images, None)
+        return None if record is None else {"image": preprocess(load_image_rgb(record.image))}
+
+
+def quantize_encoder(onnx_path: str | Path, records: Sequence[Record], out: str | Path | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """Write the INT8 (QDQ) encoder of ``onnx_path`` calibrated on ``records``' images, and its sidecar.
+
+    Returns the sidecar. Checks everything before the calibration starts: the model's role, that it is not
+    quantized already, the output path, and that there are calibration images.
+    """
+    onnx_path = Path(onnx_path)
+    out = Path(out) if out is not None else int8_name(onnx_path)
+    model = load_model(onnx_path, "encoder ONNX", role="encoder")
+    already = sorted({n.op_type for n in model.graph.node} & QUANTIZED_MARKERS)
+    if already:
+        raise SamReuseError(f"{onnx_path}: already quantized (it has {', '.join(already)} nodes); "
+                            "quantize the float encoder")
+    check_output_file(out, "--out")
+    refuse_overwriting(out, onnx_path)
+    refuse_overwriting(sidecar_path(out), onnx_path, option="--out (its sidecar)")
+    if not records:
+        raise SamReuseError("no calibration images: INT8 ranges come from the calibration split's images")
+    kept = float_nodes(model)
+
+    with staged_outputs(out.parent) as staging:
+        prepared = staging / ".prepared.onnx"
+        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(staging / out.name), _Calibration(records, progress),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                        nodes_to_exclude=[name for names in kept.values() for name in names])
+        prepared.unlink()
+        sidecar = {"format": INT8_SIDECAR_FORMAT,
+                   "source_onnx": as_seen_from(out.parent, onnx_path),
+                   "source_onnx_sha256": sha256_file(onnx_path),
+                   "quantized": QUANTIZED_NODES, "weights": "int8, symmetric, per output channel",
+                   "activations": "uint8, asymmetric, per tensor, MinMax over the calibration images",
+                   "quantized_nodes": quantized_nodes(model),
+                   "float_nodes": kept,
+                   "calibration_images": [r.key for r in records],
+                   "onnxruntime_version": ort_version, "python": platform.python_version()}
+        write_json(staging / sidecar_path(out).name, sidecar)
+    return sidecar

@@ -1,0 +1,79 @@
+"""INT8 encoders: weight MatMuls quantized, the rest float as the sidecar lists; close to fp32; refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import sha256_file
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.cli import main
+from sam_reuse.exporter.quantize import float_nodes, quantize_encoder, quantized_nodes
+from sam_reuse.exporter.verify import encoder_inputs
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_exports, sample_records, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("int8")
+    encoder = folder / "encoder.onnx"
+    encoder.write_bytes(tiny_exports["test_vit_t"].encoder.read_bytes())
+    sidecar = quantize_encoder(encoder, sample_records[:4], progress=False)
+    return encoder, folder / "encoder.int8.onnx", sidecar
+
+
+def test_weight_matmuls_are_int8_and_the_listed_nodes_stay_float(tiny_int8):
+    encoder, int8, sidecar = tiny_int8
+    original, quantized = onnx.load(str(encoder)), onnx.load(str(int8))
+    assert sidecar == json.loads((int8.parent / "encoder.int8.onnx.json").read_text())
+    assert sidecar["format"] == "sam-reuse/int8@1" and sidecar["source_onnx"] == "encoder.onnx"
+    assert sidecar["source_onnx_sha256"] == sha256_file(encoder)
+    assert sidecar["calibration_images"] == ["10", "11", "12", "13"]
+    assert sidecar["quantized_nodes"] == quantized_nodes(original) and len(sidecar["quantized_nodes"]) > 0
+    assert sidecar["float_nodes"] == float_nodes(original)
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    by_name = {n.name: n for n in quantized.graph.node}
+
+    def dequantized_inputs(name: str) -> int:
+        return sum(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                   for i in by_name[name].input)
+
+    assert all(dequantized_inputs(name) == 2 for name in sidecar["quantized_nodes"])  # weight and activation
+    assert all(dequantized_inputs(name) == 0 for names in sidecar["float_nodes"].values() for name in names)
+
+
+def test_int8_embedding_stays_close_to_fp32(tiny_int8, sample_records):
+    encoder, int8, _ = tiny_int8
+    fp32, quantized = ort_session(encoder), ort_session(int8)
+    for feed in encoder_inputs(sample_records[12:15]):  # images the calibration never saw
+        assert _cosine(fp32.run(None, feed)[0], quantized.run(None, feed)[0]) > 0.99
+
+
+def test_quantize_refuses_a_decoder_a_quantized_model_and_no_images(tiny_exports, tiny_int8, sample_records,
+                                                                    tmp_path):
+    _, int8, _ = tiny_int8
+    with pytest.raises(SamReuseError, match="decoder.onnx: not a SAM encoder"):
+        quantize_encoder(tiny_exports["test_vit_t"].decoder, sample_records[:2], tmp_path / "x.onnx")
+    with pytest.raises(SamReuseError, match="encoder.int8.onnx: already quantized .*DequantizeLinear"):
+        quantize_encoder(int8, sample_records[:2], tmp_path / "x.onnx")
+    with pytest.raises(SamReuseError, match="no calibration images"):
+        quantize_encoder(tiny_exports["test_vit_t"].encoder, [], tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_real_mobilesam_int8_keeps_held_out_miou_within_half_a_point(mobilesam_export, tmp_path, capsys):
+    """The bundled isic2016 images: calibrated on the 12 search images, scored on the 12 held-out ones."""
+    encoder = tmp_path / "encoder.onnx"
+    encoder.symlink_to(mobilesam_export.encoder)
+    assert main(["quantize", str(encoder), "--decoder", str(mobilesam_export.decoder), "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    fp32, int8 = (float(line.split(f"{name} ")[1].split(",")[0].split(" ")[0]) for name in ("fp32", "int8"))
+    assert line.startswith("held-out split (12 images)") and abs(int8 - fp32) <= 0.5, line
