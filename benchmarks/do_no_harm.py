@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/do_no_harm.py EXPORT_DIR [--sets isic2016 kvasir-seg camo]
-        [--splits pc1-low pc1-high fixed] [--evidence given] [--jobs 2] [--work out/shift]
+        [--splits pc1-low pc1-high fixed] [--evidence given] [--jobs 2] [--work out/shift] [--reread]
 
 EXPORT_DIR is an `export-and-tune export --model-type vit_t` output. Each
 split (``shift_splits.py``: ``fixed``, ``random-<seed>``, and the shift
@@ -67,7 +67,7 @@ def _interval(values: np.ndarray) -> list[float]:
 def _arm(gains: np.ndarray, shipped: bool, test: np.ndarray) -> dict:
     """Held-out gains of what an arm ships (zero where it ships the original)."""
     gains = gains if shipped else np.zeros_like(gains)
-    return {"shipped": shipped, "test_gain": float(gains[test].mean()), "test_interval_90": _interval(gains[test]),
+    return {"shipped": bool(shipped), "test_gain": float(gains[test].mean()), "test_interval_90": _interval(gains[test]),
             "all_gain": float(gains.mean()), "all_interval_90": _interval(gains),
             "test_per_image": gains[test].tolist()}
 
@@ -98,14 +98,17 @@ def summarise(report: TuneReport) -> dict:
             "search_decoder_runs": report.cost["decoder_evaluations"]["search"]}
 
 
-def run_split(export: Path, work: Path, name: str, split: str, evidence: str) -> dict:
+def run_split(export: Path, work: Path, name: str, split: str, evidence: str, reread: bool = False) -> dict:
+    """Tune one split (resuming its journal) and summarise it; ``reread``: summarise the report it already has."""
+    runs = work / "runs" / f"{name}-{split}-{evidence}"
+    if reread:
+        return {"set": name, "split": split, **summarise(TuneReport.load(runs / "report.json"))}
     source = SHARED / name
     features = pooled_embeddings(export / "encoder.onnx", source) if split in SHIFT_SPLITS else None
     data = work / "data" / f"{name}-{split}"
     write_split(source, split, data, features)
     settings = TuneSettings(evidence=evidence, search_images=50, holdout_images=50, progress=False)
-    report = tune(export / "encoder.onnx", export / "decoder.onnx", data,
-                  work / "runs" / f"{name}-{split}-{evidence}", settings).report
+    report = tune(export / "encoder.onnx", export / "decoder.onnx", data, runs, settings).report
     return {"set": name, "split": split, **summarise(report)}
 
 
@@ -158,13 +161,16 @@ def main() -> None:
     parser.add_argument("--evidence", default="given", choices=["given", "points"])
     parser.add_argument("--jobs", type=int, default=2, help="splits tuned at once, one ONNX Runtime thread each")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "shift")
+    parser.add_argument("--reread", action="store_true",
+                        help="summarise the reports already in WORK/runs again (after adding an arm), tuning nothing")
     args = parser.parse_args()
 
     jobs = [(name, split) for split in args.splits for name in args.sets]
     # Spawned workers import the library afresh, so they read this thread count (the parent runs no model).
     os.environ["SAM_REUSE_THREADS"] = "1" if args.jobs > 1 else os.environ.get("SAM_REUSE_THREADS", "2")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = list(pool.map(run_split, *zip(*[(args.export, args.work, n, s, args.evidence) for n, s in jobs])))
+        rows = list(pool.map(run_split, *zip(*[(args.export, args.work, n, s, args.evidence, args.reread)
+                                               for n, s in jobs])))
     stem = f"do_no_harm-{args.evidence}"
     rows = _merged(RESULTS / f"{stem}.json", rows)
     write_json(RESULTS / f"{stem}.json", {"export": str(args.export), "machine": platform.node(),

@@ -28,6 +28,7 @@ import onnx
 
 from sam_reuse.base import imaging
 from sam_reuse.base.contract import (
+    APP_DECODER_OUTPUTS,
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
@@ -151,6 +152,60 @@ def export_decoder(sam, path: Path, exporter: str = "legacy", opset: int = DEFAU
                       DECODER_OUTPUTS, dynamic, exporter, opset)
 
 
+APP_DECODERS = {"single": "decoder.prompts.onnx", "multimask": "decoder.prompts.multimask.onnx"}
+
+
+def check_app_decoders(kinds: Sequence[str]) -> None:
+    unknown = sorted(set(kinds) - set(APP_DECODERS))
+    if unknown:
+        raise SamReuseError(f"--app-decoders: unknown kind {', '.join(unknown)} "
+                            f"(choose from {', '.join(APP_DECODERS)})")
+
+
+def export_prompts_decoder(sam, path: Path, multimask: bool, exporter: str = "legacy",
+                           opset: int = DEFAULT_OPSET) -> None:
+    """Write the decoder for apps (``exporter.wrappers.PromptsDecoder``): one embedding, K prompts of N points."""
+    import torch
+
+    from sam_reuse.exporter.wrappers import PromptsDecoder, example_decoder_inputs
+
+    embedding, *prompts = example_decoder_inputs(3, 2)
+    dynamic = {"point_coords": {0: "prompts", 1: "num_points"}, "point_labels": {0: "prompts", 1: "num_points"},
+               "mask_input": {0: "prompts"}, "has_mask_input": {0: "prompts"},
+               "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}}
+    with torch.no_grad():
+        _torch_export(PromptsDecoder(sam, multimask).eval(), (embedding[:1], *prompts), path, DECODER_INPUTS,
+                      DECODER_OUTPUTS, dynamic, exporter, opset)
+
+
+def verify_prompts_decoder(sam, path: Path, multimask: bool, records: Sequence[Record]) -> float:
+    """Max |ONNX - torch| of the app decoder's logits: every verify record's prompt at once on each image."""
+    import torch
+
+    from sam_reuse.exporter.wrappers import ImageEncoder, PromptsDecoder
+
+    session, module, encoder = ort_session(path), PromptsDecoder(sam, multimask).eval(), ImageEncoder(sam).eval()
+    images = [imaging.load_image_rgb(r.image) for r in records]
+    by_length: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for record, image in zip(records, images):
+        coords, labels = imaging.prompt_arrays(record.prompt, image.shape[:2])
+        by_length.setdefault(coords.shape[1], []).append((coords, labels))
+    worst = 0.0
+    with torch.no_grad():
+        for image in images:
+            embedding = encoder(torch.from_numpy(imaging.preprocess(image))).numpy()
+            for group in by_length.values():
+                coords = np.concatenate([c for c, _ in group])
+                labels = np.concatenate([lab for _, lab in group])
+                feeds = decoder_feeds(embedding, coords, labels)
+                feeds["mask_input"] = np.zeros((len(coords), 1, 256, 256), np.float32)
+                feeds["has_mask_input"] = np.zeros(len(coords), np.float32)
+                onnx_logits = session.run(None, feeds)[0]
+                torch_logits = module(*(torch.from_numpy(feeds[name]) for name in DECODER_INPUTS))[0].numpy()
+                worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
+    return worst
+
+
 def verify_export(sam, encoder_path: Path, decoder_path: Path, records: Sequence[Record]) -> dict[str, Any]:
     """Compare the ONNX pair with torch on real images and return the parity figures.
 
@@ -220,15 +275,17 @@ def _check_limits(figures: dict[str, Any]) -> None:
 
 def export_model(model_type: str, out_dir: str | Path, checkpoint: str | Path | None = None,
                  verify_records: Sequence[Record] = (), exporter: str = "legacy", opset: int = DEFAULT_OPSET,
-                 seed: int = 0) -> ExportResult:
-    """Export ``encoder.onnx``, ``decoder.onnx`` and ``export.json`` into ``out_dir``.
+                 seed: int = 0, app_decoders: Sequence[str] = ()) -> ExportResult:
+    """Export ``encoder.onnx``, ``decoder.onnx`` and ``export.json`` (and any ``app_decoders``) into ``out_dir``.
 
-    Nothing appears in ``out_dir`` unless both models were written and passed
+    Nothing appears in ``out_dir`` unless every model was written and passed
     verification on ``verify_records``; existing files are replaced atomically.
     """
     check_export_request(model_type, exporter, verify_records, opset)
+    check_app_decoders(app_decoders)
     sam = build_sam(model_type, checkpoint, seed=seed)
-    return export_sam(sam, out_dir, verify_records, export_identity(model_type, checkpoint, seed, exporter, opset))
+    return export_sam(sam, out_dir, verify_records, export_identity(model_type, checkpoint, seed, exporter, opset),
+                      app_decoders=app_decoders)
 
 
 def check_export_request(model_type: str, exporter: str, verify_records: Sequence[Record],
@@ -259,17 +316,20 @@ def export_identity(model_type: str, checkpoint: str | Path | None, seed: int, e
 
 
 def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info: dict[str, Any],
-               reference=None) -> ExportResult:
+               reference=None, app_decoders: Sequence[str] = ()) -> ExportResult:
     """Export a built ``sam`` into ``out_dir`` and verify it against ``reference`` (default: ``sam`` itself).
 
     A fine-tuned model is exported with its adapters merged and verified
     against the unmerged model, so the parity figures cover the merge too.
     ``info`` must name the exporter and opset; it is completed and saved as
-    ``export.json``.
+    ``export.json``. ``app_decoders`` (keys of ``APP_DECODERS``): also write the decoders for apps, each
+    checked against torch on every verify image with all the verify prompts at once.
     """
     out_dir = Path(out_dir)
     exporter, opset = info["exporter"], info["opset"]
-    with folder_lock(out_dir), staged_outputs(out_dir, replacing=EXPORT_DERIVED_OUTPUTS) as staging:
+    check_app_decoders(app_decoders)
+    replacing = (*EXPORT_DERIVED_OUTPUTS, APP_DECODER_OUTPUTS)
+    with folder_lock(out_dir), staged_outputs(out_dir, replacing=replacing) as staging:
         started = time.perf_counter()
         export_encoder(sam, staging / "encoder.onnx", exporter, opset)
         export_decoder(sam, staging / "decoder.onnx", exporter, opset)
@@ -288,6 +348,16 @@ def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info:
             "parity": {**parity, "verified_on": [str(r.image) for r in verify_records]},
             "sites": {name: site.to_json() for name, site in sites_of(staging / "encoder.onnx").items()},
         }
+        for kind in app_decoders:
+            path = staging / APP_DECODERS[kind]
+            export_prompts_decoder(sam, path, kind == "multimask", exporter, opset)
+            difference = verify_prompts_decoder(reference if reference is not None else sam, path,
+                                                kind == "multimask", verify_records)
+            if difference > DECODER_MAX_ABS_DIFF:
+                raise SamReuseError(f"{APP_DECODERS[kind]}: differs from torch by {difference:.3g} "
+                                    f"(> {DECODER_MAX_ABS_DIFF}); nothing was written")
+            info["models"][f"decoder.prompts.{kind}"] = {"file": path.name, "sha256": sha256_file(path),
+                                                         "max_abs_diff_vs_torch": difference, **onnx_io_spec(path)}
         write_json(staging / "export.json", info)
     return ExportResult(out_dir / "encoder.onnx", out_dir / "decoder.onnx", out_dir / "export.json", info)
 

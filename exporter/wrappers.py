@@ -7,7 +7,8 @@ prompt (batch b of the embeddings goes with batch b of the prompts, so a
 search can decode many images at once) and returning only mask token 0, the
 mask ``SamPredictor.predict(multimask_output=False)`` returns. It has no
 ``orig_im_size`` input and no OneHot: upscaling lives in
-``sam_reuse.base.imaging.upscale_logits``.
+``sam_reuse.base.imaging.upscale_logits``. ``PromptsDecoder`` is the decoder
+for apps: one embedding, K prompts, single mask or SAM's multimask output.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class SingleMaskDecoder(nn.Module):
 
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._decode(image_embeddings, point_coords, point_labels, mask_input, has_mask_input, slice(0, 1))
+
+    def _decode(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor, outputs: slice
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks and predicted IoUs of the mask tokens ``outputs`` (0: single mask; 1-3: SAM's multimask)."""
         decoder = self.mask_decoder
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_masks(mask_input, has_mask_input)
@@ -80,15 +87,35 @@ class SingleMaskDecoder(nn.Module):
 
         hs, src = decoder.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
-        mask_token_out = hs[:, 1, :]  # token 0: the single-mask output
+        mask_tokens_out = hs[:, 1 + outputs.start:1 + outputs.stop, :]
 
         src = src.transpose(1, 2).reshape(batch, self.channels, height, width)
-        upscaled = decoder.output_upscaling(src)
-        hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out).unsqueeze(1)
-        # Two stride-2 transposed convolutions: 64x64 -> 256x256.
-        masks = (hyper_in @ upscaled.flatten(2)).reshape(batch, 1, 4 * height, 4 * width)
-        iou_pred = decoder.iou_prediction_head(iou_token_out)[:, :1]
+        upscaled = decoder.output_upscaling(src)  # two stride-2 transposed convolutions: 64x64 -> 256x256
+        hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, j, :])
+                                for j, i in enumerate(range(outputs.start, outputs.stop))], dim=1)
+        count = outputs.stop - outputs.start
+        masks = (hyper_in @ upscaled.flatten(2)).reshape(batch, count, 4 * height, 4 * width)
+        iou_pred = decoder.iou_prediction_head(iou_token_out)[:, outputs]
         return masks, iou_pred
+
+
+class PromptsDecoder(SingleMaskDecoder):
+    """The decoder for apps: one image embedding (1x256x64x64) and K prompts -> K masks in one call.
+
+    Prompt k is ``point_coords[k]`` / ``point_labels[k]`` (labels as SAM's: 1 foreground, 0 background, -1
+    padding, 2 and 3 a box's corners) with ``mask_input[k]``. ``multimask``: SAM's three masks and their
+    predicted IoUs per prompt (mask tokens 1-3, what ``SamPredictor.predict(multimask_output=True)``
+    returns); otherwise the single mask (token 0).
+    """
+
+    def __init__(self, sam, multimask: bool = False) -> None:
+        super().__init__(sam)
+        self.outputs = slice(1, 4) if multimask else slice(0, 1)
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shared = image_embeddings.expand(point_coords.shape[0], -1, -1, -1)
+        return self._decode(shared, point_coords, point_labels, mask_input, has_mask_input, self.outputs)
 
 
 def example_decoder_inputs(batch: int = 1, num_points: int = 2) -> tuple[torch.Tensor, ...]:

@@ -23,6 +23,7 @@ TUNE_OUTPUTS = ("encoder.tuned.*", "reuse_map*.json", "report.json", "report.md"
                 "overlay-*.png")
 EXPORT_DERIVED_OUTPUTS = (*TUNE_OUTPUTS, "*.engine", "*.engine.json")
 EXPORT_OUTPUTS = ("encoder.onnx", "decoder.onnx", "export.json")
+APP_DECODER_OUTPUTS = "decoder.prompts*.onnx"  # export --app-decoders: valid as long as the export they came with
 JOURNAL = "search.jsonl"  # a tune's progress, appended to as the search goes, so a rerun resumes
 
 REUSE_MAP_FORMAT = "sam-reuse/reuse-map@1"

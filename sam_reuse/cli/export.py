@@ -16,6 +16,10 @@ def register(sub: argparse._SubParsersAction) -> dict:
     export = sub.add_parser("export", help="export a checkpoint to encoder.onnx + decoder.onnx, verified")
     add_model_args(export)
     export.add_argument("--out", type=Path, required=True, help="output directory")
+    export.add_argument("--app-decoders", default="",
+                        help="also write decoders for apps (one embedding, K prompts per call): single "
+                             "(decoder.prompts.onnx), multimask (decoder.prompts.multimask.onnx), or both, "
+                             "comma-separated")
     return {"fetch-weights": _fetch, "export": _export}
 
 
@@ -34,10 +38,12 @@ def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: 
         if found is not None:
             print(f"reusing the verified export in {args.out} (export.json matches these settings)")
             return found
+    app_decoders = [kind.strip() for kind in getattr(args, "app_decoders", "").split(",") if kind.strip()]
     result = export_model(args.model_type, out, checkpoint, verify_records(args), exporter=args.exporter,
-                          opset=args.opset, seed=args.seed)
+                          opset=args.opset, seed=args.seed, app_decoders=app_decoders)
     parity = result.info["parity"]
-    names = ", ".join(path.name for path in (result.encoder, result.decoder, result.sidecar))
+    names = ", ".join([path.name for path in (result.encoder, result.decoder, result.sidecar)]
+                      + [result.info["models"][f"decoder.prompts.{kind}"]["file"] for kind in app_decoders])
     print(f"{'exported' if out != args.out else 'wrote'} {names} ({'to publish in ' if out != args.out else 'in '}"
           f"{args.out})")
     print(f"parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "

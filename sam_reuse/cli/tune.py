@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     The stages work in ``OUT/.run-work`` (``resumable_outputs``): until the last stage is done, ``OUT`` holds
     exactly what it held before, and an interrupted run resumes its search there.
     """
-    from sam_reuse.base.contract import EXPORT_DERIVED_OUTPUTS, EXPORT_OUTPUTS, JOURNAL
+    from sam_reuse.base.contract import APP_DECODER_OUTPUTS, EXPORT_DERIVED_OUTPUTS, EXPORT_OUTPUTS, JOURNAL
     from sam_reuse.base.files import check_output_folder, folder_lock, resumable_outputs
     from sam_reuse.base.runtime import load_model
     from sam_reuse.calibrate.tune import copy_model
@@ -129,12 +129,13 @@ def _run(args: argparse.Namespace) -> int:
         load_model(args.encoder, "encoder ONNX", role="encoder")
         load_model(args.decoder, "decoder ONNX", role="decoder")
     precisions = engine_precisions(args.engines)  # a typo here must not cost an export and a search
-    replacing = (*EXPORT_OUTPUTS, *EXPORT_DERIVED_OUTPUTS, JOURNAL)
-    with folder_lock(args.out), resumable_outputs(args.out, replacing, linked=EXPORT_OUTPUTS,
-                                                  copied=(JOURNAL,)) as work:
+    replacing = (*EXPORT_OUTPUTS, APP_DECODER_OUTPUTS, *EXPORT_DERIVED_OUTPUTS, JOURNAL)
+    linked = (*EXPORT_OUTPUTS, *(path.name for path in args.out.glob(APP_DECODER_OUTPUTS)))
+    with folder_lock(args.out), resumable_outputs(args.out, replacing, linked=linked, copied=(JOURNAL,)) as work:
         if args.encoder is not None:
             if not _is_exported_pair(args.out, args.encoder, args.decoder):
-                (work / "export.json").unlink(missing_ok=True)  # it describes models this run replaces
+                for stale in ("export.json", *linked[len(EXPORT_OUTPUTS):]):  # of the models this run replaces
+                    (work / stale).unlink(missing_ok=True)
             copy_model(args.encoder, work / "encoder.onnx")
             copy_model(args.decoder, work / "decoder.onnx")
         else:
