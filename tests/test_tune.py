@@ -265,11 +265,15 @@ def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsy
     out = tmp_path / "run"
     argv = ["--model-type", "test_vit_t", "--out", str(out), "--data", str(SAMPLES), "--search-images", "2",
             "--holdout-images", "2", "--targets", "0-2", "--sources", "3-4", "--top-pairs", "2", "--overlays", "1",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--verify-images", "1"]
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--verify-images", "1", "--quantize", "int8"]
     status = main(argv)
     first = capsys.readouterr().out
     assert "parity vs torch" in first and "verdict:" in first
     report = json.loads((out / "report.json").read_text())
+    shipped = out / report["shipping"]["encoder"]
+    int8 = json.loads(shipped.with_name(shipped.name.replace(".onnx", ".int8.onnx.json")).read_text())
+    assert int8["source_onnx"] == shipped.name and int8["held_out"]["images"] == 2
+    assert f"int8 {int8['held_out']['int8_miou']:.2f}" in first
     assert status == report["shipping"]["exit_status"] == (0 if report["shipping"]["shipped"] == "tuned" else 3)
     for name in ["encoder.onnx", "decoder.onnx", "export.json", *report["shipping"]["candidate_files"], *OUTPUTS[2:]]:
         assert (out / name).exists(), name

@@ -21,7 +21,7 @@ DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
 # beside a run that shipped the original; a new export removes everything derived from the models it replaces.
 TUNE_OUTPUTS = ("encoder.tuned.*", "reuse_map*.json", "report.json", "report.md", "miou_vs_pairs.png",
                 "overlay-*.png")
-EXPORT_DERIVED_OUTPUTS = (*TUNE_OUTPUTS, "*.engine", "*.engine.json")
+EXPORT_DERIVED_OUTPUTS = (*TUNE_OUTPUTS, "*.engine", "*.engine.json", "*.int8.onnx", "*.int8.onnx.json")
 EXPORT_OUTPUTS = ("encoder.onnx", "decoder.onnx", "export.json")
 APP_DECODER_OUTPUTS = "decoder.prompts*.onnx"  # export --app-decoders: valid as long as the export they came with
 JOURNAL = "search.jsonl"  # a tune's progress, appended to as the search goes, so a rerun resumes

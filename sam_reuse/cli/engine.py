@@ -104,24 +104,37 @@ def _engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize(args: argparse.Namespace) -> int:
-    from sam_reuse.base.runtime import load_model
+def quantized_encoder(encoder: Path, out: Path, decoder: Path | None, args: argparse.Namespace,
+                      shown: Path | None = None) -> None:
+    """INT8 ``encoder`` at ``out`` calibrated on the search split; with ``decoder``, held-out mIoU of fp32 and
+    int8 side by side, printed and kept in the sidecar. ``shown``: the folder to name (``run``'s outputs)."""
+    from sam_reuse.base.files import sidecar_path, write_json
     from sam_reuse.calibrate.data import read_records, split_records
     from sam_reuse.calibrate.tune import evaluate
-    from sam_reuse.exporter.quantize import int8_name, quantize_encoder
+    from sam_reuse.exporter.quantize import quantize_encoder
 
     settings = tune_settings(args)
+    search, _ = split_records(read_records(args.data, args.masks), args.search_images, args.holdout_images)
+    sidecar = quantize_encoder(encoder, search, out, progress=settings.progress)
+    kept = sum(len(names) for names in sidecar["float_nodes"].values())
+    named = (shown or out.parent) / out.name
+    print(f"wrote {named} and {named}.json ({len(sidecar['quantized_nodes'])} MatMuls in int8, {kept} nodes kept "
+          f"in float; calibrated on {len(search)} images)")
+    if decoder is not None:
+        scores = {name: evaluate(model, decoder, args.data, "held-out", settings)
+                  for name, model in (("fp32", encoder), ("int8", out))}
+        held = {"images": len(scores["fp32"].keys), "fp32_miou": scores["fp32"].miou,
+                "int8_miou": scores["int8"].miou}
+        write_json(sidecar_path(out), {**sidecar, "held_out": held})
+        print(f"held-out split ({held['images']} images): mIoU fp32 {held['fp32_miou']:.2f}, "
+              f"int8 {held['int8_miou']:.2f} ({held['int8_miou'] - held['fp32_miou']:+.2f})")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from sam_reuse.base.runtime import load_model
+    from sam_reuse.exporter.quantize import int8_name
+
     if args.decoder is not None:
         load_model(args.decoder, "decoder ONNX", role="decoder")  # before minutes of calibration
-    search, _ = split_records(read_records(args.data, args.masks), args.search_images, args.holdout_images)
-    out = args.out or int8_name(args.onnx)
-    sidecar = quantize_encoder(args.onnx, search, out, progress=settings.progress)
-    kept = sum(len(names) for names in sidecar["float_nodes"].values())
-    print(f"wrote {out} and {out}.json ({len(sidecar['quantized_nodes'])} MatMuls in int8, {kept} nodes kept in "
-          f"float; calibrated on {len(search)} images)")
-    if args.decoder is not None:
-        scores = {name: evaluate(model, args.decoder, args.data, "held-out", settings)
-                  for name, model in (("fp32", args.onnx), ("int8", out))}
-        print(f"held-out split ({len(scores['fp32'].keys)} images): mIoU fp32 {scores['fp32'].miou:.2f}, "
-              f"int8 {scores['int8'].miou:.2f} ({scores['int8'].miou - scores['fp32'].miou:+.2f})")
+    quantized_encoder(args.onnx, args.out or int8_name(args.onnx), args.decoder, args)
     return 0
