@@ -31,7 +31,7 @@ from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import as_seen_from, ensure_writable_dir, folder_lock, staged_outputs, write_json
 from sam_reuse.base.imaging import load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
-from sam_reuse.base.runtime import DEVICES, active_providers, load_model, on_device, ort_session
+from sam_reuse.base.runtime import active_providers, load_model, on_device, ort_session
 from sam_reuse.calibrate.activations import encode
 from sam_reuse.calibrate.data import MASK_RULE, CalibrationSet, load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
@@ -192,8 +192,6 @@ def _check_settings(settings: TuneSettings) -> None:
         raise SamReuseError("--min-images must be at least 1")
     if settings.overlays < 0:
         raise SamReuseError("--overlays must be 0 or more")
-    if settings.device not in DEVICES:
-        raise SamReuseError(f"--device {settings.device}: choose from {', '.join(DEVICES)}")
     if settings.cache_dir is not None:
         ensure_writable_dir(settings.cache_dir, "--cache-dir")
 
