@@ -22,7 +22,6 @@ ground truth (``sam_reuse.base.imaging.binary_iou``).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -30,21 +29,12 @@ import numpy as np
 import onnx
 
 from sam_reuse.base.contract import EMBEDDING, decoder_feeds
-from sam_reuse.base.imaging import binary_iou, logits_to_mask, prompt_arrays, upscale_matrices
+from sam_reuse.base.imaging import binary_iou, groups_by_point_count, logits_to_mask, prompt_arrays, upscale_matrices
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import ort_session
 from sam_reuse.graphops.probe import index_input_name, with_index_input
 
 DEFAULT_BATCH = 8
-
-
-def _batches(samples: Sequence[Sample], prompts: list[tuple[np.ndarray, np.ndarray]],
-             batch_size: int) -> list[list[int]]:
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, (coords, _) in enumerate(prompts):
-        by_length[coords.shape[1]].append(i)
-    return [members[start:start + batch_size] for _, members in sorted(by_length.items())
-            for start in range(0, len(members), batch_size)]
 
 
 class Embedder(Protocol):
@@ -100,8 +90,7 @@ class MaskEvaluator:
         rows = self._rows(rows)
         key = tuple(rows)
         if key not in self._batches:
-            picked = [self.samples[r] for r in rows]
-            local = _batches(picked, [self.prompts[r] for r in rows], self.batch_size)
+            local = groups_by_point_count([self.prompts[r] for r in rows], self.batch_size)
             self._batches[key] = [[rows[i] for i in batch] for batch in local]
         return self._batches[key]
 

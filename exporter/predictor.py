@@ -7,6 +7,10 @@ so a mask differs between them only by what the networks compute:
     model = SamModel.from_engines("out/demo/encoder.tuned.fp16.engine", "out/demo/decoder.fp16.engine")  # GPU
     prediction = model.predict(load_image_rgb("photo.jpg"), Prompt(points=np.array([[420, 310]])))
 
+Several prompts on one image (``predict_many``) go in one decoder call per point count with an app decoder
+(``export --app-decoders``: one embedding, K prompts; the multimask one returns SAM's three masks per
+prompt), and one call per prompt with the search's ``decoder.onnx`` (embedding b paired with prompt b).
+
 Engines run through polygraphy's ``TrtRunner`` (TensorRT, or TensorRT-RTX
 when the engine's sidecar says so; that needs the ``tensorrt-rtx`` package
 polygraphy imports) and need an NVIDIA GPU.
@@ -17,13 +21,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from sam_reuse.base.contract import decoder_feeds
+from sam_reuse.base.contract import EMBEDDING, decoder_feeds
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.imaging import logits_to_mask, preprocess, prompt_arrays, upscale_logits
+from sam_reuse.base.imaging import groups_by_point_count, logits_to_mask, preprocess, prompt_arrays, upscale_logits
 from sam_reuse.base.records import Prompt
 from sam_reuse.base.runtime import ort_session
 
@@ -66,28 +70,62 @@ class Prediction:
     iou_prediction: float
 
 
-class SamModel:
-    """SAM's encoder and decoder behind any runner, with SamPredictor's pre/post-processing."""
+def shares_embedding(embedding_shape: Sequence[int | str]) -> bool:
+    """Whether a decoder with this ``image_embeddings`` shape is an app decoder (one embedding for K prompts):
+    its first dimension is fixed at 1 (in ONNX, and -1 vs 1 in an engine's sidecar)."""
+    return embedding_shape[0] == 1
 
-    def __init__(self, encoder: Runner, decoder: Runner):
-        self.encoder, self.decoder = encoder, decoder
+
+class SamModel:
+    """SAM's encoder and decoder behind any runner, with SamPredictor's pre/post-processing.
+
+    ``shared_embedding``: the decoder is an app decoder, which takes one embedding and K prompts per call.
+    """
+
+    def __init__(self, encoder: Runner, decoder: Runner, shared_embedding: bool = False):
+        self.encoder, self.decoder, self.shared_embedding = encoder, decoder, shared_embedding
 
     @classmethod
     def from_onnx(cls, encoder: str | Path, decoder: str | Path) -> SamModel:
-        return cls(onnx_runner(encoder), onnx_runner(decoder))
+        from sam_reuse.base.runtime import onnx_io_spec
+
+        shape = next(i["shape"] for i in onnx_io_spec(decoder)["inputs"] if i["name"] == EMBEDDING)
+        return cls(onnx_runner(encoder), onnx_runner(decoder), shares_embedding(shape))
 
     @classmethod
     def from_engines(cls, encoder: str | Path, decoder: str | Path) -> SamModel:
-        return cls(engine_runner(encoder), engine_runner(decoder))
+        from sam_reuse.exporter.engine import read_sidecar
+
+        shape = next(i["shape"] for i in read_sidecar(decoder)["inputs"] if i["name"] == EMBEDDING)
+        return cls(engine_runner(encoder), engine_runner(decoder), shares_embedding(shape))
 
     def embed(self, image: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 RGB -> 1x256x64x64 image embedding."""
         return self.encoder({"image": preprocess(image)})["image_embeddings"]
 
     def predict(self, image: np.ndarray, prompt: Prompt, embedding: np.ndarray | None = None) -> Prediction:
-        """The mask for ``prompt`` (mask token 0, like ``SamPredictor.predict(multimask_output=False)``)."""
+        """The decoder's first mask for ``prompt`` (with ``decoder.onnx``: mask token 0, like
+        ``SamPredictor.predict(multimask_output=False)``)."""
+        return self.predict_many(image, [prompt], embedding)[0][0]
+
+    def predict_many(self, image: np.ndarray, prompts: Sequence[Prompt], embedding: np.ndarray | None = None
+                     ) -> list[list[Prediction]]:
+        """Per prompt, the decoder's masks: one (single-mask decoders) or SAM's three (the multimask one).
+
+        The image is encoded once (or ``embedding`` is used); prompts are decoded together where the decoder
+        allows (see the module docstring) and returned in the order given.
+        """
         embedding = self.embed(image) if embedding is None else embedding
-        outputs = self.decoder(decoder_feeds(embedding, *prompt_arrays(prompt, image.shape[:2])))
-        low_res = outputs["low_res_masks"][0, 0]
-        return Prediction(mask=logits_to_mask(upscale_logits(low_res, image.shape[:2])), low_res_logits=low_res,
-                          iou_prediction=float(outputs["iou_predictions"].ravel()[0]))
+        hw = image.shape[:2]
+        arrays = [prompt_arrays(prompt, hw) for prompt in prompts]
+        results: list[list[Prediction]] = [[] for _ in prompts]
+        for group in groups_by_point_count(arrays, None if self.shared_embedding else 1):
+            coords = np.concatenate([arrays[k][0] for k in group])
+            labels = np.concatenate([arrays[k][1] for k in group])
+            outputs = self.decoder(decoder_feeds(embedding, coords, labels))
+            masks, scores = outputs["low_res_masks"], outputs["iou_predictions"]
+            for row, k in enumerate(group):
+                results[k] = [Prediction(mask=logits_to_mask(upscale_logits(low_res, hw)), low_res_logits=low_res,
+                                         iou_prediction=float(score))
+                              for low_res, score in zip(masks[row], scores[row])]
+        return results

@@ -35,8 +35,9 @@ INT8_SIDECAR_FORMAT = "sam-reuse/int8@1"
 
 def decoder_feeds(embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray,
                   mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Decoder inputs for a batch of embeddings paired one-to-one with prompts."""
-    batch = embedding.shape[0]
+    """Decoder inputs: embeddings paired one-to-one with prompts, or one embedding shared by K prompts (the
+    app decoders, ``APP_DECODER_OUTPUTS``)."""
+    batch = coords.shape[0]
     has_mask = mask_input is not None
     return {
         EMBEDDING: embedding.astype(np.float32),

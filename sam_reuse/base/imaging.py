@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -138,6 +138,18 @@ def prompt_arrays(prompt: Prompt, original_hw: tuple[int, int]) -> tuple[np.ndar
         coords.append(np.zeros((1, 2), dtype=np.float32))
         labels.append(np.array([-1], dtype=np.float32))
     return np.concatenate(coords)[None].astype(np.float32), np.concatenate(labels)[None].astype(np.float32)
+
+
+def groups_by_point_count(prompts: Sequence[tuple[np.ndarray, np.ndarray]], size: int | None = None
+                          ) -> list[list[int]]:
+    """Indices of ``prompt_arrays`` outputs batched for one decoder call each: one point count per batch
+    (padding a prompt with -1 points would change SAM's mask), at most ``size`` (None: any) per batch."""
+    by_count: dict[int, list[int]] = {}
+    for i, (coords, _) in enumerate(prompts):
+        by_count.setdefault(coords.shape[1], []).append(i)
+    step = size or max(len(prompts), 1)
+    return [members[start:start + step] for _, members in sorted(by_count.items())
+            for start in range(0, len(members), step)]
 
 
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:

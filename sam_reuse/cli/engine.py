@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> dict:
     engine.add_argument("onnx", type=Path)
     engine.add_argument("--out", type=Path, help="engine path (default: MODEL.<precision>.engine beside the ONNX)")
     engine.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    engine.add_argument("--batch", default="1", help="batch range MIN:OPT:MAX or one number (default: 1)")
+    engine.add_argument("--batch", default="1",
+                        help="range of the first dimension, MIN:OPT:MAX or one number: images for encoder.onnx and "
+                        "decoder.onnx, prompts per call (K) for the app decoders decoder.prompts*.onnx (default: 1)")
     engine.add_argument("--points", default="1:2:16",
                         help="decoder prompt points MIN:OPT:MAX, the padding point included (default: 1:2:16)")
     engine.add_argument("--compute-capability", action="append", default=[], metavar="X.Y",
