@@ -44,22 +44,38 @@ def _images(folder: Path) -> list[tuple[Path, int, int]]:
     return cases
 
 
-def _run_check(build: Path, image: Path, x: int, y: int, out: Path, logits: Path | None = None) -> None:
+def _run_check(build: Path, image: Path, prompts: list[str], out: Path, logits: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    args = [str(build / "sam_preprocess_check"), str(image), str(x), str(y), str(out)]
-    subprocess.run(args + ([str(logits)] if logits else []), check=True, capture_output=True)
+    args = [str(build / "sam_preprocess_check"), str(image), str(out)]
+    subprocess.run(args + (["--logits", str(logits)] if logits else []) + prompts, check=True, capture_output=True)
 
 
-def test_cpp_preprocessing_equals_python_bit_for_bit(build, tmp_path):
+def _prompts(x: int, y: int) -> list[tuple[str, Prompt]]:
+    """Command-line prompts of sam_trt's syntax and the same prompts for prompt_arrays: a point, a box with
+    fractional corners, a box with a foreground and a background point, two points."""
+    box = np.array([x / 3, y / 4 + 0.5, x * 1.5 + 0.25, y * 1.2])
+    box_text = ",".join(f"{v:.2f}" for v in box)
+    return [(f"p:{x},{y}", Prompt(points=np.array([[x, y]]), labels=np.array([1]))),
+            (f"b:{box_text}", Prompt(box=box.round(2))),
+            (f"b:{box_text}+p:{x},{y}+n:{x // 2},{y // 3}",
+             Prompt(points=np.array([[x, y], [x // 2, y // 3]]), labels=np.array([1, 0]), box=box.round(2))),
+            (f"n:{x},{y}+p:{x // 2}.5,{y}",
+             Prompt(points=np.array([[x, y], [x // 2 + 0.5, y]]), labels=np.array([0, 1])))]
+
+
+def test_cpp_preprocessing_and_prompts_equal_python_bit_for_bit(build, tmp_path):
     for image, x, y in _images(tmp_path):
-        _run_check(build, image, x, y, tmp_path / image.stem)
+        prompts = _prompts(x, y)
+        _run_check(build, image, [text for text, _ in prompts], tmp_path / image.stem)
         rgb = load_image_rgb(image)
         expected = preprocess(rgb)
         got = np.fromfile(tmp_path / image.stem / "input.f32", dtype=np.float32).reshape(expected.shape)
         np.testing.assert_array_equal(got, expected, err_msg=str(image))
-        coords, labels = prompt_arrays(Prompt(points=np.array([[x, y]]), labels=np.array([1])), rgb.shape[:2])
-        prompt = np.fromfile(tmp_path / image.stem / "prompt.f32", dtype=np.float32)
-        np.testing.assert_array_equal(prompt, np.concatenate([coords.ravel(), labels.ravel()]), err_msg=str(image))
+        for k, (text, prompt) in enumerate(prompts):
+            coords, labels = prompt_arrays(prompt, rgb.shape[:2])
+            written = np.fromfile(tmp_path / image.stem / f"prompt-{k}.f32", dtype=np.float32)
+            np.testing.assert_array_equal(written, np.concatenate([coords.ravel(), labels.ravel()]),
+                                          err_msg=f"{image} {text}")
 
 
 def test_cpp_masks_equal_python_except_at_zero_logits(build, tmp_path):
@@ -68,7 +84,7 @@ def test_cpp_masks_equal_python_except_at_zero_logits(build, tmp_path):
     logits = (40.0 - np.hypot(yy - 120, xx - 140) + rng.normal(0, 2, (256, 256))).astype(np.float32)
     logits.tofile(tmp_path / "logits.f32")
     for image, x, y in _images(tmp_path)[:3]:
-        _run_check(build, image, x, y, tmp_path / image.stem, tmp_path / "logits.f32")
+        _run_check(build, image, [f"p:{x},{y}"], tmp_path / image.stem, tmp_path / "logits.f32")
         hw = load_image_rgb(image).shape[:2]
         upscaled = upscale_logits(logits, hw)
         with Image.open(tmp_path / image.stem / "mask.png") as png:
@@ -80,11 +96,18 @@ def test_cpp_masks_equal_python_except_at_zero_logits(build, tmp_path):
         assert 0.05 < got.mean() < 0.95
 
 
-def test_cpp_check_names_a_bad_image(build, tmp_path):
+def test_cpp_check_names_a_bad_image_or_prompt(build, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    result = subprocess.run([str(build / "sam_preprocess_check"), str(tmp_path / "broken.jpg"), "1", "1",
-                             str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([str(build / "sam_preprocess_check"), str(tmp_path / "broken.jpg"), str(tmp_path),
+                             "p:1,1"], capture_output=True, text=True)
     assert result.returncode == 1 and "broken.jpg: cannot read JPEG" in result.stderr
+    for text, problem in (("p:1", "expected 2 numbers in '1'"), ("p:1,x", "'x' is not a number"),
+                          ("q:1,2", "'q:1,2' is not p:X,Y, n:X,Y or b:X0,Y0,X1,Y1"),
+                          ("b:1,2,3,4+b:1,2,3,4", "more than one box"),
+                          ("p:1,2+", "'' is not p:X,Y"), ("b:1,2,3,nan", "'nan' is not a number")):
+        result = subprocess.run([str(build / "sam_preprocess_check"), str(SAMPLES / "10.jpg"), str(tmp_path), text],
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and f"prompt '{text}': {problem}" in result.stderr, (text, result.stderr)
 
 
 def test_cpp_engines_run_like_onnx_runtime(build, mobilesam_export, sample_records, tmp_path):
@@ -105,9 +128,9 @@ def test_cpp_engines_run_like_onnx_runtime(build, mobilesam_export, sample_recor
         build_engine(getattr(mobilesam_export, name), tmp_path / f"{name}.engine", "fp32")
     x, y = (int(v) for v in sample.prompt.points[0])
     subprocess.run([str(build / "sam_trt"), str(tmp_path / "encoder.engine"), str(tmp_path / "decoder.engine"),
-                    str(sample.record.image), str(x), str(y), str(tmp_path / "mask.png")], check=True)
+                    str(sample.record.image), str(tmp_path), f"p:{x},{y}"], check=True)
     evaluator = MaskEvaluator(mobilesam_export.decoder, [sample], encode(mobilesam_export.encoder, [sample],
                                                                          progress=False))
     expected = evaluator.predicted_mask(evaluator.low_res_logits()[0], 0)
-    with Image.open(tmp_path / "mask.png") as png:
+    with Image.open(tmp_path / "mask-0.png") as png:
         assert binary_iou(np.asarray(png) > 127, expected) > 0.98

@@ -264,13 +264,83 @@ std::vector<float> preprocess(const RgbImage& image) {
     return tensor;
 }
 
-void point_prompt(float x, float y, int height, int width, std::vector<float>* coords, std::vector<float>* labels) {
+namespace {
+
+std::vector<float> parse_numbers(const std::string& text, size_t count, const std::string& whole) {
+    std::vector<float> values;
+    size_t position = 0;
+    while (position <= text.size()) {
+        const size_t comma = std::min(text.find(',', position), text.size());
+        const std::string field = text.substr(position, comma - position);
+        size_t used = 0;
+        float value = 0.0f;
+        try {
+            value = std::stof(field, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (field.empty() || used != field.size() || !std::isfinite(value))
+            throw std::runtime_error("prompt '" + whole + "': '" + field + "' is not a number");
+        values.push_back(value);
+        position = comma + 1;
+    }
+    if (values.size() != count)
+        throw std::runtime_error("prompt '" + whole + "': expected " + std::to_string(count) + " numbers in '" + text + "'");
+    return values;
+}
+
+// exporter.imaging.transform_coords: scale in double precision, store float32.
+float scaled(float value, int resized, int original) {
+    return static_cast<float>(static_cast<double>(value) * (static_cast<double>(resized) / original));
+}
+
+}  // namespace
+
+Prompt parse_prompt(const std::string& text) {
+    Prompt prompt;
+    size_t position = 0;
+    while (position <= text.size()) {
+        const size_t plus = std::min(text.find('+', position), text.size());
+        const std::string part = text.substr(position, plus - position);
+        if (part.size() < 2 || part[1] != ':')
+            throw std::runtime_error("prompt '" + text + "': '" + part + "' is not p:X,Y, n:X,Y or b:X0,Y0,X1,Y1");
+        const std::string numbers = part.substr(2);
+        if (part[0] == 'p' || part[0] == 'n') {
+            const std::vector<float> xy = parse_numbers(numbers, 2, text);
+            prompt.points.insert(prompt.points.end(), xy.begin(), xy.end());
+            prompt.labels.push_back(part[0] == 'p' ? 1.0f : 0.0f);
+        } else if (part[0] == 'b') {
+            if (prompt.has_box) throw std::runtime_error("prompt '" + text + "': more than one box");
+            const std::vector<float> box = parse_numbers(numbers, 4, text);
+            std::copy(box.begin(), box.end(), prompt.box);
+            prompt.has_box = true;
+        } else {
+            throw std::runtime_error("prompt '" + text + "': '" + part + "' is not p:X,Y, n:X,Y or b:X0,Y0,X1,Y1");
+        }
+        position = plus + 1;
+    }
+    return prompt;
+}
+
+void prompt_arrays(const Prompt& prompt, int height, int width, std::vector<float>* coords, std::vector<float>* labels) {
     int new_height = 0, new_width = 0;
     resized_shape(height, width, &new_height, &new_width);
-    // exporter.imaging.transform_coords scales in double precision, then stores float32.
-    *coords = {static_cast<float>(static_cast<double>(x) * (static_cast<double>(new_width) / width)),
-               static_cast<float>(static_cast<double>(y) * (static_cast<double>(new_height) / height)), 0.0f, 0.0f};
-    *labels = {1.0f, -1.0f};
+    coords->clear();
+    *labels = prompt.labels;
+    for (size_t i = 0; i + 1 < prompt.points.size(); i += 2) {
+        coords->push_back(scaled(prompt.points[i], new_width, width));
+        coords->push_back(scaled(prompt.points[i + 1], new_height, height));
+    }
+    if (prompt.has_box) {
+        for (int corner = 0; corner < 2; ++corner) {
+            coords->push_back(scaled(prompt.box[2 * corner], new_width, width));
+            coords->push_back(scaled(prompt.box[2 * corner + 1], new_height, height));
+        }
+        labels->insert(labels->end(), {2.0f, 3.0f});
+    } else {
+        coords->insert(coords->end(), {0.0f, 0.0f});
+        labels->push_back(-1.0f);
+    }
 }
 
 std::vector<uint8_t> upscale_mask(const std::vector<float>& low_res_logits, int height, int width) {

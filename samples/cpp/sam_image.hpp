@@ -3,8 +3,10 @@
 // preprocess():   resize the longest side to 1024 with Pillow's bilinear filter (antialiased, 8-bit
 //                 fixed point, horizontal pass then vertical), normalise with SAM's pixel mean/std,
 //                 zero-pad to 1024x1024, planar CHW float32.
-// point_prompt(): the decoder's point_coords/point_labels for one foreground point, with SAM's
-//                 padding point (0, 0, label -1).
+// parse_prompt(): a prompt from the command line: "p:X,Y" (foreground point), "n:X,Y" (background
+//                 point), "b:X0,Y0,X1,Y1" (box), parts joined by '+', e.g. "b:10,20,300,400+p:150,200".
+// prompt_arrays(): the decoder's point_coords/point_labels for one prompt: points, then the box's
+//                 corners (labels 2, 3), or SAM's padding point (0, 0, label -1) when there is no box.
 // upscale_mask(): bilinear 256 -> 1024 (align_corners=False), crop the padding, bilinear to the
 //                 image size, threshold at 0.
 #pragma once
@@ -37,8 +39,19 @@ RgbImage resize_bilinear(const RgbImage& image, int new_height, int new_width);
 // 1x3x1024x1024 float32 encoder input.
 std::vector<float> preprocess(const RgbImage& image);
 
-// point_coords (1x2x2) and point_labels (1x2) for one foreground point (x, y) in image pixels.
-void point_prompt(float x, float y, int height, int width, std::vector<float>* coords, std::vector<float>* labels);
+// One prompt in image pixels: points (x, y pairs) with labels (1 foreground, 0 background) and/or a box.
+struct Prompt {
+    std::vector<float> points;  // x0, y0, x1, y1, ...
+    std::vector<float> labels;  // one per point
+    bool has_box = false;
+    float box[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // x0, y0, x1, y1
+};
+
+// Parses the syntax above. Throws std::runtime_error naming the text on any problem.
+Prompt parse_prompt(const std::string& text);
+
+// point_coords (N x 2, in the 1024-pixel frame) and point_labels (N) of one prompt, as SamPredictor builds them.
+void prompt_arrays(const Prompt& prompt, int height, int width, std::vector<float>* coords, std::vector<float>* labels);
 
 // 256x256 low-resolution logits -> height x width mask (1 = object), as SamPredictor thresholds it.
 std::vector<uint8_t> upscale_mask(const std::vector<float>& low_res_logits, int height, int width);

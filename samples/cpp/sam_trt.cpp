@@ -1,5 +1,10 @@
-// Runs the encoder and decoder engines that `export-and-tune run` builds on one image and one point:
-//   sam_trt ENCODER.engine DECODER.engine IMAGE X Y MASK.png
+// Runs the encoder and decoder engines that export-and-tune builds on one image and several prompts:
+//   sam_trt ENCODER.engine DECODER.engine IMAGE OUT_DIR PROMPT [PROMPT ...]
+// PROMPT: "p:X,Y" foreground point, "n:X,Y" background point, "b:X0,Y0,X1,Y1" box, joined by '+'
+// (sam_image.hpp). Writes OUT_DIR/mask-K.png for the K-th prompt, or mask-K-M.png for each of the
+// multimask decoder's three masks. With an app decoder (decoder.prompts*.onnx, one embedding for K
+// prompts: build it with --batch 1:K:KMAX) the prompts that share a point count go in one call; with
+// decoder.onnx (embedding b paired with prompt b) each prompt is one call.
 // Works with TensorRT 10 and TensorRT-RTX (same nvinfer1 C++ API; link libnvinfer or libtensorrt_rtx).
 // Inputs and outputs are float32 in both precisions (fp16 engines keep fp32 I/O).
 #include <NvInfer.h>
@@ -62,6 +67,9 @@ public:
         check(cudaMemcpy(pointer, values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice), "upload");
     }
 
+    // The engine's shape of an I/O tensor (-1 where it is dynamic).
+    nvinfer1::Dims engine_shape(const char* name) const { return engine_->getTensorShape(name); }
+
     std::map<std::string, std::vector<float>> run(cudaStream_t stream) {
         std::map<std::string, std::vector<float>> outputs;
         for (int i = 0; i < engine_->getNbIOTensors(); ++i) {
@@ -105,11 +113,29 @@ nvinfer1::Dims dims(std::initializer_list<int64_t> values) {
     return d;
 }
 
+struct Encoded {
+    std::vector<float> coords, labels;
+    int64_t points() const { return static_cast<int64_t>(labels.size()); }
+};
+
+// Indices of the prompts decoded in one call: those with the same point count (padding a prompt with -1
+// points would change SAM's mask), or each prompt alone when the decoder pairs embeddings with prompts.
+std::vector<std::vector<size_t>> call_groups(const std::vector<Encoded>& prompts, bool shared_embedding) {
+    std::map<int64_t, std::vector<size_t>> by_count;
+    for (size_t k = 0; k < prompts.size(); ++k) by_count[prompts[k].points()].push_back(k);
+    std::vector<std::vector<size_t>> groups;
+    for (const auto& [count, members] : by_count) {
+        if (shared_embedding) groups.push_back(members);
+        else for (size_t k : members) groups.push_back({k});
+    }
+    return groups;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 7) {
-        std::cerr << "usage: sam_trt ENCODER.engine DECODER.engine IMAGE X Y MASK.png\n";
+    if (argc < 6) {
+        std::cerr << "usage: sam_trt ENCODER.engine DECODER.engine IMAGE OUT_DIR PROMPT [PROMPT ...]\n";
         return 2;
     }
     try {
@@ -117,26 +143,47 @@ int main(int argc, char** argv) {
         std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
         Engine encoder(*runtime, argv[1]);
         Engine decoder(*runtime, argv[2]);
+        const std::string out = argv[4];
         cudaStream_t stream;
         check(cudaStreamCreate(&stream), "cudaStreamCreate");
 
         const sam::RgbImage image = sam::load_image_rgb(argv[3]);
+        std::vector<Encoded> prompts(static_cast<size_t>(argc - 5));
+        for (size_t k = 0; k < prompts.size(); ++k)
+            sam::prompt_arrays(sam::parse_prompt(argv[5 + k]), image.height, image.width, &prompts[k].coords,
+                               &prompts[k].labels);
         encoder.set_input("image", sam::preprocess(image), dims({1, 3, sam::kImageSize, sam::kImageSize}));
-        std::vector<float> embedding = encoder.run(stream).at("image_embeddings");
+        const std::vector<float> embedding = encoder.run(stream).at("image_embeddings");
+        const bool shared_embedding = decoder.engine_shape("image_embeddings").d[0] == 1;
 
-        std::vector<float> coords, labels;
-        sam::point_prompt(std::stof(argv[4]), std::stof(argv[5]), image.height, image.width, &coords, &labels);
-        decoder.set_input("image_embeddings", embedding, dims({1, 256, 64, 64}));
-        decoder.set_input("point_coords", coords, dims({1, 2, 2}));
-        decoder.set_input("point_labels", labels, dims({1, 2}));
-        decoder.set_input("mask_input", std::vector<float>(sam::kLowResSize * sam::kLowResSize, 0.0f),
-                          dims({1, 1, sam::kLowResSize, sam::kLowResSize}));
-        decoder.set_input("has_mask_input", {0.0f}, dims({1}));
-        const std::vector<float> logits = decoder.run(stream).at("low_res_masks");  // 1x1x256x256: mask token 0
-
-        sam::write_mask_png(argv[6], sam::upscale_mask(logits, image.height, image.width), image.height, image.width);
+        const size_t plane = static_cast<size_t>(sam::kLowResSize) * sam::kLowResSize;
+        for (const std::vector<size_t>& group : call_groups(prompts, shared_embedding)) {
+            const int64_t count = static_cast<int64_t>(group.size()), points = prompts[group[0]].points();
+            std::vector<float> coords, labels;
+            for (size_t k : group) {
+                coords.insert(coords.end(), prompts[k].coords.begin(), prompts[k].coords.end());
+                labels.insert(labels.end(), prompts[k].labels.begin(), prompts[k].labels.end());
+            }
+            decoder.set_input("image_embeddings", embedding, dims({1, 256, 64, 64}));
+            decoder.set_input("point_coords", coords, dims({count, points, 2}));
+            decoder.set_input("point_labels", labels, dims({count, points}));
+            decoder.set_input("mask_input", std::vector<float>(group.size() * plane, 0.0f),
+                              dims({count, 1, sam::kLowResSize, sam::kLowResSize}));
+            decoder.set_input("has_mask_input", std::vector<float>(group.size(), 0.0f), dims({count}));
+            const std::vector<float> logits = decoder.run(stream).at("low_res_masks");  // K x M x 256 x 256
+            const size_t masks = logits.size() / (group.size() * plane);
+            for (size_t row = 0; row < group.size(); ++row)
+                for (size_t m = 0; m < masks; ++m) {
+                    const auto first = logits.begin() + static_cast<std::ptrdiff_t>((row * masks + m) * plane);
+                    const std::string name = out + "/mask-" + std::to_string(group[row]) +
+                                             (masks > 1 ? "-" + std::to_string(m) : "") + ".png";
+                    sam::write_mask_png(name, sam::upscale_mask(std::vector<float>(first, first + plane), image.height,
+                                                                image.width), image.height, image.width);
+                }
+        }
         cudaStreamDestroy(stream);
-        std::cout << "wrote " << argv[6] << " (" << image.width << "x" << image.height << ")\n";
+        std::cout << "wrote " << prompts.size() << " prompt(s)' masks to " << out << " (" << image.width << "x"
+                  << image.height << ")\n";
     } catch (const std::exception& error) {
         std::cerr << "sam_trt: " << error.what() << "\n";
         return 1;
