@@ -16,7 +16,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from timing import interleaved_times, median_ratio
+from sam_reuse.base.timing import interleaved_times, median_ratio
 
 from sam_reuse.base import imaging
 from sam_reuse.base.contract import decoder_feeds

@@ -24,7 +24,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from timing import interleaved_times, median_ratio
+from sam_reuse.base.timing import interleaved_times, median_ratio
 
 from sam_reuse.base import imaging
 from sam_reuse.base.files import write_json

@@ -15,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from timing import interleaved_times
+from sam_reuse.base.timing import interleaved_times
 
 from sam_reuse.base import imaging
 from sam_reuse.base.contract import decoder_feeds

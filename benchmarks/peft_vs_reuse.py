@@ -70,6 +70,7 @@ def _settings(**changes):
 def evaluate_all(args: argparse.Namespace) -> None:
     """Export, score held-out, then (with --reuse) tune reuse on top; each step is skipped when already done."""
     from sam_reuse.base.files import write_json
+    from sam_reuse.base.timing import interleaved_times
     from sam_reuse.calibrate.data import read_manifest
     from sam_reuse.calibrate.tune import evaluate, tune
     from sam_reuse.finetune.export import export_finetuned
@@ -108,10 +109,9 @@ def _latency_ratios(original: Path, encoders: dict[str, Path], repeats: int) -> 
     """Median encoder latency of each model over the original's, timed interleaved in one run."""
     import statistics
 
-    from timing import interleaved_times
-
     from sam_reuse.base import imaging
     from sam_reuse.base.runtime import ort_session
+    from sam_reuse.base.timing import interleaved_times
     from sam_reuse.calibrate.data import read_manifest
 
     record = read_manifest(REPO / "samples" / "data" / "isic2016")[0]

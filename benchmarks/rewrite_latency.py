@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from timing import interleaved_times, median_ratio
+from sam_reuse.base.timing import interleaved_times, median_ratio
 
 from sam_reuse.base import imaging
 from sam_reuse.base.runtime import ort_session

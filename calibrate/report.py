@@ -16,7 +16,7 @@ quote.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from sam_reuse.base.contract import REPORT_FORMAT
 from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import staged_outputs, write_json
 from sam_reuse.base.imaging import load_image_rgb
 from sam_reuse.calibrate.shipping import Gain
 
@@ -97,6 +98,18 @@ class Shipping:
 
 
 @dataclass(frozen=True)
+class Int8Summary:
+    """The INT8 version of the shipped encoder (``run --quantize int8``) against it, with the float decoder."""
+
+    model: str  # bare name: the file beside the report
+    images: int  # held-out images scored
+    fp32_miou: float
+    int8_miou: float
+    latency_ratio: float  # int8 / fp32 encoder time on ONNX Runtime CPU, median of interleaved rounds
+    threads: int
+
+
+@dataclass(frozen=True)
 class TuneReport:
     """Every figure of a tune, what shipped and why; ``to_json`` is report.json (format ``REPORT_FORMAT``)."""
 
@@ -115,6 +128,7 @@ class TuneReport:
     tuned_encoder_check: dict[str, Any]
     overlays: list[str]
     cost: dict[str, Any]
+    int8: Int8Summary | None = None  # added by run --quantize int8
 
     @property
     def candidate_pairs(self) -> list[list[int]]:
@@ -122,7 +136,8 @@ class TuneReport:
 
     def to_json(self) -> dict[str, Any]:
         typed = {"shipping": self.shipping.to_json(), "search": asdict(self.search),
-                 "held_out": None if self.held_out is None else self.held_out.to_json()}
+                 "held_out": None if self.held_out is None else self.held_out.to_json(),
+                 "int8": None if self.int8 is None else asdict(self.int8)}
         return {"format": REPORT_FORMAT, **{f.name: typed.get(f.name, getattr(self, f.name)) for f in fields(self)}}
 
     @classmethod
@@ -131,8 +146,14 @@ class TuneReport:
             raise SamReuseError(f"not a tuning report of this version (format {data.get('format')!r}, "
                                 f"expected {REPORT_FORMAT!r})")
         typed = {"shipping": Shipping.from_json(data["shipping"]), "search": SearchSummary(**data["search"]),
-                 "held_out": None if data["held_out"] is None else HeldOutSummary.from_json(data["held_out"])}
+                 "held_out": None if data["held_out"] is None else HeldOutSummary.from_json(data["held_out"]),
+                 "int8": None if data.get("int8") is None else Int8Summary(**data["int8"])}
         return cls(**{f.name: typed.get(f.name, data[f.name]) for f in fields(cls)})
+
+    def write(self, folder: Path) -> None:
+        """report.json and report.md in ``folder`` (a staging folder: they are published together)."""
+        write_json(folder / "report.json", self.to_json())
+        (folder / "report.md").write_text(markdown(self))
 
     @classmethod
     def load(cls, path: str | Path) -> TuneReport:
@@ -140,6 +161,14 @@ class TuneReport:
             return cls.from_json(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SamReuseError(f"{path}: not a readable tuning report ({exc})") from None
+
+def add_int8_summary(folder: Path, summary: Int8Summary) -> TuneReport:
+    """The report in ``folder`` with its INT8 section, rewritten (report.json and report.md together)."""
+    report = replace(TuneReport.load(folder / "report.json"), int8=summary)
+    with staged_outputs(folder) as staging:
+        report.write(staging)
+    return report
+
 
 OVERLAY_SIDE = 256
 COLOURS = {"truth": (0, 200, 0), "before": (230, 60, 40), "after": (40, 110, 240)}
@@ -277,6 +306,15 @@ def markdown(report: TuneReport) -> str:
         f"embedding {check['max_abs_diff']:.2e} ({check['rewrite']})",
         "",
     ]
+    if report.int8:
+        int8 = report.int8
+        lines += ["## INT8 encoder", "",
+                  f"`{int8.model}`, the shipped encoder with its weight MatMuls in int8 (sidecar `{int8.model}.json`), "
+                  f"with the float decoder on the {int8.images} held-out images:", "",
+                  "| encoder | held-out mIoU | latency on ONNX Runtime CPU |", "|---|---:|---:|",
+                  f"| fp32 (`{report.shipping.encoder}`) | {int8.fp32_miou:.2f} | 1.00 |",
+                  f"| int8 | {int8.int8_miou:.2f} ({int8.int8_miou - int8.fp32_miou:+.2f}) | {int8.latency_ratio:.2f}x "
+                  f"({int8.threads} threads, median of interleaved rounds) |", ""]
     if report.overlays:
         lines += ["## Overlays (held-out: green truth, red original, blue tuned)", "",
                   *[f"![{name}]({name})" for name in report.overlays], ""]

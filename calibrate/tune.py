@@ -28,7 +28,7 @@ import onnx
 
 from sam_reuse.base.contract import EMBEDDING, JOURNAL, REUSE_MAP_PROPERTY, TUNE_OUTPUTS
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import as_seen_from, ensure_writable_dir, folder_lock, staged_outputs, write_json
+from sam_reuse.base.files import as_seen_from, ensure_writable_dir, folder_lock, staged_outputs
 from sam_reuse.base.imaging import load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import active_providers, load_model, on_device, ort_session
@@ -43,7 +43,6 @@ from sam_reuse.calibrate.report import (
     SearchSummary,
     Shipping,
     TuneReport,
-    markdown,
     overlay,
     plot_curve,
 )
@@ -526,8 +525,7 @@ def _tune_stages(encoder: Path, decoder: Path, data: Path, out_dir: Path, settin
                                 *assessment.held_ious, staging)
             wall["total"] = time.perf_counter() - started
             report = _report(inputs, scoring, search, assessment, settings, overlays, wall, out_dir)
-            write_json(staging / "report.json", report.to_json())
-            (staging / "report.md").write_text(markdown(report))
+            report.write(staging)
         return TuneResult(reuse_map=assessment.reuse_map, report=report, out_dir=out_dir, decision=decision)
 
 

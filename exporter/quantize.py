@@ -10,6 +10,11 @@ op stay in float, each listed by node in the sidecar:
 * MatMuls of two activations (attention scores and their product with the values): no weight to quantize
   per channel, and their ranges vary with every image.
 
+Weights use 7 of their 8 bits (``reduce_range``). On x86 CPUs without VNNI (AVX2 only), ONNX Runtime
+multiplies uint8 activations by int8 weights with an instruction whose 16-bit sums saturate: there the
+full-range model drifted (a tiny encoder's embedding fell from a cosine above 0.99 with fp32 to 0.983, on
+an AMD EPYC with AVX2), and the machine that runs a shipped model is not the one that quantized it.
+
 A quantized model and its sidecar ``<model>.json`` are published together. The model must be an encoder
 exported by export-and-tune (tuned or not) that is not already quantized.
 """
@@ -88,6 +93,34 @@ class _Calibration(CalibrationDataReader):
         return None if record is None else {"image": preprocess(load_image_rgb(record.image))}
 
 
+def quantize_weight_matmuls(source: Path, destination: Path, calibration: CalibrationDataReader,
+                            keep_float: dict[str, list[str]]) -> None:
+    """The QDQ recipe of the module docstring: ``source``'s weight MatMuls in int8 at ``destination``, activation
+    ranges from ``calibration``'s feeds, the nodes of ``keep_float`` in float. Writes a temporary file beside
+    ``destination`` (a staging folder's)."""
+    prepared = destination.with_name(f".prepared.{destination.name}")
+    try:
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(destination), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
+                        op_types_to_quantize=["MatMul"],
+                        nodes_to_exclude=[name for names in keep_float.values() for name in names])
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def latency_ratio(fp32: str | Path, int8: str | Path, record: Record, rounds: int = 5) -> float:
+    """INT8 over fp32 encoder time on one image, ONNX Runtime CPU: the median of interleaved rounds' ratios."""
+    from sam_reuse.base.runtime import ort_session
+    from sam_reuse.base.timing import interleaved_times, median_ratio
+
+    feed = {"image": preprocess(load_image_rgb(record.image))}
+    sessions = {"fp32": ort_session(fp32, providers=["CPUExecutionProvider"]),
+                "int8": ort_session(int8, providers=["CPUExecutionProvider"])}
+    times = interleaved_times({name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}, rounds)
+    return median_ratio(times, "int8", "fp32")
+
+
 def quantize_encoder(onnx_path: str | Path, records: Sequence[Record], out: str | Path | None = None,
                      progress: bool = True) -> dict[str, Any]:
     """Write the INT8 (QDQ) encoder of ``onnx_path`` calibrated on ``records``' images, and its sidecar.
@@ -110,17 +143,11 @@ def quantize_encoder(onnx_path: str | Path, records: Sequence[Record], out: str 
     kept = float_nodes(model)
 
     with staged_outputs(out.parent) as staging:
-        prepared = staging / ".prepared.onnx"
-        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(staging / out.name), _Calibration(records, progress),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                        nodes_to_exclude=[name for names in kept.values() for name in names])
-        prepared.unlink()
+        quantize_weight_matmuls(onnx_path, staging / out.name, _Calibration(records, progress), kept)
         sidecar = {"format": INT8_SIDECAR_FORMAT,
                    "source_onnx": as_seen_from(out.parent, onnx_path),
                    "source_onnx_sha256": sha256_file(onnx_path),
-                   "quantized": QUANTIZED_NODES, "weights": "int8, symmetric, per output channel",
+                   "quantized": QUANTIZED_NODES, "weights": "int8 (7-bit range), symmetric, per output channel",
                    "activations": "uint8, asymmetric, per tensor, MinMax over the calibration images",
                    "quantized_nodes": quantized_nodes(model),
                    "float_nodes": kept,

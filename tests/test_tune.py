@@ -274,6 +274,12 @@ def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsy
     int8 = json.loads(shipped.with_name(shipped.name.replace(".onnx", ".int8.onnx.json")).read_text())
     assert int8["source_onnx"] == shipped.name and int8["held_out"]["images"] == 2
     assert f"int8 {int8['held_out']['int8_miou']:.2f}" in first
+    assert int8["latency"]["int8_over_fp32"] > 0 and int8["latency"]["threads"] >= 1
+    assert report["int8"] == {"model": shipped.name.replace(".onnx", ".int8.onnx"), "images": 2,
+                              "fp32_miou": int8["held_out"]["fp32_miou"], "int8_miou": int8["held_out"]["int8_miou"],
+                              "latency_ratio": int8["latency"]["int8_over_fp32"], "threads": int8["latency"]["threads"]}
+    assert report["int8"]["fp32_miou"] == pytest.approx(report["held_out"]["baseline_miou" if status else "tuned_miou"])
+    assert f"| int8 | {int8['held_out']['int8_miou']:.2f} (" in (out / "report.md").read_text()
     assert status == report["shipping"]["exit_status"] == (0 if report["shipping"]["shipped"] == "tuned" else 3)
     for name in ["encoder.onnx", "decoder.onnx", "export.json", *report["shipping"]["candidate_files"], *OUTPUTS[2:]]:
         assert (out / name).exists(), name

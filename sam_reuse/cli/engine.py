@@ -109,14 +109,17 @@ def _engine(args: argparse.Namespace) -> int:
 def quantized_encoder(encoder: Path, out: Path, decoder: Path | None, args: argparse.Namespace,
                       shown: Path | None = None) -> None:
     """INT8 ``encoder`` at ``out`` calibrated on the search split; with ``decoder``, held-out mIoU of fp32 and
-    int8 side by side, printed and kept in the sidecar. ``shown``: the folder to name (``run``'s outputs)."""
+    int8 side by side and their latency ratio, printed and kept in the sidecar. ``shown``: the folder to name
+    (``run``'s outputs), whose report (in ``out``'s folder) gets the same figures."""
     from sam_reuse.base.files import sidecar_path, write_json
+    from sam_reuse.base.runtime import default_threads
     from sam_reuse.calibrate.data import read_records, split_records
+    from sam_reuse.calibrate.report import Int8Summary, add_int8_summary
     from sam_reuse.calibrate.tune import evaluate
-    from sam_reuse.exporter.quantize import quantize_encoder
+    from sam_reuse.exporter.quantize import latency_ratio, quantize_encoder
 
     settings = tune_settings(args)
-    search, _ = split_records(read_records(args.data, args.masks), args.search_images, args.holdout_images)
+    search, held_out = split_records(read_records(args.data, args.masks), args.search_images, args.holdout_images)
     sidecar = quantize_encoder(encoder, search, out, progress=settings.progress)
     kept = sum(len(names) for names in sidecar["float_nodes"].values())
     named = (shown or out.parent) / out.name
@@ -127,9 +130,16 @@ def quantized_encoder(encoder: Path, out: Path, decoder: Path | None, args: argp
                   for name, model in (("fp32", encoder), ("int8", out))}
         held = {"images": len(scores["fp32"].keys), "fp32_miou": scores["fp32"].miou,
                 "int8_miou": scores["int8"].miou}
-        write_json(sidecar_path(out), {**sidecar, "held_out": held})
+        latency = {"int8_over_fp32": latency_ratio(encoder, out, (held_out or search)[0]), "threads": default_threads(),
+                   "how": "ONNX Runtime CPU, one image, median of 5 interleaved rounds"}
+        write_json(sidecar_path(out), {**sidecar, "held_out": held, "latency": latency})
         print(f"held-out split ({held['images']} images): mIoU fp32 {held['fp32_miou']:.2f}, "
-              f"int8 {held['int8_miou']:.2f} ({held['int8_miou'] - held['fp32_miou']:+.2f})")
+              f"int8 {held['int8_miou']:.2f} ({held['int8_miou'] - held['fp32_miou']:+.2f}); "
+              f"latency int8 / fp32 {latency['int8_over_fp32']:.2f} ({latency['threads']} threads)")
+        if shown is not None:
+            add_int8_summary(out.parent, Int8Summary(
+                model=out.name, images=held["images"], fp32_miou=held["fp32_miou"], int8_miou=held["int8_miou"],
+                latency_ratio=latency["int8_over_fp32"], threads=latency["threads"]))
 
 
 def _quantize(args: argparse.Namespace) -> int:

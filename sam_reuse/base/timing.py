@@ -1,4 +1,5 @@
-"""The one timing loop of every benchmark: callables timed interleaved, round by round, after a warm-up round.
+"""The one timing loop of every benchmark and of ``run --quantize``'s latency ratio: callables timed
+interleaved, round by round, after a warm-up round.
 
 Interleaving puts every candidate under the same background load of a shared machine, so ratios between
 them are fair even when absolute times drift; medians damp the outliers.
