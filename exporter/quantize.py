@@ -44,6 +44,7 @@ from sam_reuse.base.files import (
 from sam_reuse.base.imaging import load_image_rgb, preprocess
 from sam_reuse.base.records import Record
 from sam_reuse.base.runtime import load_model
+from sam_reuse.exporter.verify import INT8_MEAN_ATOL, compare_int8
 
 QUANTIZED_NODES = "MatMul with a weight operand"
 QUANTIZED_MARKERS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
@@ -122,11 +123,13 @@ def latency_ratio(fp32: str | Path, int8: str | Path, record: Record, rounds: in
 
 
 def quantize_encoder(onnx_path: str | Path, records: Sequence[Record], out: str | Path | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, compare_on: Sequence[Record] = ()) -> dict[str, Any]:
     """Write the INT8 (QDQ) encoder of ``onnx_path`` calibrated on ``records``' images, and its sidecar.
 
-    Returns the sidecar. Checks everything before the calibration starts: the model's role, that it is not
-    quantized already, the output path, and that there are calibration images.
+    ``compare_on``: images polygraphy compares the INT8 encoder with ``onnx_path`` on before it is published
+    (sidecar ``polygraphy``; ``exporter.verify.compare_int8``). Returns the sidecar. Checks everything before
+    the calibration starts: the model's role, that it is not quantized already, the output path, and that
+    there are calibration images.
     """
     onnx_path = Path(onnx_path)
     out = Path(out) if out is not None else int8_name(onnx_path)
@@ -144,6 +147,7 @@ def quantize_encoder(onnx_path: str | Path, records: Sequence[Record], out: str 
 
     with staged_outputs(out.parent) as staging:
         quantize_weight_matmuls(onnx_path, staging / out.name, _Calibration(records, progress), kept)
+        compared = compare_int8(onnx_path, staging / out.name, compare_on).to_json() if compare_on else None
         sidecar = {"format": INT8_SIDECAR_FORMAT,
                    "source_onnx": as_seen_from(out.parent, onnx_path),
                    "source_onnx_sha256": sha256_file(onnx_path),
@@ -152,6 +156,8 @@ def quantize_encoder(onnx_path: str | Path, records: Sequence[Record], out: str 
                    "quantized_nodes": quantized_nodes(model),
                    "float_nodes": kept,
                    "calibration_images": [r.key for r in records],
+                   **({"polygraphy": {**compared, "passes_when": f"mean |diff| <= {INT8_MEAN_ATOL}"}}
+                      if compared else {}),
                    "onnxruntime_version": ort_version, "python": platform.python_version()}
         write_json(staging / sidecar_path(out).name, sidecar)
     return sidecar

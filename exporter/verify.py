@@ -29,6 +29,7 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 # engine vs ONNX Runtime, per engine precision: (atol, rtol)
 ENGINE_TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2)}
+INT8_MEAN_ATOL = 0.05  # mean |diff| of an INT8 encoder's embedding against fp32
 
 
 @dataclass
@@ -66,20 +67,36 @@ def verify_tuned(original: str | Path, tuned: str | Path, records: Sequence[Reco
     return _compare(runners, feeds, atol, rtol)
 
 
-def _compare(runners: list, feeds: list[dict[str, Any]], atol: float, rtol: float) -> VerifyResult:
-    """polygraphy: run both runners on ``feeds``, compare every output; worst max |diff| per output."""
+def _compare(runners: list, feeds: list[dict[str, Any]], atol: float, rtol: float, error_stat: str = "elemwise"
+             ) -> VerifyResult:
+    """polygraphy: run both runners on ``feeds``, compare every output; worst max and mean |diff| per output.
+
+    ``error_stat`` is what the tolerances bound (polygraphy's ``check_error_stat``): every element, or the mean.
+    """
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         results = Comparator.run(runners, data_loader=feeds)
-        accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))[0]
+        accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(
+            atol=atol, rtol=rtol, check_error_stat=error_stat))[0]
     outputs: dict[str, dict[str, float]] = {}
     for per_image in accuracy[(runners[0].name, runners[1].name)]:
         for name, compared in per_image.items():
-            worst = outputs.setdefault(name, {"max_abs_diff": 0.0})
+            worst = outputs.setdefault(name, {"max_abs_diff": 0.0, "mean_abs_diff": 0.0})
             worst["max_abs_diff"] = max(worst["max_abs_diff"], float(compared.max_absdiff))
+            worst["mean_abs_diff"] = max(worst["mean_abs_diff"], float(compared.mean_absdiff))
     return VerifyResult(passed=bool(accuracy), images=len(feeds), outputs=outputs)
+
+
+def compare_int8(fp32: str | Path, int8: str | Path, records: Sequence[Record]) -> VerifyResult:
+    """polygraphy: an INT8 encoder against its fp32 source on real images. It passes when the mean |diff| of
+    every image's embedding is within ``INT8_MEAN_ATOL`` (int8 is not meant to agree element by element)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    runners = [OnnxrtRunner(SessionFromOnnx(str(fp32), providers=["cpu"]), name="fp32"),
+               OnnxrtRunner(SessionFromOnnx(str(int8), providers=["cpu"]), name="int8")]
+    return _compare(runners, encoder_inputs(records), INT8_MEAN_ATOL, 0.0, error_stat="mean")
 
 
 def encoder_inputs(records: Sequence[Record]) -> list[dict[str, Any]]:

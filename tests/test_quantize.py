@@ -25,7 +25,7 @@ def tiny_int8(tiny_exports, sample_records, tmp_path_factory):
     folder = tmp_path_factory.mktemp("int8")
     encoder = folder / "encoder.onnx"
     encoder.write_bytes(tiny_exports["test_vit_t"].encoder.read_bytes())
-    sidecar = quantize_encoder(encoder, sample_records[:4], progress=False)
+    sidecar = quantize_encoder(encoder, sample_records[:4], progress=False, compare_on=sample_records[12:14])
     return encoder, folder / "encoder.int8.onnx", sidecar
 
 
@@ -50,10 +50,21 @@ def test_weight_matmuls_are_int8_and_the_listed_nodes_stay_float(tiny_int8):
 
 
 def test_int8_embedding_stays_close_to_fp32(tiny_int8, sample_records):
-    encoder, int8, _ = tiny_int8
+    """Cosine above 0.99 on images the calibration never saw; the sidecar's polygraphy figures are the worst
+    image's mean and max |diff|, as numpy computes them."""
+    encoder, int8, sidecar = tiny_int8
     fp32, quantized = ort_session(encoder), ort_session(int8)
-    for feed in encoder_inputs(sample_records[12:15]):  # images the calibration never saw
-        assert _cosine(fp32.run(None, feed)[0], quantized.run(None, feed)[0]) > 0.99
+    differences = []
+    for feed in encoder_inputs(sample_records[12:15]):
+        expected, got = fp32.run(None, feed)[0], quantized.run(None, feed)[0]
+        assert _cosine(expected, got) > 0.99
+        differences.append(np.abs(got - expected))
+    compared = sidecar["polygraphy"]
+    assert compared["images"] == 2 and compared["passes_when"] == "mean |diff| <= 0.05"
+    figures = compared["outputs"]["image_embeddings"]
+    assert figures["mean_abs_diff"] == pytest.approx(max(d.mean() for d in differences[:2]), rel=1e-4)
+    assert figures["max_abs_diff"] == pytest.approx(max(d.max() for d in differences[:2]), rel=1e-4)
+    assert compared["passed"] == (figures["mean_abs_diff"] <= 0.05)
 
 
 def test_quantize_refuses_a_decoder_a_quantized_model_and_no_images(tiny_exports, tiny_int8, sample_records,
@@ -77,3 +88,7 @@ def test_real_mobilesam_int8_keeps_held_out_miou_within_half_a_point(mobilesam_e
     line = capsys.readouterr().out.strip().splitlines()[-1]
     fp32, int8 = (float(line.split(f"{name} ")[1].split(",")[0].split(" ")[0]) for name in ("fp32", "int8"))
     assert line.startswith("held-out split (12 images)") and abs(int8 - fp32) <= 0.5, line
+    sidecar = json.loads((tmp_path / "encoder.int8.onnx.json").read_text())
+    assert sidecar["polygraphy"]["images"] == 4 and sidecar["polygraphy"]["passed"], sidecar["polygraphy"]
+    assert sidecar["held_out"] == {"images": 12, "fp32_miou": pytest.approx(fp32, abs=0.005),
+                                   "int8_miou": pytest.approx(int8, abs=0.005)}

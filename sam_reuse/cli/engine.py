@@ -106,11 +106,15 @@ def _engine(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPARED_IMAGES = 4  # held-out images polygraphy compares an INT8 encoder with its fp32 source on
+
+
 def quantized_encoder(encoder: Path, out: Path, decoder: Path | None, args: argparse.Namespace,
                       shown: Path | None = None) -> None:
     """INT8 ``encoder`` at ``out`` calibrated on the search split; with ``decoder``, held-out mIoU of fp32 and
     int8 side by side and their latency ratio, printed and kept in the sidecar. ``shown``: the folder to name
     (``run``'s outputs), whose report (in ``out``'s folder) gets the same figures."""
+    from sam_reuse.base.contract import EMBEDDING
     from sam_reuse.base.files import sidecar_path, write_json
     from sam_reuse.base.runtime import default_threads
     from sam_reuse.calibrate.data import read_records, split_records
@@ -120,11 +124,17 @@ def quantized_encoder(encoder: Path, out: Path, decoder: Path | None, args: argp
 
     settings = tune_settings(args)
     search, held_out = split_records(read_records(args.data, args.masks), args.search_images, args.holdout_images)
-    sidecar = quantize_encoder(encoder, search, out, progress=settings.progress)
+    sidecar = quantize_encoder(encoder, search, out, progress=settings.progress,
+                               compare_on=(held_out or search)[:COMPARED_IMAGES])
     kept = sum(len(names) for names in sidecar["float_nodes"].values())
     named = (shown or out.parent) / out.name
+    compared = sidecar["polygraphy"]
+    embedding = compared["outputs"][EMBEDDING]
     print(f"wrote {named} and {named}.json ({len(sidecar['quantized_nodes'])} MatMuls in int8, {kept} nodes kept "
           f"in float; calibrated on {len(search)} images)")
+    print(f"polygraphy, int8 against fp32 on {compared['images']} images: embedding mean |diff| "
+          f"{embedding['mean_abs_diff']:.3g}, max {embedding['max_abs_diff']:.3g} "
+          f"({'within' if compared['passed'] else 'OVER'} its tolerance, {compared['passes_when']})")
     if decoder is not None:
         scores = {name: evaluate(model, decoder, args.data, "held-out", settings)
                   for name, model in (("fp32", encoder), ("int8", out))}
