@@ -17,6 +17,10 @@ Why each stage (measured on real MobileSAM, see benchmarks/README.md):
    per-image gain over the original has the highest lower 90% bootstrap
    bound, and only if that bound is above zero; otherwise the map is empty.
 
+With a ``shortlist`` (the first-order strategy, ``calibrate.first_order``),
+stages 1 and the pair space are replaced by the pairs first-order scores
+rank best: they are raced like any pairs, then stages 3-4 run as above.
+
 With no held-out split, ``cv_folds`` > 0 estimates how the choice transfers:
 stages 3-4 are rerun on each (K-1)/K of the search images (the candidates
 re-ranked on those images alone) and the chosen map is scored on the
@@ -57,14 +61,15 @@ class FastPlan:
     def to_json(self) -> dict[str, int]:
         return asdict(self)
 
-    def planned_runs(self, channels: int, images: int) -> int:
-        """Upper bound of decoder runs (images x maps) a search with this plan does."""
+    def planned_runs(self, channels: int, images: int, shortlist: int | None = None) -> int:
+        """Upper bound of decoder runs (images x maps) a search with this plan does (``shortlist``: that many
+        pairs instead of screening ``channels``)."""
         race = min(self.race_images, images)
         rest = images - race
-        pairs = self.channels_paired * self.channels_paired
+        pairs = self.channels_paired * self.channels_paired if shortlist is None else shortlist
+        screening = 0 if shortlist is not None else channels * race + min(2 * self.screen_keep, channels) * rest
         greedy = sum(max(self.top_n - step, 0) for step in range(1, self.max_pairs))
-        return (images + channels * race + min(2 * self.screen_keep, channels) * rest
-                + pairs * race + min(self.pair_keep, pairs) * rest + greedy * images)
+        return images + screening + pairs * race + min(self.pair_keep, pairs) * rest + greedy * images
 
 
 def guarded_prefix(baseline: np.ndarray, path_ious: Sequence[np.ndarray]) -> tuple[int, list[float]]:
@@ -180,11 +185,12 @@ def _cross_validate(scorer: Scorer, baseline: np.ndarray, single: dict[Pair, np.
 
 def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Sequence[int], journal: Journal,
          images: int, plan: FastPlan = FastPlan(), selection: str = "guarded", cv_folds: int = 0,
-         progress: bool = True) -> SearchResult:
+         progress: bool = True, shortlist: Sequence[Pair] | None = None) -> SearchResult:
     """Run the fast strategy; ``evaluate(index, rows)`` returns per-image IoUs on the search split.
 
     ``selection="naive"`` keeps the whole greedy path instead of the guarded prefix. ``cv_folds`` > 1
-    adds a cross-validated estimate of the gain (``details["cross_validation"]``).
+    adds a cross-validated estimate of the gain (``details["cross_validation"]``). ``shortlist``: race these
+    pairs instead of screening channels and pairing the best (the first-order strategy).
     """
     if cv_folds == 1 or cv_folds > images:
         raise ValueError(f"cross-validation needs 2 to {images} folds, not {cv_folds}")
@@ -192,14 +198,19 @@ def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Seq
         raise ValueError(f"unknown selection '{selection}' (choose from {', '.join(SELECTIONS)})")
     race, rest = range(min(plan.race_images, images)), range(min(plan.race_images, images), images)
     screened = len(set(targets) | set(sources))
-    with tqdm(total=plan.planned_runs(screened, images), desc="fast search: screening", unit="run",
-              disable=not progress, dynamic_ncols=True) as bar:
+    planned = plan.planned_runs(screened, images, None if shortlist is None else len(shortlist))
+    with tqdm(total=planned, desc="fast search: screening", unit="run", disable=not progress,
+              dynamic_ncols=True) as bar:
         scorer = Scorer(evaluate, channels, images, journal, bar)
         baseline = scorer.pairs((), kind="baseline")
-        chosen_targets, chosen_sources, rise = _screen(scorer, targets, sources, baseline, race, rest, plan)
+        if shortlist is None:
+            chosen_targets, chosen_sources, rise = _screen(scorer, targets, sources, baseline, race, rest, plan)
+            space = pair_space(chosen_targets, chosen_sources)
+        else:
+            space = list(shortlist)
 
         bar.set_description("fast search: pairs")
-        pairs = {map_key([p]): p for p in pair_space(chosen_targets, chosen_sources)}
+        pairs = {map_key([p]): p for p in space}
         keys = list(pairs)
 
         def pair_leaders(change: dict[str, float]) -> list[str]:
@@ -221,9 +232,10 @@ def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Seq
         bar.total = bar.n  # the path may stop before its longest: end the bar full
     guarded, bounds = _choose(baseline, path, tried, "guarded", everything)
     chosen = guarded if selection == "guarded" else len(path)
-    details = {"plan": plan.to_json(), "selection": selection,
-               "screening": {"channels": screened, "targets": chosen_targets, "sources": chosen_sources,
-                             "rise_when_zeroed": {str(c): r * 100 for c, r in sorted(rise.items())}},
+    nominated = ({"screening": {"channels": screened, "targets": chosen_targets, "sources": chosen_sources,
+                                "rise_when_zeroed": {str(c): r * 100 for c, r in sorted(rise.items())}}}
+                 if shortlist is None else {"shortlist": [list(p) for p in shortlist]})
+    details = {"plan": plan.to_json(), "selection": selection, **nominated,
                "path": [list(p) for p in path], "path_lower_bounds_90": bounds,
                "guarded_pairs": guarded, "naive_pairs": len(path)}
     if cv_folds:

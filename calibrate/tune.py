@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from sam_reuse.base.contract import EMBEDDING, JOURNAL, REUSE_MAP_PROPERTY, TUNE_OUTPUTS
+from sam_reuse.base.contract import (
+    EMBEDDING,
+    FIRST_ORDER_POINTS,
+    FIRST_ORDER_SCORER,
+    JOURNAL,
+    REUSE_MAP_PROPERTY,
+    TUNE_OUTPUTS,
+)
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import as_seen_from, ensure_writable_dir, folder_lock, staged_outputs
 from sam_reuse.base.imaging import load_image_rgb, preprocess
@@ -37,6 +44,7 @@ from sam_reuse.calibrate.data import MASK_RULE, CalibrationSet, load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
 from sam_reuse.calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
 from sam_reuse.calibrate.fast import FastPlan, fast
+from sam_reuse.calibrate.first_order import first_order_scores
 from sam_reuse.calibrate.journal import Journal
 from sam_reuse.calibrate.report import (
     HeldOutSummary,
@@ -60,7 +68,12 @@ from sam_reuse.graphops.sites import Site, find_sites
 # kept them back. A tune replaces every output of an earlier tune in the folder (contract.TUNE_OUTPUTS).
 SHIPPED_OUTPUTS = ("encoder.tuned.onnx", "reuse_map.json")
 NOT_SHIPPED_OUTPUTS = ("encoder.tuned.not-shipped.onnx", "reuse_map.not-shipped.json")
-STRATEGIES = ("fast", "exhaustive")
+STRATEGIES = ("fast", "first-order", "exhaustive")
+# The first-order strategy (embedding site): the pairs its scores rank best, at most FIRST_ORDER_PER_TARGET per
+# target, raced on the plan's race images; the best pair_keep of them go on to every image.
+FIRST_ORDER_SHORTLIST = 48
+FIRST_ORDER_PER_TARGET = 4
+FIRST_ORDER_PLAN = {"pair_keep": 24}
 CHECK_TOLERANCE = 1e-4
 # Defaults for sites inside the encoder: the least salient channels may be replaced (pruned) by copies of
 # the most salient, and the plan races on fewer images and keeps fewer candidates per stage.
@@ -306,6 +319,18 @@ class _Assessment:
     check: dict[str, Any]
 
 
+def _first_order_scorer(decoder: Path, site: Site) -> Path:
+    """The first-order scorer exported beside ``decoder``; refused before minutes of encoding if it is not there."""
+    if site.name != "embedding":
+        raise SamReuseError(f"--strategy first-order scores reuse at the image embedding only, not at '{site.name}'")
+    scorer = decoder.parent / FIRST_ORDER_SCORER
+    if not scorer.is_file():
+        raise SamReuseError(f"--strategy first-order: no {scorer} (export with --first-order writes it beside "
+                            "decoder.onnx; torch is needed for that)")
+    load_model(scorer, "first-order scorer", role="first_order")
+    return scorer
+
+
 def _check_original(encoder: Path, encoder_model: onnx.ModelProto) -> None:
     """The encoder to tune is not already rewritten by a map (its metadata would be overwritten, its pairs lost)."""
     tuned = next((p.value for p in encoder_model.metadata_props if p.key == REUSE_MAP_PROPERTY), None)
@@ -321,9 +346,11 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
     _check_original(encoder, encoder_model)
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.name, site.channels)
+    if settings.strategy == "first-order":
+        _first_order_scorer(decoder, site)
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                    settings.holdout_images, settings.min_images)
-    if not calibration.held_out and settings.strategy != "fast":
+    if not calibration.held_out and settings.strategy == "exhaustive":
         raise SamReuseError(f"--strategy {settings.strategy} needs a held-out split (--holdout-images > 0); "
                             "without one, the fast strategy reports a cross-validated estimate")
     if not calibration.held_out and len(calibration.search) < settings.cv_folds:
@@ -355,18 +382,32 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
     if not pairs:
         raise SamReuseError("--targets/--sources leave no pair (a pair needs a target different from its source)")
     plan = FastPlan(top_n=settings.top_n, max_pairs=settings.top_n,
-                    **(INNER_SITE_PLAN if site.name != "embedding" else {}))
+                    **(INNER_SITE_PLAN if site.name != "embedding" else {}),
+                    **(FIRST_ORDER_PLAN if settings.strategy == "first-order" else {}))
+    shortlist = None
+    if settings.strategy == "first-order":
+        scores = first_order_scores(_first_order_scorer(inputs.decoder, site), scoring.search_prompts,
+                                    scoring.search_activations, settings.progress)
+        if not scores.prompts:
+            raise SamReuseError(f"--strategy first-order: no search prompt has {FIRST_ORDER_POINTS} points (one "
+                                "point, or a box); use --evidence points or the fast strategy")
+        shortlist = scores.best_pairs(FIRST_ORDER_SHORTLIST, targets, sources, FIRST_ORDER_PER_TARGET)
     # The selection rule is left out: it changes no measurement, so every selection shares a journal.
     config = {"strategy": settings.strategy, "encoder": inputs.encoder_fp, "decoder": inputs.decoder_fp,
               "site": site.tensor, "mask_rule": MASK_RULE,
               "images": [_sample_identity(s) for s in scoring.search_prompts],
               "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size,
-              **({"plan": plan.to_json()} if settings.strategy == "fast" else {})}
+              **({"plan": plan.to_json()} if settings.strategy != "exhaustive" else {}),
+              **({"shortlist": shortlist} if shortlist is not None else {})}
     journal = Journal(out_dir / JOURNAL, config)
     if journal.restarted:
         print(f"{out_dir / JOURNAL}: written for other settings; starting the search over")
     if settings.progress:
-        if settings.strategy == "fast":
+        if shortlist is not None:
+            work = (f"{len(shortlist)} pairs nominated by first-order scores ({scores.prompts} prompts scored, "
+                    f"{scores.left_out} left out), then a greedy path: at most "
+                    f"{plan.planned_runs(0, images, len(shortlist)) * per_image:,} decoder runs")
+        elif settings.strategy == "fast":
             screened = len(set(targets) | set(sources))
             work = (f"screening {screened} channels, then pairs and a greedy path: "
                     f"at most {plan.planned_runs(screened, images) * per_image:,} decoder runs")
@@ -375,10 +416,11 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
                     f"each scored on {images} search images" + (f" x {per_image} prompts" if per_image > 1 else ""))
         print(f"{settings.strategy} search: {work} ({len(journal.entries):,} units already in {JOURNAL})")
     scorer = MeanOverPrompts(scoring.search_eval, per_image)
-    if settings.strategy == "fast":
+    if settings.strategy != "exhaustive":
         search_selection = "guarded" if settings.selection == "validated" else settings.selection
         result = fast(scorer.ious, site.channels, targets, sources, journal, images, plan, search_selection,
-                      cv_folds=0 if inputs.calibration.held_out else settings.cv_folds, progress=settings.progress)
+                      cv_folds=0 if inputs.calibration.held_out else settings.cv_folds, progress=settings.progress,
+                      shortlist=shortlist)
     else:
         result = exhaustive(scorer.ious, site.channels, pairs, settings.top_n, journal, images,
                             progress=settings.progress)

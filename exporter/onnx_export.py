@@ -31,9 +31,14 @@ from sam_reuse.base.contract import (
     APP_DECODER_OUTPUTS,
     DECODER_INPUTS,
     DECODER_OUTPUTS,
+    EMBEDDING,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     EXPORT_DERIVED_OUTPUTS,
+    FIRST_ORDER_INPUTS,
+    FIRST_ORDER_OUTPUTS,
+    FIRST_ORDER_POINTS,
+    FIRST_ORDER_SCORER,
     decoder_feeds,
 )
 from sam_reuse.base.errors import SamReuseError
@@ -52,6 +57,7 @@ TWO_GB = 2**31
 ENCODER_MAX_ABS_DIFF = 1e-3
 DECODER_MAX_ABS_DIFF = 1e-3
 MIN_MASK_IOU = 0.999
+FIRST_ORDER_MAX_REL_DIFF = 1e-3  # of the channel products' largest magnitude
 
 
 @dataclass
@@ -178,6 +184,71 @@ def export_prompts_decoder(sam, path: Path, multimask: bool, exporter: str = "le
                       DECODER_OUTPUTS, dynamic, exporter, opset)
 
 
+def export_first_order_scorer(sam, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Write the first-order scorer (``exporter.wrappers.FirstOrderScorer``): batch 1, FIRST_ORDER_POINTS points.
+
+    torch's ONNX exporters do not trace a backward pass, so ``make_fx`` first records the forward and the
+    backward as plain aten operations, which the dynamo exporter then translates; shapes are fixed there.
+    """
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sam_reuse.exporter.wrappers import FirstOrderScorer
+
+    scorer = FirstOrderScorer(sam).eval()
+    for parameter in scorer.parameters():
+        parameter.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    example = (torch.randn(1, 256, 64, 64, generator=generator),
+               torch.rand(1, FIRST_ORDER_POINTS, 2, generator=generator) * 1024,
+               torch.tensor([[1.0] + [-1.0] * (FIRST_ORDER_POINTS - 1)]),
+               (torch.rand(1, 256, 256, generator=generator) > 0.5).float(), torch.ones(1, 256, 256))
+
+    class Traced(torch.nn.Module):  # named inputs: the exporter names the graph's inputs after them
+        def __init__(self, graph_module: torch.nn.Module) -> None:
+            super().__init__()
+            self.graph_module = graph_module
+
+        def forward(self, image_embeddings, point_coords, point_labels, target, valid):
+            return self.graph_module(image_embeddings, point_coords, point_labels, target, valid)
+
+    with warnings.catch_warnings(), _torch_errors(path, "dynamo", opset):
+        warnings.simplefilter("ignore")
+        module = Traced(make_fx(scorer)(*example))
+        program = torch.onnx.export(module, example, dynamo=True, opset_version=max(opset, 18),
+                                    input_names=list(FIRST_ORDER_INPUTS), output_names=list(FIRST_ORDER_OUTPUTS),
+                                    verbose=False)
+        program.save(str(path))
+
+
+def verify_first_order_scorer(sam, path: Path, records: Sequence[Record]) -> float:
+    """Largest |ONNX Runtime - torch| of the channel products over their largest magnitude, on the verify
+    images with their prompts (those of FIRST_ORDER_POINTS points) and, as the target, torch's own mask."""
+    import torch
+
+    from sam_reuse.exporter.wrappers import FirstOrderScorer, ImageEncoder, SingleMaskDecoder
+
+    session = ort_session(path)
+    scorer, encoder, decoder = (FirstOrderScorer(sam).eval(), ImageEncoder(sam).eval(),
+                                SingleMaskDecoder(sam).eval())
+    worst = 0.0
+    for record in records:
+        image = imaging.load_image_rgb(record.image)
+        coords, labels = imaging.prompt_arrays(record.prompt, image.shape[:2])
+        if coords.shape[1] != FIRST_ORDER_POINTS:
+            continue
+        with torch.no_grad():
+            embedding = encoder(torch.from_numpy(imaging.preprocess(image)))
+            feeds = decoder_feeds(embedding.numpy(), coords, labels)
+            logits = decoder(*(torch.from_numpy(feeds[name]) for name in DECODER_INPUTS))[0].numpy()[0, 0]
+        target, valid = imaging.low_res_target(imaging.logits_to_mask(imaging.upscale_logits(logits, image.shape[:2])))
+        inputs = (feeds[EMBEDDING], coords, labels, target[None], valid[None])
+        expected = scorer(*(torch.from_numpy(x) for x in inputs))[0].detach().numpy()
+        got = session.run(["channel_products"], dict(zip(FIRST_ORDER_INPUTS, inputs)))[0]
+        worst = max(worst, float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12)))
+    return worst
+
+
 def verify_prompts_decoder(sam, path: Path, multimask: bool, records: Sequence[Record]) -> float:
     """Max |ONNX - torch| of the app decoder's logits: every verify record's prompt at once on each image."""
     import torch
@@ -275,8 +346,9 @@ def _check_limits(figures: dict[str, Any]) -> None:
 
 def export_model(model_type: str, out_dir: str | Path, checkpoint: str | Path | None = None,
                  verify_records: Sequence[Record] = (), exporter: str = "legacy", opset: int = DEFAULT_OPSET,
-                 seed: int = 0, app_decoders: Sequence[str] = ()) -> ExportResult:
-    """Export ``encoder.onnx``, ``decoder.onnx`` and ``export.json`` (and any ``app_decoders``) into ``out_dir``.
+                 seed: int = 0, app_decoders: Sequence[str] = (), first_order: bool = False) -> ExportResult:
+    """Export ``encoder.onnx``, ``decoder.onnx`` and ``export.json`` (and any ``app_decoders``, and with
+    ``first_order`` the search's first-order scorer) into ``out_dir``.
 
     Nothing appears in ``out_dir`` unless every model was written and passed
     verification on ``verify_records``; existing files are replaced atomically.
@@ -285,7 +357,7 @@ def export_model(model_type: str, out_dir: str | Path, checkpoint: str | Path | 
     check_app_decoders(app_decoders)
     sam = build_sam(model_type, checkpoint, seed=seed)
     return export_sam(sam, out_dir, verify_records, export_identity(model_type, checkpoint, seed, exporter, opset),
-                      app_decoders=app_decoders)
+                      app_decoders=app_decoders, first_order=first_order)
 
 
 def check_export_request(model_type: str, exporter: str, verify_records: Sequence[Record],
@@ -316,19 +388,20 @@ def export_identity(model_type: str, checkpoint: str | Path | None, seed: int, e
 
 
 def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info: dict[str, Any],
-               reference=None, app_decoders: Sequence[str] = ()) -> ExportResult:
+               reference=None, app_decoders: Sequence[str] = (), first_order: bool = False) -> ExportResult:
     """Export a built ``sam`` into ``out_dir`` and verify it against ``reference`` (default: ``sam`` itself).
 
     A fine-tuned model is exported with its adapters merged and verified
     against the unmerged model, so the parity figures cover the merge too.
     ``info`` must name the exporter and opset; it is completed and saved as
     ``export.json``. ``app_decoders`` (keys of ``APP_DECODERS``): also write the decoders for apps, each
-    checked against torch on every verify image with all the verify prompts at once.
+    checked against torch on every verify image with all the verify prompts at once. ``first_order``: also
+    write ``FIRST_ORDER_SCORER``, checked against torch on the verify images.
     """
     out_dir = Path(out_dir)
     exporter, opset = info["exporter"], info["opset"]
     check_app_decoders(app_decoders)
-    replacing = (*EXPORT_DERIVED_OUTPUTS, APP_DECODER_OUTPUTS)
+    replacing = (*EXPORT_DERIVED_OUTPUTS, APP_DECODER_OUTPUTS, FIRST_ORDER_SCORER)
     with folder_lock(out_dir), staged_outputs(out_dir, replacing=replacing) as staging:
         started = time.perf_counter()
         export_encoder(sam, staging / "encoder.onnx", exporter, opset)
@@ -358,13 +431,24 @@ def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info:
                                     f"(> {DECODER_MAX_ABS_DIFF}); nothing was written")
             info["models"][f"decoder.prompts.{kind}"] = {"file": path.name, "sha256": sha256_file(path),
                                                          "max_abs_diff_vs_torch": difference, **onnx_io_spec(path)}
+        if first_order:
+            path = staging / FIRST_ORDER_SCORER
+            export_first_order_scorer(sam, path, opset)
+            difference = verify_first_order_scorer(reference if reference is not None else sam, path, verify_records)
+            if difference > FIRST_ORDER_MAX_REL_DIFF:
+                raise SamReuseError(f"{FIRST_ORDER_SCORER}: differs from torch by {difference:.3g} of its largest "
+                                    f"value (> {FIRST_ORDER_MAX_REL_DIFF}); nothing was written")
+            info["models"]["first_order"] = {"file": path.name, "sha256": sha256_file(path),
+                                             "max_rel_diff_vs_torch": difference, **onnx_io_spec(path)}
         write_json(staging / "export.json", info)
     return ExportResult(out_dir / "encoder.onnx", out_dir / "decoder.onnx", out_dir / "export.json", info)
 
 
 def existing_export(out_dir: str | Path, model_type: str, checkpoint: str | Path | None = None,
-                    exporter: str = "legacy", opset: int = DEFAULT_OPSET, seed: int = 0) -> ExportResult | None:
-    """A verified export already in ``out_dir`` for exactly these settings, or None.
+                    exporter: str = "legacy", opset: int = DEFAULT_OPSET, seed: int = 0,
+                    first_order: bool = False) -> ExportResult | None:
+    """A verified export already in ``out_dir`` for exactly these settings (with the first-order scorer when
+    ``first_order``), or None.
 
     Lets a rerun of the whole pipeline (for instance after an interrupted
     search) skip the export instead of rebuilding identical models; both
@@ -378,8 +462,11 @@ def existing_export(out_dir: str | Path, model_type: str, checkpoint: str | Path
                   "seed": seed if checkpoint is None else None}
         if any(info.get(key) != value for key, value in wanted.items()):
             return None
-        for name in ("encoder", "decoder"):
-            if sha256_file(out_dir / f"{name}.onnx") != info["models"][name]["sha256"]:
+        files = {name: f"{name}.onnx" for name in ("encoder", "decoder")}
+        if first_order:
+            files["first_order"] = FIRST_ORDER_SCORER
+        for name, file in files.items():
+            if sha256_file(out_dir / file) != info["models"][name]["sha256"]:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

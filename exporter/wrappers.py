@@ -9,6 +9,8 @@ mask ``SamPredictor.predict(multimask_output=False)`` returns. It has no
 ``orig_im_size`` input and no OneHot: upscaling lives in
 ``sam_reuse.base.imaging.upscale_logits``. ``PromptsDecoder`` is the decoder
 for apps: one embedding, K prompts, single mask or SAM's multimask output.
+``FirstOrderScorer`` is the search's gradient pass (the first-order effect of
+every channel reuse at once).
 """
 
 from __future__ import annotations
@@ -90,13 +92,18 @@ class SingleMaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1 + outputs.start:1 + outputs.stop, :]
 
         src = src.transpose(1, 2).reshape(batch, self.channels, height, width)
-        upscaled = decoder.output_upscaling(src)  # two stride-2 transposed convolutions: 64x64 -> 256x256
+        upscaled = self._upscale(src)
         hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, j, :])
                                 for j, i in enumerate(range(outputs.start, outputs.stop))], dim=1)
         count = outputs.stop - outputs.start
         masks = (hyper_in @ upscaled.flatten(2)).reshape(batch, count, 4 * height, 4 * width)
         iou_pred = decoder.iou_prediction_head(iou_token_out)[:, outputs]
         return masks, iou_pred
+
+
+    def _upscale(self, src: torch.Tensor) -> torch.Tensor:
+        """The decoder's output upscaling: two stride-2 transposed convolutions, 64x64 -> 256x256."""
+        return self.mask_decoder.output_upscaling(src)
 
 
 class PromptsDecoder(SingleMaskDecoder):
@@ -116,6 +123,46 @@ class PromptsDecoder(SingleMaskDecoder):
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shared = image_embeddings.expand(point_coords.shape[0], -1, -1, -1)
         return self._decode(shared, point_coords, point_labels, mask_input, has_mask_input, self.outputs)
+
+
+def _stride_two_transposed(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """A kernel-2, stride-2 transposed convolution as one einsum: every input pixel writes its own 2x2 block."""
+    batch, _, height, width = x.shape
+    blocks = torch.einsum("bchw,codk->bohdwk", x, conv.weight)
+    return blocks.reshape(batch, conv.weight.shape[1], 2 * height, 2 * width) + conv.bias.reshape(1, -1, 1, 1)
+
+
+class FirstOrderScorer(SingleMaskDecoder):
+    """What the first-order search needs from one search prompt, in one forward and one backward pass.
+
+    Inputs: one embedding X (1x256x64x64), one prompt (1xNx2, 1xN), and the ground truth in the
+    low-resolution frame: ``target`` (1x256x256, the share of each low-res pixel inside the object, 0 on the
+    padding) and ``valid`` (1 where the pixel lies on the image). Outputs ``soft_iou`` (the sigmoid of the
+    single mask's logits against ``target``) and ``channel_products`` M = G X^T (1x256x256), G = d soft_iou /
+    d X: to first order, replacing channel t by channel s changes soft_iou by M[t, s] - M[t, t], and zeroing
+    channel t by -M[t, t] (``calibrate.first_order``).
+
+    Output upscaling's transposed convolutions are written as einsums (the same values): the ONNX exporter
+    has no gradient of ConvTranspose.
+    """
+
+    def _upscale(self, src: torch.Tensor) -> torch.Tensor:
+        first, norm, activation, second, last_activation = self.mask_decoder.output_upscaling
+        return last_activation(_stride_two_transposed(second, activation(norm(_stride_two_transposed(first, src)))))
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = image_embeddings.detach().requires_grad_(True)
+        no_mask = torch.zeros(1, 1, *target.shape[-2:]), torch.zeros(1)
+        with torch.enable_grad():
+            masks, _ = self._decode(embedding, point_coords, point_labels, *no_mask, slice(0, 1))
+            probability = torch.sigmoid(masks[:, 0]) * valid
+            overlap = (probability * target).sum()
+            soft_iou = overlap / (probability.sum() + target.sum() - overlap)
+            (gradient,) = torch.autograd.grad(soft_iou, embedding)
+        flat = image_embeddings.reshape(1, self.channels, -1)
+        products = gradient.reshape(1, self.channels, -1) @ flat.transpose(1, 2)
+        return products, soft_iou.reshape(1)
 
 
 def example_decoder_inputs(batch: int = 1, num_points: int = 2) -> tuple[torch.Tensor, ...]:

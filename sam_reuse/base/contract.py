@@ -15,6 +15,12 @@ EMBEDDING = "image_embeddings"  # the encoder's output, the decoder's first inpu
 ENCODER_OUTPUTS = (EMBEDDING,)
 DECODER_INPUTS = (EMBEDDING, "point_coords", "point_labels", "mask_input", "has_mask_input")
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
+# The first-order scorer (``export --first-order``): one prompt of FIRST_ORDER_POINTS points and its ground truth
+# in the low-res frame -> M = G X^T and the soft IoU (``exporter.wrappers.FirstOrderScorer``).
+FIRST_ORDER_SCORER = "decoder.first_order.onnx"
+FIRST_ORDER_INPUTS = (EMBEDDING, "point_coords", "point_labels", "target", "valid")
+FIRST_ORDER_OUTPUTS = ("channel_products", "soft_iou")
+FIRST_ORDER_POINTS = 2  # one point and SAM's padding point, or a box: what the search's prompts mostly are
 
 # Files of an output folder that a tune writes, and those derived from the folder's exported models. A tune
 # replaces every earlier tune output, engines of a tuned encoder included, so a stale tuned encoder never sits

@@ -11,7 +11,14 @@ from typing import Any, Iterator
 import onnx
 import onnxruntime as ort
 
-from sam_reuse.base.contract import DECODER_INPUTS, DECODER_OUTPUTS, EMBEDDING, ENCODER_INPUTS
+from sam_reuse.base.contract import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    EMBEDDING,
+    ENCODER_INPUTS,
+    FIRST_ORDER_INPUTS,
+    FIRST_ORDER_OUTPUTS,
+)
 from sam_reuse.base.errors import SamReuseError
 
 THREADS_VARIABLE = "SAM_REUSE_THREADS"
@@ -102,8 +109,9 @@ def ort_session(model: str | Path | bytes, threads: int | None = None,
 def load_model(path: str | Path, what: str = "ONNX model", role: str | None = None) -> onnx.ModelProto:
     """``onnx.load`` with errors that name the file and the problem.
 
-    ``role`` ("encoder" or "decoder"): also check the model has that exported model's inputs and outputs, so
-    an encoder passed as the decoder (or the reverse) is one clear line, not an ONNX Runtime error minutes later.
+    ``role`` ("encoder", "decoder" or "first_order", the scorer): also check the model has that exported
+    model's inputs and outputs, so an encoder passed as the decoder (or the reverse) is one clear line, not an
+    ONNX Runtime error minutes later.
     """
     path = Path(path)
     if path.is_dir():
@@ -126,7 +134,8 @@ def _check_role(path: Path, model: onnx.ModelProto, role: str) -> None:
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     expected_inputs, expected_outputs = {"encoder": (ENCODER_INPUTS, (EMBEDDING,)),
-                                         "decoder": (DECODER_INPUTS, DECODER_OUTPUTS)}[role]
+                                         "decoder": (DECODER_INPUTS, DECODER_OUTPUTS),
+                                         "first_order": (FIRST_ORDER_INPUTS, FIRST_ORDER_OUTPUTS)}[role]
     if not (set(expected_inputs) <= set(inputs) and set(expected_outputs) <= set(outputs)):
         raise SamReuseError(f"{path}: not a SAM {role} exported by export-and-tune (inputs {', '.join(inputs)}; "
                             f"expected {', '.join(expected_inputs)} -> {', '.join(expected_outputs)})")

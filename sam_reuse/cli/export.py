@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sam_reuse.base.contract import FIRST_ORDER_SCORER
 from sam_reuse.cli.common import add_model_args, resolve_checkpoint, verify_records
 
 
@@ -20,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> dict:
                         help="also write decoders for apps (one embedding, K prompts per call): single "
                              "(decoder.prompts.onnx), multimask (decoder.prompts.multimask.onnx), or both, "
                              "comma-separated")
+    export.add_argument("--first-order", action="store_true",
+                        help=f"also write the first-order scorer {FIRST_ORDER_SCORER} that tune --strategy "
+                             "first-order needs (a gradient pass of the decoder)")
     return {"fetch-weights": _fetch, "export": _export}
 
 
@@ -33,17 +37,19 @@ def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: 
 
     out = out or check_output_folder(args.out)
     checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
+    first_order = getattr(args, "first_order", False) or getattr(args, "strategy", None) == "first-order"
     if reuse:
-        found = existing_export(out, args.model_type, checkpoint, args.exporter, args.opset, args.seed)
+        found = existing_export(out, args.model_type, checkpoint, args.exporter, args.opset, args.seed, first_order)
         if found is not None:
             print(f"reusing the verified export in {args.out} (export.json matches these settings)")
             return found
     app_decoders = [kind.strip() for kind in getattr(args, "app_decoders", "").split(",") if kind.strip()]
     result = export_model(args.model_type, out, checkpoint, verify_records(args), exporter=args.exporter,
-                          opset=args.opset, seed=args.seed, app_decoders=app_decoders)
+                          opset=args.opset, seed=args.seed, app_decoders=app_decoders, first_order=first_order)
     parity = result.info["parity"]
     names = ", ".join([path.name for path in (result.encoder, result.decoder, result.sidecar)]
-                      + [result.info["models"][f"decoder.prompts.{kind}"]["file"] for kind in app_decoders])
+                      + [result.info["models"][f"decoder.prompts.{kind}"]["file"] for kind in app_decoders]
+                      + ([FIRST_ORDER_SCORER] if first_order else []))
     print(f"{'exported' if out != args.out else 'wrote'} {names} ({'to publish in ' if out != args.out else 'in '}"
           f"{args.out})")
     print(f"parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "

@@ -120,7 +120,13 @@ def _run(args: argparse.Namespace) -> int:
     The stages work in ``OUT/.run-work`` (``resumable_outputs``): until the last stage is done, ``OUT`` holds
     exactly what it held before, and an interrupted run resumes its search there.
     """
-    from sam_reuse.base.contract import APP_DECODER_OUTPUTS, EXPORT_DERIVED_OUTPUTS, EXPORT_OUTPUTS, JOURNAL
+    from sam_reuse.base.contract import (
+        APP_DECODER_OUTPUTS,
+        EXPORT_DERIVED_OUTPUTS,
+        EXPORT_OUTPUTS,
+        FIRST_ORDER_SCORER,
+        JOURNAL,
+    )
     from sam_reuse.base.files import check_output_folder, folder_lock, resumable_outputs
     from sam_reuse.base.runtime import load_model
     from sam_reuse.calibrate.tune import copy_model
@@ -133,8 +139,9 @@ def _run(args: argparse.Namespace) -> int:
         load_model(args.encoder, "encoder ONNX", role="encoder")
         load_model(args.decoder, "decoder ONNX", role="decoder")
     precisions = engine_precisions(args.engines)  # a typo here must not cost an export and a search
-    replacing = (*EXPORT_OUTPUTS, APP_DECODER_OUTPUTS, *EXPORT_DERIVED_OUTPUTS, JOURNAL)
-    linked = (*EXPORT_OUTPUTS, *(path.name for path in args.out.glob(APP_DECODER_OUTPUTS)))
+    replacing = (*EXPORT_OUTPUTS, APP_DECODER_OUTPUTS, FIRST_ORDER_SCORER, *EXPORT_DERIVED_OUTPUTS, JOURNAL)
+    linked = (*EXPORT_OUTPUTS, *(path.name for path in args.out.glob(APP_DECODER_OUTPUTS)),
+              *([FIRST_ORDER_SCORER] if (args.out / FIRST_ORDER_SCORER).is_file() else []))
     with folder_lock(args.out), resumable_outputs(args.out, replacing, linked=linked, copied=(JOURNAL,)) as work:
         if args.encoder is not None:
             if not _is_exported_pair(args.out, args.encoder, args.decoder):
