@@ -197,6 +197,8 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "tune: unreadable channel list": (tune + ["--targets", "abc"], "--targets: 'abc': not 'all'"),
         "tune: --top-pairs 0": (tune + ["--top-pairs", "0"], "--top-pairs must be at least 1"),
         "tune: unknown site": (tune + ["--site", "nosuch"], "no site 'nosuch'"),
+        "tune: first-order without its scorer": (tune + ["--strategy", "first-order"], "--strategy first-order: no "
+                                                 + str(root / "decoder.first_order.onnx")),
         "tune: the encoder as decoder": (_with(tune, "--decoder", enc),
                                          "encoder.onnx: not a SAM decoder exported by export-and-tune"),
         "tune: a tuned encoder": (_with(tune, "--encoder", tuned), "already rewritten by a reuse map"),
