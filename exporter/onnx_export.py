@@ -257,17 +257,14 @@ def verify_prompts_decoder(sam, path: Path, multimask: bool, records: Sequence[R
 
     session, module, encoder = ort_session(path), PromptsDecoder(sam, multimask).eval(), ImageEncoder(sam).eval()
     images = [imaging.load_image_rgb(r.image) for r in records]
-    by_length: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for record, image in zip(records, images):
-        coords, labels = imaging.prompt_arrays(record.prompt, image.shape[:2])
-        by_length.setdefault(coords.shape[1], []).append((coords, labels))
+    prompts = [imaging.prompt_arrays(record.prompt, image.shape[:2]) for record, image in zip(records, images)]
     worst = 0.0
     with torch.no_grad():
         for image in images:
             embedding = encoder(torch.from_numpy(imaging.preprocess(image))).numpy()
-            for group in by_length.values():
-                coords = np.concatenate([c for c, _ in group])
-                labels = np.concatenate([lab for _, lab in group])
+            for group in imaging.groups_by_point_count(prompts):
+                coords = np.concatenate([prompts[k][0] for k in group])
+                labels = np.concatenate([prompts[k][1] for k in group])
                 feeds = decoder_feeds(embedding, coords, labels)
                 feeds["mask_input"] = np.zeros((len(coords), 1, 256, 256), np.float32)
                 feeds["has_mask_input"] = np.zeros(len(coords), np.float32)
