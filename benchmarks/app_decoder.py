@@ -16,12 +16,12 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from sam_reuse.base.timing import interleaved_times, median_ratio
 
 from sam_reuse.base import imaging
 from sam_reuse.base.contract import decoder_feeds
 from sam_reuse.base.files import write_json
 from sam_reuse.base.runtime import ort_session
+from sam_reuse.base.timing import interleaved_times, median_ratio
 from sam_reuse.calibrate.data import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,11 +24,10 @@ import platform
 import statistics
 from pathlib import Path
 
-from sam_reuse.base.timing import interleaved_times, median_ratio
-
 from sam_reuse.base import imaging
 from sam_reuse.base.files import write_json
 from sam_reuse.base.runtime import ort_session
+from sam_reuse.base.timing import interleaved_times, median_ratio
 from sam_reuse.calibrate.data import read_manifest
 from sam_reuse.calibrate.tune import TuneSettings, tune
 

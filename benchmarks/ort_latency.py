@@ -15,11 +15,10 @@ import json
 import statistics
 from pathlib import Path
 
-from sam_reuse.base.timing import interleaved_times
-
 from sam_reuse.base import imaging
 from sam_reuse.base.contract import decoder_feeds
 from sam_reuse.base.runtime import ort_session
+from sam_reuse.base.timing import interleaved_times
 from sam_reuse.calibrate.data import read_manifest
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "data" / "isic2016"

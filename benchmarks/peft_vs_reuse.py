@@ -70,7 +70,6 @@ def _settings(**changes):
 def evaluate_all(args: argparse.Namespace) -> None:
     """Export, score held-out, then (with --reuse) tune reuse on top; each step is skipped when already done."""
     from sam_reuse.base.files import write_json
-    from sam_reuse.base.timing import interleaved_times
     from sam_reuse.calibrate.data import read_manifest
     from sam_reuse.calibrate.tune import evaluate, tune
     from sam_reuse.finetune.export import export_finetuned

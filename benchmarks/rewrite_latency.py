@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from sam_reuse.base.timing import interleaved_times, median_ratio
 
 from sam_reuse.base import imaging
 from sam_reuse.base.runtime import ort_session
+from sam_reuse.base.timing import interleaved_times, median_ratio
 from sam_reuse.calibrate.data import read_manifest
 from sam_reuse.graphops import ReuseMap, SiteReuse, apply_reuse_map
 from sam_reuse.graphops.graph import fingerprint
