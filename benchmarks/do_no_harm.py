@@ -2,13 +2,15 @@
 
 Usage:
     python benchmarks/do_no_harm.py EXPORT_DIR [--sets isic2016 kvasir-seg camo]
-        [--splits pc1-low pc1-high fixed] [--evidence given] [--jobs 2] [--work out/shift] [--reread]
+        [--splits pc1-low pc1-high fixed] [--evidence given] [--strategy fast] [--jobs 2] [--work out/shift]
+        [--reread]
 
 EXPORT_DIR is an `export-and-tune export --model-type vit_t` output. Each
 split (``shift_splits.py``: ``fixed``, ``random-<seed>``, and the shift
 splits ``pc1-low``/``pc1-high``, whose halves lie on either side of the
 median of the set's first principal component of image embeddings) is tuned
-once with the default fast search, 50 search / 50 held-out images. One search
+once, 50 search / 50 held-out images, with the fast search or ``--strategy
+first-order`` (EXPORT_DIR then needs ``export --first-order``). One search
 serves both arms, which differ only in what ships:
 
 * ``search choice, always shipped`` (the default before the shipping rule):
@@ -31,7 +33,7 @@ gains with 90% bootstrap intervals, shipped or not, and the paired difference
 between the arms. Searches are journaled in WORK/runs, so an interrupted
 benchmark resumes.
 
-Writes benchmarks/results/do_no_harm-<evidence>.{json,md}, keeping the rows of splits not rerun.
+Writes benchmarks/results/do_no_harm-<evidence>[-first-order].{json,md}, keeping the rows of splits not rerun.
 """
 
 from __future__ import annotations
@@ -98,16 +100,23 @@ def summarise(report: TuneReport) -> dict:
             "search_decoder_runs": report.cost["decoder_evaluations"]["search"]}
 
 
-def run_split(export: Path, work: Path, name: str, split: str, evidence: str, reread: bool = False) -> dict:
+def _stem(evidence: str, strategy: str) -> str:
+    """Name of one evidence/strategy setting in WORK/runs and results/ (fast keeps the names it had first)."""
+    return evidence if strategy == "fast" else f"{evidence}-{strategy}"
+
+
+def run_split(export: Path, work: Path, name: str, split: str, evidence: str, strategy: str = "fast",
+              reread: bool = False) -> dict:
     """Tune one split (resuming its journal) and summarise it; ``reread``: summarise the report it already has."""
-    runs = work / "runs" / f"{name}-{split}-{evidence}"
+    runs = work / "runs" / f"{name}-{split}-{_stem(evidence, strategy)}"
     if reread:
         return {"set": name, "split": split, **summarise(TuneReport.load(runs / "report.json"))}
     source = SHARED / name
     features = pooled_embeddings(export / "encoder.onnx", source) if split in SHIFT_SPLITS else None
     data = work / "data" / f"{name}-{split}"
     write_split(source, split, data, features)
-    settings = TuneSettings(evidence=evidence, search_images=50, holdout_images=50, progress=False)
+    settings = TuneSettings(strategy=strategy, evidence=evidence, search_images=50, holdout_images=50,
+                            progress=False)
     report = tune(export / "encoder.onnx", export / "decoder.onnx", data, runs, settings).report
     return {"set": name, "split": split, **summarise(report)}
 
@@ -120,8 +129,8 @@ def _gated(arm: dict) -> str:
     return f"{'yes' if arm['shipped'] else 'no'}, {arm['test_gain']:+.2f}"
 
 
-def markdown(rows: list[dict], evidence: str) -> str:
-    lines = [f"# Shipping rule against the search's own choice (evidence: {evidence})", "",
+def markdown(rows: list[dict], evidence: str, strategy: str) -> str:
+    lines = [f"# Shipping rule against the search's own choice (evidence: {evidence}, strategy: {strategy})", "",
              "Held-out test part = the 25 odd-position held-out images (decided nothing in either arm); "
              "all = the 50 held-out images. Gains in mIoU points, 90% paired bootstrap intervals; an arm that "
              "ships the original scores 0.", "",
@@ -159,6 +168,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["isic2016", "kvasir-seg", "camo"])
     parser.add_argument("--splits", nargs="+", default=[*SHIFT_SPLITS, "fixed"])
     parser.add_argument("--evidence", default="given", choices=["given", "points"])
+    parser.add_argument("--strategy", default="fast", choices=["fast", "first-order"])
     parser.add_argument("--jobs", type=int, default=2, help="splits tuned at once, one ONNX Runtime thread each")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "shift")
     parser.add_argument("--reread", action="store_true",
@@ -169,14 +179,14 @@ def main() -> None:
     # Spawned workers import the library afresh, so they read this thread count (the parent runs no model).
     os.environ["SAM_REUSE_THREADS"] = "1" if args.jobs > 1 else os.environ.get("SAM_REUSE_THREADS", "2")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = list(pool.map(run_split, *zip(*[(args.export, args.work, n, s, args.evidence, args.reread)
-                                               for n, s in jobs])))
-    stem = f"do_no_harm-{args.evidence}"
+        rows = list(pool.map(run_split, *zip(*[(args.export, args.work, n, s, args.evidence, args.strategy,
+                                                args.reread) for n, s in jobs])))
+    stem = f"do_no_harm-{_stem(args.evidence, args.strategy)}"
     rows = _merged(RESULTS / f"{stem}.json", rows)
     write_json(RESULTS / f"{stem}.json", {"export": str(args.export), "machine": platform.node(),
-                                         "evidence": args.evidence, "rows": rows})
-    (RESULTS / f"{stem}.md").write_text(markdown(rows, args.evidence))
-    print(markdown(rows, args.evidence))
+                                         "evidence": args.evidence, "strategy": args.strategy, "rows": rows})
+    (RESULTS / f"{stem}.md").write_text(markdown(rows, args.evidence, args.strategy))
+    print(markdown(rows, args.evidence, args.strategy))
 
 
 def _merged(path: Path, rows: list[dict]) -> list[dict]:
