@@ -19,7 +19,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ class TuneSettings:
     """Every knob of a tuning run; recorded in report.json."""
 
     site: str = "embedding"
-    strategy: str = "fast"
+    strategy: str | None = None  # None: first-order where its scorer is beside the decoder (embedding), else fast
     # The candidate map: "validated" (chosen along the search's curve on the held-out validation part), or the
     # search's own choice, the "guarded" prefix of the greedy path or the "naive" whole path. See calibrate.shipping.
     selection: str = "validated"
@@ -188,7 +188,7 @@ def _site(encoder: onnx.ModelProto, encoder_path: Path, name: str) -> Site:
 
 
 def _check_settings(settings: TuneSettings) -> None:
-    if settings.strategy not in STRATEGIES:
+    if settings.strategy is not None and settings.strategy not in STRATEGIES:
         raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
     if settings.selection not in SHIP_SELECTIONS:
         raise SamReuseError(f"unknown selection '{settings.selection}' (choose from {', '.join(SHIP_SELECTIONS)})")
@@ -280,6 +280,7 @@ class _Inputs:
     decoder_fp: str
     site: Site
     calibration: CalibrationSet
+    strategy: str  # the --strategy in force (``_strategy``)
 
 
 @dataclass
@@ -319,6 +320,24 @@ class _Assessment:
     check: dict[str, Any]
 
 
+def _strategy(settings: TuneSettings, decoder: Path, site: Site) -> str:
+    """The --strategy in force: the user's, else first-order at the embedding when its scorer is there, else fast.
+
+    First-order held the fast search's held-out gain on the fixed and shifted splits of the three shared sets
+    with 4-5x fewer decoder runs (benchmarks/README.md, "First-order against fast" and "Do no harm"). It needs
+    the scorer that ``export`` writes (torch), so an export without it falls back to fast, and says so.
+    """
+    if settings.strategy is not None:
+        return settings.strategy
+    if site.name != "embedding":
+        return "fast"
+    if not (decoder.parent / FIRST_ORDER_SCORER).is_file():
+        print(f"no {FIRST_ORDER_SCORER} beside {decoder} (export writes it unless --no-first-order): "
+              "the fast search, about 4x the decoder runs")
+        return "fast"
+    return "first-order"
+
+
 def _first_order_scorer(decoder: Path, site: Site) -> Path:
     """The first-order scorer exported beside ``decoder``; refused before minutes of encoding if it is not there."""
     if site.name != "embedding":
@@ -346,19 +365,20 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
     _check_original(encoder, encoder_model)
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.name, site.channels)
-    if settings.strategy == "first-order":
+    strategy = _strategy(settings, decoder, site)
+    if strategy == "first-order":
         _first_order_scorer(decoder, site)
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                    settings.holdout_images, settings.min_images)
-    if not calibration.held_out and settings.strategy == "exhaustive":
-        raise SamReuseError(f"--strategy {settings.strategy} needs a held-out split (--holdout-images > 0); "
+    if not calibration.held_out and strategy == "exhaustive":
+        raise SamReuseError(f"--strategy {strategy} needs a held-out split (--holdout-images > 0); "
                             "without one, the fast strategy reports a cross-validated estimate")
     if not calibration.held_out and len(calibration.search) < settings.cv_folds:
         raise SamReuseError(f"{data}: {len(calibration.search)} search images cannot make "
                             f"{settings.cv_folds} cross-validation folds (keep a held-out split or add images)")
     ensure_writable_dir(out_dir, "--out")
     return _Inputs(encoder, decoder, data, encoder_model, decoder_model, fingerprint(encoder_model),
-                   fingerprint(decoder_model), site, calibration)
+                   fingerprint(decoder_model), site, calibration, strategy)
 
 
 def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
@@ -543,6 +563,7 @@ def _tune_stages(encoder: Path, decoder: Path, data: Path, out_dir: Path, settin
         wall[stage], mark = time.perf_counter() - mark, time.perf_counter()
 
     inputs = _prepare(encoder, decoder, data, out_dir, settings)
+    settings = replace(settings, strategy=inputs.strategy)
     lap("load")
     with folder_lock(out_dir):  # the journal is checked and written under the lock
         scoring = _encode(inputs, settings)

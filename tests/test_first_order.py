@@ -137,10 +137,19 @@ def test_tune_first_order_end_to_end_and_its_refusals(scorer_export, tmp_path, c
     assert report["search"]["pairs_scored"] == 24  # FIRST_ORDER_PLAN's pair_keep
     capsys.readouterr()
     plain = tmp_path / "plain"
-    assert main(["export", "--model-type", "test_vit_t", "--out", str(plain), "--verify-images", "1"]) == 0
+    assert main(["export", "--model-type", "test_vit_t", "--out", str(plain), "--verify-images", "1",
+                 "--no-first-order"]) == 0
+    assert not (plain / FIRST_ORDER_SCORER).exists()
     capsys.readouterr()
     assert main([*argv[:2], str(plain), *argv[3:]]) == 2
     assert f"--strategy first-order: no {plain / FIRST_ORDER_SCORER} (export with --first-order" in \
         capsys.readouterr().err
+    # Without --strategy: first-order where the scorer is, fast (and one line saying why) where it is not.
+    default = [arg for arg in argv if arg not in ("--strategy", "first-order")]
+    assert main(default) in (0, 3) and capsys.readouterr().out.count(FIRST_ORDER_SCORER) == 0
+    assert json.loads((scorer_export / "report.json").read_text())["settings"]["strategy"] == "first-order"
+    assert main([*default[:2], str(plain), *default[3:], "--targets", "0-3", "--sources", "4-7"]) in (0, 3)
+    assert f"no {FIRST_ORDER_SCORER} beside {plain / 'decoder.onnx'}" in capsys.readouterr().out
+    assert json.loads((plain / "report.json").read_text())["settings"]["strategy"] == "fast"
     assert main([*argv, "--site", "mlp.0"]) == 2
     assert "--strategy first-order scores reuse at the image embedding only" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
+from sam_reuse.base.contract import FIRST_ORDER_SCORER
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.calibrate.report import TuneReport
 from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
@@ -284,6 +285,8 @@ def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsy
     for name in ["encoder.onnx", "decoder.onnx", "export.json", *report["shipping"]["candidate_files"], *OUTPUTS[2:]]:
         assert (out / name).exists(), name
     assert report["search"]["pairs_scored"] == 6 and report["held_out"]["images"] == 2
+    # run exports the first-order scorer, so its default search is first-order.
+    assert report["settings"]["strategy"] == "first-order" and (out / FIRST_ORDER_SCORER).exists()
     if "engines skipped" not in first:  # TensorRT(-RTX) installed: engines of what ships come with the ONNX
         shipped = "encoder.tuned" if status == 0 else "encoder"
         assert not list(out.glob(f"{'encoder' if status == 0 else 'encoder.tuned'}.fp*.engine"))
@@ -295,7 +298,7 @@ def test_run_exports_a_tiny_model_tunes_it_and_reuses_the_export(tmp_path, capsy
     second = capsys.readouterr().out
     assert "reusing the verified export" in second
     reused = json.loads((out / "report.json").read_text())["cost"]["maps_reused_from_journal"]
-    assert reused == _journal_entries(out / "search.jsonl") >= 1 + 5 + 6  # baseline, 5 zeroings, 6 pairs
+    assert reused == _journal_entries(out / "search.jsonl") >= 1 + 6  # baseline, 6 pairs (no zeroing)
 
 
 def test_evaluator_scores_real_mobilesam_like_sampredictor(mobilesam_export, mobilesam_checkpoint, sample_records):

@@ -66,10 +66,11 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     defaults = TuneSettings()
     search = parser.add_argument_group("search")
     search.add_argument("--strategy", default=defaults.strategy, choices=STRATEGIES,
-                        help="fast: ablation screening, racing and a greedy path, minutes (default); first-order: "
-                             "the pairs a gradient pass ranks best, raced, then the greedy path (needs an export "
-                             "with --first-order); exhaustive: the reference method, every pair then 2^N-1 "
-                             "subsets, hours unless restricted")
+                        help="first-order: the pairs a gradient pass ranks best, raced, then a greedy path (the "
+                             "default at the embedding when the export has its scorer); fast: ablation screening, "
+                             "racing and the greedy path, about 4x the decoder runs (the default otherwise); "
+                             "exhaustive: the reference method, every pair then 2^N-1 subsets, hours unless "
+                             "restricted")
     search.add_argument("--selection", default=defaults.selection, choices=SELECTIONS,
                         help="the candidate map: validated = the map along the search's curve with the best lower "
                              "90%% bound of per-image gain on the held-out validation part (default); guarded = "

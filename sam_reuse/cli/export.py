@@ -21,9 +21,10 @@ def register(sub: argparse._SubParsersAction) -> dict:
                         help="also write decoders for apps (one embedding, K prompts per call): single "
                              "(decoder.prompts.onnx), multimask (decoder.prompts.multimask.onnx), or both, "
                              "comma-separated")
-    export.add_argument("--first-order", action="store_true",
-                        help=f"also write the first-order scorer {FIRST_ORDER_SCORER} that tune --strategy "
-                             "first-order needs (a gradient pass of the decoder)")
+    export.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"write the first-order scorer {FIRST_ORDER_SCORER} (a gradient pass of the decoder) "
+                             "that tune's default strategy needs (default: yes; without it tune uses --strategy "
+                             "fast)")
     return {"fetch-weights": _fetch, "export": _export}
 
 
@@ -37,7 +38,9 @@ def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: 
 
     out = out or check_output_folder(args.out)
     checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
-    first_order = getattr(args, "first_order", False) or getattr(args, "strategy", None) == "first-order"
+    # export: --first-order/--no-first-order; run: the scorer when its search may use it (the default strategy).
+    first_order = args.first_order if hasattr(args, "first_order") else (
+        args.strategy in (None, "first-order") and args.site == "embedding")
     if reuse:
         found = existing_export(out, args.model_type, checkpoint, args.exporter, args.opset, args.seed, first_order)
         if found is not None:
