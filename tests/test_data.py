@@ -110,7 +110,7 @@ def _dataset(folder, count, extra=None):
 
 def test_bundled_and_shared_layouts_load_as_is():
     calibration = load_calibration(SAMPLES)
-    assert (len(calibration.search), len(calibration.held_out)) == (12, 12)
+    assert (len(calibration.search), len(calibration.held_out)) == (50, 50)
     first = calibration.search[0]
     assert first.prompt.points.shape == (1, 2) and first.prompt.labels.tolist() == [1.0]
     assert first.mask.shape == first.hw and first.mask.any()

@@ -113,7 +113,7 @@ def test_real_mobilesam_parity(mobilesam_export, mobilesam_checkpoint, sample_re
     assert info["parity"]["min_mask_iou"] > 0.99999
     sam = build_sam("vit_t", mobilesam_checkpoint)
     figures = verify_export(sam, mobilesam_export.encoder, mobilesam_export.decoder, sample_records[3:8])
-    # Over the 24 bundled images at most a couple of pixels whose logit is
+    # Over the first 24 bundled images at most a couple of pixels whose logit is
     # within 3e-5 of the threshold flip (min IoU 0.9999977 measured).
     assert figures["images"] == 5 and figures["min_mask_iou"] > 0.99999
     assert figures["predictor_max_abs_diff"] < 1e-4

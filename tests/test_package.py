@@ -48,7 +48,7 @@ def test_the_wheel_holds_one_namespace_and_the_bundled_data(installed, tmp_path)
     found = _run(installed, "-c", "import sam_reuse, sam_reuse.samples as s; print(sam_reuse.__file__); "
                  "print(len(list(s.BUNDLED_DATA.glob('*.jpg'))))", cwd=tmp_path)
     location, images = found.stdout.split()
-    assert str(REPO) not in location and int(images) == 24
+    assert str(REPO) not in location and int(images) == 100
     for generic in ("exporter", "graphops", "calibrate", "finetune"):
         result = _run(installed, "-c", f"import {generic}", cwd=tmp_path)
         assert result.returncode != 0 and f"No module named '{generic}'" in result.stderr
