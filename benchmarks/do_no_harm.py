@@ -10,7 +10,7 @@ split (``shift_splits.py``: ``fixed``, ``random-<seed>``, and the shift
 splits ``pc1-low``/``pc1-high``, whose halves lie on either side of the
 median of the set's first principal component of image embeddings) is tuned
 once, 50 search / 50 held-out images, with the fast search or ``--strategy
-first-order`` (EXPORT_DIR then needs ``export --first-order``). One search
+first-order`` (EXPORT_DIR then needs the first-order scorer, which ``export`` writes by default). One search
 serves both arms, which differ only in what ships:
 
 * ``search choice, always shipped`` (the default before the shipping rule):

@@ -281,6 +281,7 @@ class _Inputs:
     site: Site
     calibration: CalibrationSet
     strategy: str  # the --strategy in force (``_strategy``)
+    scorer: Path | None  # the first-order scorer, checked, when that strategy is in force
 
 
 @dataclass
@@ -366,8 +367,7 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.name, site.channels)
     strategy = _strategy(settings, decoder, site)
-    if strategy == "first-order":
-        _first_order_scorer(decoder, site)
+    scorer = _first_order_scorer(decoder, site) if strategy == "first-order" else None
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                    settings.holdout_images, settings.min_images)
     if not calibration.held_out and strategy == "exhaustive":
@@ -378,7 +378,7 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
                             f"{settings.cv_folds} cross-validation folds (keep a held-out split or add images)")
     ensure_writable_dir(out_dir, "--out")
     return _Inputs(encoder, decoder, data, encoder_model, decoder_model, fingerprint(encoder_model),
-                   fingerprint(decoder_model), site, calibration, strategy)
+                   fingerprint(decoder_model), site, calibration, strategy, scorer)
 
 
 def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
@@ -406,7 +406,7 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
                     **(FIRST_ORDER_PLAN if settings.strategy == "first-order" else {}))
     shortlist = None
     if settings.strategy == "first-order":
-        scores = first_order_scores(_first_order_scorer(inputs.decoder, site), scoring.search_prompts,
+        scores = first_order_scores(inputs.scorer, scoring.search_prompts,
                                     scoring.search_activations, settings.progress)
         if not scores.prompts:
             raise SamReuseError(f"--strategy first-order: no search prompt has {FIRST_ORDER_POINTS} points (one "
