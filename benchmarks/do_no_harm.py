@@ -2,15 +2,16 @@
 
 Usage:
     python benchmarks/do_no_harm.py EXPORT_DIR [--sets isic2016 kvasir-seg camo]
-        [--splits pc1-low pc1-high fixed] [--evidence given] [--strategy fast] [--jobs 2] [--work out/shift]
-        [--reread]
+        [--splits pc1-low pc1-high fixed] [--evidence given] [--strategy fast] [--augment 0] [--jobs 2]
+        [--work out/shift] [--reread]
 
 EXPORT_DIR is an `export-and-tune export --model-type vit_t` output. Each
 split (``shift_splits.py``: ``fixed``, ``random-<seed>``, and the shift
 splits ``pc1-low``/``pc1-high``, whose halves lie on either side of the
 median of the set's first principal component of image embeddings) is tuned
 once, 50 search / 50 held-out images, with the fast search or ``--strategy
-first-order`` (EXPORT_DIR then needs the first-order scorer, which ``export`` writes by default). One search
+first-order`` (EXPORT_DIR then needs the first-order scorer, which ``export`` writes by default), scoring each
+search image on ``--augment`` altered copies as well (``calibrate.augment``). One search
 serves both arms, which differ only in what ships:
 
 * ``search choice, always shipped`` (the default before the shipping rule):
@@ -33,7 +34,8 @@ gains with 90% bootstrap intervals, shipped or not, and the paired difference
 between the arms. Searches are journaled in WORK/runs, so an interrupted
 benchmark resumes.
 
-Writes benchmarks/results/do_no_harm-<evidence>[-first-order].{json,md}, keeping the rows of splits not rerun.
+Writes benchmarks/results/do_no_harm-<evidence>[-first-order][-augment<K>].{json,md}, keeping the rows of splits
+not rerun.
 """
 
 from __future__ import annotations
@@ -100,23 +102,23 @@ def summarise(report: TuneReport) -> dict:
             "search_decoder_runs": report.cost["decoder_evaluations"]["search"]}
 
 
-def _stem(evidence: str, strategy: str) -> str:
+def _stem(evidence: str, strategy: str, augment: int = 0) -> str:
     """Name of one evidence/strategy setting in WORK/runs and results/ (fast keeps the names it had first)."""
-    return evidence if strategy == "fast" else f"{evidence}-{strategy}"
+    return (evidence if strategy == "fast" else f"{evidence}-{strategy}") + (f"-augment{augment}" if augment else "")
 
 
 def run_split(export: Path, work: Path, name: str, split: str, evidence: str, strategy: str = "fast",
-              reread: bool = False) -> dict:
+              augment: int = 0, reread: bool = False) -> dict:
     """Tune one split (resuming its journal) and summarise it; ``reread``: summarise the report it already has."""
-    runs = work / "runs" / f"{name}-{split}-{_stem(evidence, strategy)}"
+    runs = work / "runs" / f"{name}-{split}-{_stem(evidence, strategy, augment)}"
     if reread:
         return {"set": name, "split": split, **summarise(TuneReport.load(runs / "report.json"))}
     source = SHARED / name
     features = pooled_embeddings(export / "encoder.onnx", source) if split in SHIFT_SPLITS else None
     data = work / "data" / f"{name}-{split}"
     write_split(source, split, data, features)
-    settings = TuneSettings(strategy=strategy, evidence=evidence, search_images=50, holdout_images=50,
-                            progress=False)
+    settings = TuneSettings(strategy=strategy, evidence=evidence, augment=augment, search_images=50,
+                            holdout_images=50, progress=False)
     report = tune(export / "encoder.onnx", export / "decoder.onnx", data, runs, settings).report
     return {"set": name, "split": split, **summarise(report)}
 
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=[*SHIFT_SPLITS, "fixed"])
     parser.add_argument("--evidence", default="given", choices=["given", "points"])
     parser.add_argument("--strategy", default="fast", choices=["fast", "first-order"])
+    parser.add_argument("--augment", type=int, default=0, help="altered copies scored beside each search image")
     parser.add_argument("--jobs", type=int, default=2, help="splits tuned at once, one ONNX Runtime thread each")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "shift")
     parser.add_argument("--reread", action="store_true",
@@ -180,11 +183,12 @@ def main() -> None:
     os.environ["SAM_REUSE_THREADS"] = "1" if args.jobs > 1 else os.environ.get("SAM_REUSE_THREADS", "2")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(run_split, *zip(*[(args.export, args.work, n, s, args.evidence, args.strategy,
-                                                args.reread) for n, s in jobs])))
-    stem = f"do_no_harm-{_stem(args.evidence, args.strategy)}"
+                                                args.augment, args.reread) for n, s in jobs])))
+    stem = f"do_no_harm-{_stem(args.evidence, args.strategy, args.augment)}"
     rows = _merged(RESULTS / f"{stem}.json", rows)
     write_json(RESULTS / f"{stem}.json", {"export": str(args.export), "machine": platform.node(),
-                                         "evidence": args.evidence, "strategy": args.strategy, "rows": rows})
+                                         "evidence": args.evidence, "strategy": args.strategy, "augment": args.augment,
+                                         "rows": rows})
     (RESULTS / f"{stem}.md").write_text(markdown(rows, args.evidence, args.strategy))
     print(markdown(rows, args.evidence, args.strategy))
 

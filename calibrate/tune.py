@@ -39,6 +39,7 @@ from sam_reuse.base.files import as_seen_from, ensure_writable_dir, folder_lock,
 from sam_reuse.base.imaging import load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import active_providers, load_model, on_device, ort_session
+from sam_reuse.calibrate.augment import ALTERATIONS, with_altered_copies
 from sam_reuse.calibrate.activations import encode
 from sam_reuse.calibrate.data import MASK_RULE, CalibrationSet, load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
@@ -96,6 +97,7 @@ class TuneSettings:
     sources: str | None = None  # None: "all" at the embedding, "salient:64" inside the encoder
     prompt: str = "given"
     evidence: str | None = None  # search split only; None: "points" at the embedding, "given" inside the encoder
+    augment: int = 0  # altered copies of each search image scored beside it (calibrate.augment); 0: none
     masks: str | None = None
     search_images: int | None = None
     holdout_images: int | None = None
@@ -194,6 +196,9 @@ def _check_settings(settings: TuneSettings) -> None:
         raise SamReuseError(f"unknown selection '{settings.selection}' (choose from {', '.join(SHIP_SELECTIONS)})")
     if settings.evidence is not None and settings.evidence not in EVIDENCE:
         raise SamReuseError(f"unknown evidence '{settings.evidence}' (choose from {', '.join(EVIDENCE)})")
+    if not 0 <= settings.augment <= len(ALTERATIONS):
+        raise SamReuseError(f"--augment must be between 0 and {len(ALTERATIONS)} (the alterations: "
+                            f"{', '.join(ALTERATIONS)}), not {settings.augment}")
     if settings.top_n < 1:
         raise SamReuseError("--top-pairs must be at least 1")
     if settings.batch_size < 1:
@@ -289,7 +294,7 @@ class _Scoring:
     """Stage 2: each split's evaluator (every image encoded once) and the search split's site activations."""
 
     evidence: str
-    per_image: int  # prompts per search image
+    per_image: int  # rows per search image: its prompts, on the image and on each altered copy
     search_eval: MaskEvaluator
     search_prompts: list[Sample]
     search_activations: list[np.ndarray] | np.ndarray
@@ -382,14 +387,17 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
 
 
 def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
-    # Each search image appears once per prompt of its evidence (the encoder still runs once per image).
+    # Each search image appears once per prompt of its evidence, for itself and each altered copy (the encoder
+    # still runs once per image and copy).
     evidence = _evidence(settings, inputs.site.name)
-    search_prompts = evidence_samples(inputs.calibration.search, evidence)
+    copies = with_altered_copies(inputs.calibration.search, settings.augment, settings.cache_dir)
+    search_prompts = evidence_samples(copies, evidence)
     search_eval, activations = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site,
                                                search_prompts, settings, "encode search split")
     held_eval = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site, inputs.calibration.held_out,
                                 settings, "encode held-out split")[0] if inputs.calibration.held_out else None
-    return _Scoring(evidence, 1 + EVIDENCE[evidence], search_eval, search_prompts, activations, held_eval)
+    return _Scoring(evidence, (1 + settings.augment) * (1 + EVIDENCE[evidence]), search_eval, search_prompts,
+                    activations, held_eval)
 
 
 def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir: Path) -> _Search:

@@ -82,6 +82,10 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                         help="prompts per search image: points (its own prompt plus 2 points spread over the "
                              "mask, IoU averaged: 3x the decoder runs; default at the embedding) or given (its own "
                              "prompt only; default inside the encoder); see README")
+    search.add_argument("--augment", type=int, default=defaults.augment, metavar="K",
+                        help="also score each search image on K altered copies (mirror, contrast, blur, colour "
+                             "casts; at most 2), K+1 times the search's decoder runs: simulated shift, so a pair "
+                             "must help beyond the search images as they are (default: 0; see README)")
     search.add_argument("--top-pairs", dest="top_n", type=int, default=defaults.top_n,
                         help="N best pairs (distinct targets): fast walks a greedy path of up to N of them, "
                              f"exhaustive tries all 2^N-1 subsets (default: {defaults.top_n})")
