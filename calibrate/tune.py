@@ -39,8 +39,8 @@ from sam_reuse.base.files import as_seen_from, ensure_writable_dir, folder_lock,
 from sam_reuse.base.imaging import load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import active_providers, load_model, on_device, ort_session
-from sam_reuse.calibrate.augment import ALTERATIONS, with_altered_copies
 from sam_reuse.calibrate.activations import encode
+from sam_reuse.calibrate.augment import ALTERATIONS, with_altered_copies
 from sam_reuse.calibrate.data import MASK_RULE, CalibrationSet, load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
 from sam_reuse.calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
