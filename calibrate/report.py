@@ -276,6 +276,7 @@ def markdown(report: TuneReport) -> str:
         f"{search.images} search / {held_images} held-out images"
         + ("; search images also scored on 2 spread points (evidence: points)"
            if settings.get("evidence", "given") == "points" else "")
+        + (f"; and on {settings['augment']} altered copies of each (--augment)" if settings.get("augment") else "")
         + (f"; {len(report.data['skipped'])} skipped" if report.data["skipped"] else ""),
         f"- Site: `{report.site['name']}` ({report.site['channels']} channels); strategy "
         f"`{settings['strategy']}` ({settings['selection']} selection)"

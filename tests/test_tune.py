@@ -239,6 +239,8 @@ def test_bad_inputs_exit_2_naming_the_problem_and_write_nothing(task, tmp_path, 
         "--targets: 'salient:99': expected salient:K with 1 <= K <= 8": base + ["--targets", "salient:99"],
         "--sources: 'x'": base + ["--sources", "x"],
         "--top-pairs must be at least 1": base + ["--top-pairs", "0"],
+        "--augment must be between 0 and 2 (the alterations: mirror-flat-warm, blur-dark-cool), not 3":
+            base + ["--augment", "3"],
         "only 1 usable search record(s) of 1 (at least 2 needed)": base + ["--search-images", "1"],
         "split asks for 10 search + 5 held-out records, the data has 12": base + ["--search-images", "10",
                                                                                   "--holdout-images", "5"],
