@@ -1,10 +1,11 @@
-"""Pre/post-processing parity with segment_anything's SamPredictor and torch ops."""
+"""Pre/post-processing parity with SamPredictor, SAM2ImagePredictor's transforms and torch ops."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from sam_reuse.base import imaging
@@ -139,3 +140,46 @@ def test_a_bomb_in_the_data_is_a_skipped_record(tmp_path):
     with pytest.warns(SkippedRecordsWarning, match="img02: .*too large to decode"):
         calibration = load_calibration(data, search_images=3, holdout_images=3)
     assert [s.key for s in calibration.search] == ["img00", "img01"] and "img02" in calibration.skipped
+
+
+def _sam2_transforms():
+    from sam2.utils.transforms import SAM2Transforms
+
+    return SAM2Transforms(resolution=1024, mask_threshold=0.0)
+
+
+@pytest.mark.parametrize("resize", [None, "crop", "larger"])
+def test_sam2_preprocess_matches_sam2_transforms(sample_records, resize):
+    transforms = _sam2_transforms()
+    for record in sample_records[:2]:
+        image = imaging.load_image_rgb(record.image)
+        if resize == "crop":
+            image = _non_square(image)  # both sides stretched up
+        elif resize == "larger":
+            image = np.asarray(Image.fromarray(image).resize((1500, 1100)))  # shrunk: the antialiased path
+        expected = transforms(image)[None].numpy()
+        ours = imaging.preprocess(image, convention=imaging.SAM2)
+        assert ours.shape == (1, 3, 1024, 1024)
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(1024, 1024), (713, 963), (500, 300)])
+def test_sam2_upscale_and_coords_match_sam2_transforms(hw):
+    transforms = _sam2_transforms()
+    logits = np.random.default_rng(2).standard_normal((1, 1, 256, 256)).astype(np.float32) * 4
+    expected = transforms.postprocess_masks(torch.from_numpy(logits), hw).numpy()
+    np.testing.assert_allclose(imaging.upscale_logits(logits, hw, convention=imaging.SAM2), expected, atol=2e-4)
+    points = np.array([[10.0, 20.0], [hw[1] - 1, hw[0] - 1]], dtype=np.float32)
+    expected_coords = transforms.transform_coords(torch.from_numpy(points), normalize=True, orig_hw=hw).numpy()
+    np.testing.assert_allclose(imaging.transform_coords(points, hw, convention=imaging.SAM2), expected_coords,
+                               rtol=1e-6)
+
+
+def test_sam2_prompts_put_the_box_first_and_always_pad():
+    prompt = imaging.Prompt(points=np.array([[100.0, 50.0]]), labels=np.array([1.0]),
+                            box=np.array([10, 20, 300, 400.0]))
+    coords, labels = imaging.prompt_arrays(prompt, (500, 1000), convention=imaging.SAM2)
+    np.testing.assert_array_equal(labels, [[2, 3, 1, -1]])
+    np.testing.assert_allclose(coords, [[[10.24, 40.96], [307.2, 819.2], [102.4, 102.4], [0, 0]]], rtol=1e-6)
+    _, sam_labels = imaging.prompt_arrays(prompt, (500, 1000))
+    np.testing.assert_array_equal(sam_labels, [[1, 2, 3]])

@@ -11,6 +11,15 @@ sample all see identical tensors:
   point (0, 0, label -1) when no box is given, as ``PromptEncoder`` does;
 * ``upscale_logits``: bilinear 256 -> 1024, crop the padding, bilinear to the
   original size (``Sam.postprocess_masks``), as two small matrix products.
+
+Those are the ``sam`` conventions (SAM, MobileSAM). SAM 2's ``SAM2ImagePredictor``
+has its own (``sam2``): it resizes both sides to 1024 (aspect ratio not kept;
+torchvision's antialiased bilinear resize of the float image, which Pillow's
+bilinear filter on float channels reproduces), normalises with the same
+mean/std, scales prompts by 1024/W and 1024/H, puts a box's corners before the
+clicks and always appends the padding point, and resizes the 256x256 logits
+straight to the image's size. Every function below that depends on them takes
+``convention``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ LOW_RES_SIZE = 256
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 MASK_THRESHOLD = 0.0
+SAM1, SAM2 = "sam", "sam2"  # SamPredictor (SAM, MobileSAM) and SAM2ImagePredictor (see above)
+CONVENTIONS = (SAM1, SAM2)
 
 
 MAX_PIXELS = 8192 * 8192  # SAM looks at 1024 px; anything larger is a mistake or a decompression bomb
@@ -83,44 +94,66 @@ def load_image_rgb(path: str | Path) -> np.ndarray:
             raise SamReuseError(f"{path}: cannot read image ({exc})") from None
 
 
-def resized_shape(height: int, width: int, long_side: int = IMAGE_SIZE) -> tuple[int, int]:
-    """(h, w) after scaling the longest side to ``long_side``, rounded like SAM."""
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention '{convention}' (choose from {', '.join(CONVENTIONS)})")
+
+
+def resized_shape(height: int, width: int, long_side: int = IMAGE_SIZE, convention: str = SAM1) -> tuple[int, int]:
+    """(h, w) of the image inside the encoder's input: the longest side scaled to ``long_side`` and rounded like
+    SAM (``pad``), or the whole input (``stretch``)."""
+    _check_convention(convention)
+    if convention == SAM2:
+        return long_side, long_side
     scale = long_side * 1.0 / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def preprocess(image: np.ndarray, long_side: int = IMAGE_SIZE) -> np.ndarray:
+def _resized_float(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """Bilinear resize of each channel as float32 (antialiased when shrinking), with no rounding to 8 bits."""
+    channels = [Image.fromarray(image[..., c].astype(np.float32), mode="F").resize((new_w, new_h), Image.BILINEAR)
+                for c in range(image.shape[2])]
+    return np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=-1)
+
+
+def preprocess(image: np.ndarray, long_side: int = IMAGE_SIZE, convention: str = SAM1) -> np.ndarray:
     """HxWx3 uint8 RGB -> 1x3xSxS float32 encoder input (resized, normalised, padded)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
-    new_h, new_w = resized_shape(image.shape[0], image.shape[1], long_side)
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+    new_h, new_w = resized_shape(image.shape[0], image.shape[1], long_side, convention)
+    if convention == SAM2:
+        resized = _resized_float(image, new_h, new_w)
+    else:
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
     normalised = (resized - PIXEL_MEAN) / PIXEL_STD
     padded = np.zeros((long_side, long_side, 3), dtype=np.float32)
     padded[:new_h, :new_w] = normalised
     return padded.transpose(2, 0, 1)[None]
 
 
-def transform_coords(coords: np.ndarray, original_hw: tuple[int, int], long_side: int = IMAGE_SIZE) -> np.ndarray:
+def transform_coords(coords: np.ndarray, original_hw: tuple[int, int], long_side: int = IMAGE_SIZE,
+                     convention: str = SAM1) -> np.ndarray:
     """Map x,y pixel coordinates of the original image into the resized frame."""
     old_h, old_w = original_hw
-    new_h, new_w = resized_shape(old_h, old_w, long_side)
+    new_h, new_w = resized_shape(old_h, old_w, long_side, convention)
     out = np.array(coords, dtype=np.float64).copy()
     out[..., 0] *= new_w / old_w
     out[..., 1] *= new_h / old_h
     return out.astype(np.float32)
 
 
-def prompt_arrays(prompt: Prompt, original_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def prompt_arrays(prompt: Prompt, original_hw: tuple[int, int], convention: str = SAM1
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Decoder inputs ``point_coords`` (1xNx2) and ``point_labels`` (1xN), float32.
 
     Box corners are points with labels 2 and 3. Without a box SAM's prompt
-    encoder appends a padding point (0, 0) with label -1; the exported decoder
-    has no control flow, so the caller appends it here.
+    encoder appends a padding point (0, 0) with label -1 (SAM 2's always does);
+    the exported decoder has no control flow, so the caller appends it here.
     """
     has_points = prompt.points is not None and len(prompt.points) > 0
     if not has_points and prompt.box is None:
         raise ValueError("a prompt needs at least one point or a box")
+    _check_convention(convention)
     coords: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     if has_points:
@@ -128,13 +161,14 @@ def prompt_arrays(prompt: Prompt, original_hw: tuple[int, int]) -> tuple[np.ndar
         lab = np.asarray(prompt.labels if prompt.labels is not None else np.ones(len(pts)), dtype=np.float32)
         if lab.shape != (len(pts),):
             raise ValueError(f"{len(pts)} points but labels of shape {lab.shape}")
-        coords.append(transform_coords(pts, original_hw))
+        coords.append(transform_coords(pts, original_hw, convention=convention))
         labels.append(lab)
     if prompt.box is not None:
         corners = np.asarray(prompt.box, dtype=np.float32).reshape(2, 2)
-        coords.append(transform_coords(corners, original_hw))
-        labels.append(np.array([2, 3], dtype=np.float32))
-    else:
+        at = 0 if convention == SAM2 else len(coords)  # SAM 2: the box's corners come first
+        coords.insert(at, transform_coords(corners, original_hw, convention=convention))
+        labels.insert(at, np.array([2, 3], dtype=np.float32))
+    if prompt.box is None or convention == SAM2:
         coords.append(np.zeros((1, 2), dtype=np.float32))
         labels.append(np.array([-1], dtype=np.float32))
     return np.concatenate(coords)[None].astype(np.float32), np.concatenate(labels)[None].astype(np.float32)
@@ -172,10 +206,13 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def upscale_matrices(original_hw: tuple[int, int], low_res: int = LOW_RES_SIZE,
-                     long_side: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(rows HxL, cols LxW) with ``rows @ logits @ cols`` = SAM's mask post-processing."""
+                     long_side: int = IMAGE_SIZE, convention: str = SAM1) -> tuple[np.ndarray, np.ndarray]:
+    """(rows HxL, cols LxW) with ``rows @ logits @ cols`` = SAM's mask post-processing (SAM 2's: one bilinear
+    resize of the logits to the image's size)."""
     height, width = original_hw
-    new_h, new_w = resized_shape(height, width, long_side)
+    if convention == SAM2:
+        return bilinear_matrix(low_res, height), np.ascontiguousarray(bilinear_matrix(low_res, width).T)
+    new_h, new_w = resized_shape(height, width, long_side, convention)
     to_padded = bilinear_matrix(low_res, long_side)
     rows = bilinear_matrix(new_h, height) @ to_padded[:new_h]
     cols = (bilinear_matrix(new_w, width) @ to_padded[:new_w]).T
@@ -200,9 +237,9 @@ def low_res_target(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return target, valid
 
 
-def upscale_logits(low_res_logits: np.ndarray, original_hw: tuple[int, int]) -> np.ndarray:
+def upscale_logits(low_res_logits: np.ndarray, original_hw: tuple[int, int], convention: str = SAM1) -> np.ndarray:
     """...xLxL low-resolution mask logits -> ...xHxW logits at the original image size."""
-    rows, cols = upscale_matrices(original_hw, low_res_logits.shape[-1])
+    rows, cols = upscale_matrices(original_hw, low_res_logits.shape[-1], convention=convention)
     return rows @ low_res_logits.astype(np.float32) @ cols
 
 
