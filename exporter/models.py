@@ -4,11 +4,17 @@ Model types:
 
 * ``vit_t``: MobileSAM (TinyViT encoder, package ``mobile_sam``);
 * ``vit_b``, ``vit_l``, ``vit_h``: SAM (ViT encoder, package ``segment_anything``);
-* ``test_vit_t``, ``test_vit_b``: the same two encoder families, shrunk so a
-  full export and parity check takes seconds, randomly initialised from a seed.
+* ``sam2.1_hiera_t|s|b+|l`` and ``sam2_hiera_t|s|b+|l``: SAM 2.1 and SAM 2.0
+  image models (Hiera encoder, package ``sam2``; ``exporter.sam2_models``);
+* ``test_vit_t``, ``test_vit_b``, ``test_sam2``, ``test_sam2_b+``,
+  ``test_sam2_l``: the encoder families (and SAM 2's size-specific code paths),
+  shrunk so a full export and parity check takes seconds, randomly initialised
+  from a seed.
 
 Every model keeps SAM's interface: 1024x1024 input, a 256x64x64 image
-embedding and the standard prompt encoder / mask decoder.
+embedding and the standard prompt encoder / mask decoder. SAM 2 models also
+hand the decoder two high-resolution feature maps, and frame images their own
+way (``sam_reuse.base.imaging``, convention ``sam2``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ EMBEDDING_SIZE = 64
 class ModelSpec:
     """How to construct one model type."""
 
-    family: str  # "tinyvit" (MobileSAM) or "vit" (SAM)
+    family: str  # "tinyvit" (MobileSAM), "vit" (SAM) or "hiera" (SAM 2; encoder = {"size": key of HIERA_TRUNKS})
     encoder: dict[str, Any]
     decoder_mlp_dim: int = 2048
     is_test_config: bool = False
@@ -49,7 +55,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
                             decoder_mlp_dim=128, is_test_config=True),
     "test_vit_b": ModelSpec("vit", dict(embed_dim=48, depth=2, num_heads=2), global_attn_indexes=(1,),
                             decoder_mlp_dim=128, is_test_config=True),
+    **{f"sam2{version}_hiera_{size}": ModelSpec("hiera", {"size": size})
+       for version in (".1", "") for size in ("t", "s", "b+", "l")},
+    "test_sam2": ModelSpec("hiera", {"size": "test_t"}, is_test_config=True),
+    "test_sam2_b+": ModelSpec("hiera", {"size": "test_b+"}, is_test_config=True),
+    "test_sam2_l": ModelSpec("hiera", {"size": "test_l"}, is_test_config=True),
 }
+SAM2_FAMILY = "hiera"
 
 
 def model_types() -> list[str]:
@@ -87,11 +99,13 @@ def _build_encoder(spec: ModelSpec, modeling) -> Any:
                                     global_attn_indexes=spec.global_attn_indexes, **spec.encoder)
 
 
-def build_sam(model_type: str, checkpoint: str | Path | None = None, seed: int = 0):
-    """Construct a ``Sam`` module in eval mode.
+def build_sam(model_type: str, checkpoint: str | Path | None = None, seed: int = 0, random_weights: bool = False):
+    """Construct a ``Sam`` module (a ``SAM2Base`` for SAM 2 types) in eval mode.
 
-    Real model types need a checkpoint; test configs are initialised from
-    ``seed`` (and may also load a checkpoint, e.g. one saved by a test).
+    Real model types need a checkpoint, unless ``random_weights`` (for
+    measuring and testing a full-size architecture); test configs are
+    initialised from ``seed`` (and may also load a checkpoint, e.g. one saved
+    by a test).
     ``eval()`` is called after the weights are loaded: TinyViT caches its
     attention biases when switched to eval mode, so calling it before loading
     (as ``mobile_sam.build_sam_vit_t`` does) would keep the initial biases.
@@ -99,9 +113,11 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, seed: int =
     import torch
 
     spec = spec_for(model_type)
-    if checkpoint is None and not spec.is_test_config:
+    if checkpoint is None and not (spec.is_test_config or random_weights):
         raise SamReuseError(f"model type '{model_type}' needs --checkpoint PATH")
     state_dict = load_state_dict(checkpoint) if checkpoint is not None else None
+    if spec.family == SAM2_FAMILY:
+        return _build_sam2(spec, model_type, checkpoint, state_dict, seed)
     modeling = _modeling(spec.family)
     torch.manual_seed(seed)
     sam = modeling.Sam(
@@ -122,6 +138,31 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, seed: int =
     if state_dict is not None:
         _load_into(sam, state_dict, checkpoint, model_type)
     return sam.eval()
+
+
+def _build_sam2(spec: ModelSpec, model_type: str, checkpoint: str | Path | None, state_dict: dict[str, Any] | None,
+                seed: int):
+    import torch
+
+    from sam_reuse.exporter.sam2_models import build_sam2_image, image_path_keys, image_path_state
+
+    if state_dict is not None:
+        state_dict = image_path_state(state_dict, checkpoint, model_type)  # refuses a SAM 1 checkpoint first
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sam2's deprecation notices
+        sam2 = build_sam2_image(spec.encoder["size"])
+    if state_dict is None:
+        # Several of SAM 2's tensors start at zero (position embeddings, no_mem_embed, biases): a little noise on
+        # every one, so that no path of a randomly initialised model is trivially zero in a parity test.
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for param in sam2.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+        return sam2.eval()
+    _check_keys(image_path_keys(sam2), state_dict, checkpoint, model_type)
+    sam2.load_state_dict(state_dict, strict=False)
+    return sam2.eval()
 
 
 def _randomise_zero_initialised(sam, seed: int) -> None:
@@ -163,7 +204,15 @@ def load_state_dict(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def _load_into(sam, state_dict: dict[str, Any], path: str | Path, model_type: str) -> None:
-    own = sam.state_dict()
+    if any(key.startswith("image_encoder.trunk.") for key in state_dict):
+        raise SamReuseError(f"{path}: a SAM 2 checkpoint, not a {model_type} one; use --model-type "
+                            "sam2.1_hiera_t, _s, _b+ or _l (or sam2_hiera_* for SAM 2.0)")
+    _check_keys(sam.state_dict(), state_dict, path, model_type)
+    sam.load_state_dict(state_dict, strict=True)
+
+
+def _check_keys(own: dict[str, Any], state_dict: dict[str, Any], path: str | Path, model_type: str) -> None:
+    """One line naming what differs when a checkpoint is not of ``model_type`` (other size, other family)."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
@@ -173,7 +222,6 @@ def _load_into(sam, state_dict: dict[str, Any], path: str | Path, model_type: st
             if keys:
                 parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]})")
         raise SamReuseError(f"{path}: not a {model_type} checkpoint: " + ", ".join(parts))
-    sam.load_state_dict(state_dict, strict=True)
 
 
 def count_parameters(module) -> int:

@@ -45,7 +45,7 @@ from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import folder_lock, sha256_file, staged_outputs, write_json
 from sam_reuse.base.records import Record
 from sam_reuse.base.runtime import onnx_io_spec, ort_session
-from sam_reuse.exporter.models import build_sam, spec_for
+from sam_reuse.exporter.models import SAM2_FAMILY, build_sam, spec_for
 from sam_reuse.graphops.sites import sites_of
 
 DEFAULT_OPSET = 17
@@ -353,6 +353,11 @@ def export_model(model_type: str, out_dir: str | Path, checkpoint: str | Path | 
     check_export_request(model_type, exporter, verify_records, opset)
     check_app_decoders(app_decoders)
     sam = build_sam(model_type, checkpoint, seed=seed)
+    if spec_for(model_type).family == SAM2_FAMILY:
+        from sam_reuse.exporter.sam2_export import export_sam2
+
+        return export_sam2(sam, out_dir, verify_records, export_identity(model_type, checkpoint, seed, exporter,
+                                                                         opset), app_decoders=app_decoders)
     return export_sam(sam, out_dir, verify_records, export_identity(model_type, checkpoint, seed, exporter, opset),
                       app_decoders=app_decoders, first_order=first_order)
 

@@ -44,18 +44,14 @@ def _tokens_to_grid(module: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[tor
     return (x.reshape(x.shape[0], height, width, -1).permute(0, 3, 1, 2),)
 
 
-class SingleMaskDecoder(nn.Module):
-    def __init__(self, sam) -> None:
-        super().__init__()
-        self.prompt_encoder = sam.prompt_encoder
-        self.mask_decoder = sam.mask_decoder
-        self.image_size = float(sam.image_encoder.img_size)
-        # Python ints, not traced shapes: the exported graph gets static sizes.
-        self.embedding_hw = tuple(sam.prompt_encoder.image_embedding_size)
-        self.channels = sam.prompt_encoder.embed_dim
+class PromptEmbedding(nn.Module):
+    """The prompt encoder's point and mask embeddings written without boolean indexing or control flow (shared by
+    SAM's and SAM 2's decoders; subclasses set ``prompt_encoder`` and ``image_size``)."""
+
+    prompt_encoder: nn.Module
+    image_size: float
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """SAM's point embedding written with masks instead of boolean indexing."""
         pe = self.prompt_encoder
         embedding = pe.pe_layer._pe_encoding((coords + 0.5) / self.image_size)
         labels = labels.unsqueeze(-1)
@@ -68,6 +64,17 @@ class SingleMaskDecoder(nn.Module):
         has_mask = has_mask_input.reshape(-1, 1, 1, 1)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return has_mask * self.prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask) * no_mask
+
+
+class SingleMaskDecoder(PromptEmbedding):
+    def __init__(self, sam) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.image_size = float(sam.image_encoder.img_size)
+        # Python ints, not traced shapes: the exported graph gets static sizes.
+        self.embedding_hw = tuple(sam.prompt_encoder.image_embedding_size)
+        self.channels = sam.prompt_encoder.embed_dim
 
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

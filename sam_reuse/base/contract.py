@@ -15,6 +15,14 @@ EMBEDDING = "image_embeddings"  # the encoder's output, the decoder's first inpu
 ENCODER_OUTPUTS = (EMBEDDING,)
 DECODER_INPUTS = (EMBEDDING, "point_coords", "point_labels", "mask_input", "has_mask_input")
 DECODER_OUTPUTS = ("low_res_masks", "iou_predictions")
+# SAM 2: the encoder also hands the decoder two high-resolution feature maps (Bx32x256x256, Bx64x128x128), which
+# channel reuse at the embedding leaves alone.
+HIGH_RES_FEATURES = ("high_res_feats_0", "high_res_feats_1")
+SAM2_ENCODER_OUTPUTS = (EMBEDDING, *HIGH_RES_FEATURES)
+SAM2_DECODER_INPUTS = (EMBEDDING, *HIGH_RES_FEATURES, *DECODER_INPUTS[1:])
+# Metadata key of every exported encoder and decoder: the predictor conventions its inputs and outputs follow
+# (sam_reuse.base.imaging.CONVENTIONS); absent in exports made before SAM 2 was supported, which follow "sam".
+CONVENTION_PROPERTY = "sam_reuse.convention"
 # The first-order scorer (``export --first-order``): one prompt of FIRST_ORDER_POINTS points and its ground truth
 # in the low-res frame -> M = G X^T and the soft IoU (``exporter.wrappers.FirstOrderScorer``).
 FIRST_ORDER_SCORER = "decoder.first_order.onnx"

@@ -52,12 +52,14 @@ def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: 
     parity = result.info["parity"]
     names = ", ".join([path.name for path in (result.encoder, result.decoder, result.sidecar)]
                       + [result.info["models"][f"decoder.prompts.{kind}"]["file"] for kind in app_decoders]
-                      + ([FIRST_ORDER_SCORER] if first_order else []))
+                      + ([FIRST_ORDER_SCORER] if "first_order" in result.info["models"] else []))
     print(f"{'exported' if out != args.out else 'wrote'} {names} ({'to publish in ' if out != args.out else 'in '}"
           f"{args.out})")
     print(f"parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "
           f"decoder max|diff| {parity['decoder_max_abs_diff']:.2e}, "
-          f"mask IoU vs SamPredictor {parity['min_mask_iou']:.6f}")
+          f"mask IoU vs {parity.get('reference', 'SamPredictor')} {parity['min_mask_iou']:.6f}")
+    if isinstance(result.info.get("first_order"), str):
+        print(f"first-order scorer {result.info['first_order']}")
     return result
 
 

@@ -1,0 +1,173 @@
+"""SAM 2 image models: exports agree with torch and with SAM2ImagePredictor; wrong checkpoints are one line."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sam_reuse.base import imaging
+from sam_reuse.base.contract import CONVENTION_PROPERTY, SAM2_DECODER_INPUTS, SAM2_ENCODER_OUTPUTS
+from sam_reuse.base.runtime import ort_session
+from sam_reuse.cli import main
+from sam_reuse.exporter.models import build_sam
+from sam_reuse.exporter.onnx_export import export_identity, export_model
+from sam_reuse.exporter.sam2_export import export_sam2, sam2_decoder_feeds
+from sam_reuse.exporter.sam2_models import image_path_keys
+from sam_reuse.exporter.sam2_wrappers import Sam2SingleMaskDecoder
+
+TEST_TYPES = ["test_sam2", "test_sam2_b+", "test_sam2_l"]
+
+
+@pytest.fixture(scope="module")
+def sam2_exports(tmp_path_factory, sample_records):
+    return {model_type: export_model(model_type, tmp_path_factory.mktemp(model_type), verify_records=sample_records[:1])
+            for model_type in TEST_TYPES}
+
+
+def _predictor(sam2):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        return SAM2ImagePredictor(sam2)
+
+
+def _check_parity(info: dict) -> None:
+    parity = info["parity"]
+    assert parity["reference"] == "SAM2ImagePredictor" and parity["images"] >= 1
+    assert parity["encoder_max_abs_diff"] < 1e-4 and parity["decoder_max_abs_diff"] < 1e-4
+    assert parity["predictor_max_abs_diff"] < 1e-4 and parity["min_mask_iou"] > 0.9999
+
+
+@pytest.mark.parametrize("model_type", TEST_TYPES)
+def test_each_sam2_size_exports_with_parity_recorded(sam2_exports, model_type):
+    export = sam2_exports[model_type]
+    sidecar = json.loads(export.sidecar.read_text())
+    assert sidecar["model_type"] == model_type and sidecar["convention"] == imaging.SAM2
+    _check_parity(sidecar)
+    encoder_io, decoder_io = sidecar["models"]["encoder"], sidecar["models"]["decoder"]
+    assert [o["name"] for o in encoder_io["outputs"]] == list(SAM2_ENCODER_OUTPUTS)
+    assert [o["shape"] for o in encoder_io["outputs"]] == [["batch", 256, 64, 64], ["batch", 32, 256, 256],
+                                                           ["batch", 64, 128, 128]]
+    assert [i["name"] for i in decoder_io["inputs"]] == list(SAM2_DECODER_INPUTS)
+    assert decoder_io["outputs"][0]["shape"] == ["batch", 1, 256, 256]
+    for path in (export.encoder, export.decoder):
+        model = onnx.load(str(path))
+        assert {p.key: p.value for p in model.metadata_props}[CONVENTION_PROPERTY] == imaging.SAM2
+        # no control flow; Hiera's position embedding is computed from constants, not traced shapes
+        assert not [n for n in model.graph.node if n.op_type in ("If", "Loop")]
+    assert "first_order" not in sidecar["models"] and "not exported" in sidecar["first_order"]
+
+
+PROMPTS = {
+    "point": lambda r: imaging.Prompt(r.points, r.labels),
+    "points": lambda r: imaging.Prompt(np.vstack([r.points, r.points + 150]), np.array([1.0, 0.0])),
+    "box": lambda r: imaging.Prompt(box=np.array([200.0, 150.0, 800.0, 900.0])),
+    "box+point": lambda r: imaging.Prompt(r.points, r.labels, np.array([200.0, 150.0, 800.0, 900.0])),
+}
+
+
+def test_single_mask_equals_sam2_image_predictor(sam2_exports, sample_records):
+    """The whole ONNX path (preprocess, encoder, decoder, upscale) against predict(multimask_output=False) for
+    every prompt form, on square images and non-square crops (both sides stretched by different factors)."""
+    sam2 = build_sam("test_sam2")
+    predictor = _predictor(sam2)
+    encoder, decoder = ort_session(sam2_exports["test_sam2"].encoder), ort_session(sam2_exports["test_sam2"].decoder)
+    for record in sample_records[1:2]:  # not the image the export was verified on
+        whole = imaging.load_image_rgb(record.image)
+        for image in (whole, np.ascontiguousarray(whole[100:813, 37:1000])):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                predictor.set_image(image)
+            features = encoder.run(list(SAM2_ENCODER_OUTPUTS),
+                                   {"image": imaging.preprocess(image, convention=imaging.SAM2)})
+            for make_prompt in PROMPTS.values():
+                prompt = make_prompt(record)
+                masks, scores, _ = predictor.predict(prompt.points, prompt.labels, prompt.box,
+                                                     multimask_output=False, return_logits=True)
+                coords, labels = imaging.prompt_arrays(prompt, image.shape[:2], convention=imaging.SAM2)
+                logits, iou = decoder.run(None, sam2_decoder_feeds(features, coords, labels))
+                ours = imaging.upscale_logits(logits, image.shape[:2], convention=imaging.SAM2)[0, 0]
+                assert np.abs(ours - masks[0]).max() < 1e-4
+                assert imaging.binary_iou(ours > 0, masks[0] > 0, empty=1.0) > 0.9999
+                np.testing.assert_allclose(iou[0], scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_the_single_mask_choice_follows_sam2_on_both_branches(sample_records, threshold):
+    """Threshold 0: mask token 0 always counts as stable; 1.01: never, so the best multimask token is returned."""
+    sam2 = build_sam("test_sam2")
+    sam2.sam_mask_decoder.dynamic_multimask_stability_thresh = threshold
+    predictor, wrapper = _predictor(sam2), Sam2SingleMaskDecoder(sam2).eval()
+    record = sample_records[0]
+    image = imaging.load_image_rgb(record.image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        predictor.set_image(image)
+        _, scores, low_res = predictor.predict(record.points, record.labels, multimask_output=False,
+                                               return_logits=True)
+    features = predictor._features
+    coords, labels = imaging.prompt_arrays(record.prompt, image.shape[:2], convention=imaging.SAM2)
+    with torch.no_grad():
+        logits, iou = wrapper(features["image_embed"], *features["high_res_feats"], torch.from_numpy(coords),
+                              torch.from_numpy(labels), torch.zeros(1, 1, 256, 256), torch.zeros(1))
+        all_masks, all_ious = wrapper.all_masks(features["image_embed"], *features["high_res_feats"],
+                                                torch.from_numpy(coords), torch.from_numpy(labels),
+                                                torch.zeros(1, 1, 256, 256), torch.zeros(1))
+    token = 0 if threshold == 0.0 else 1 + int(all_ious[0, 1:].argmax())
+    np.testing.assert_allclose(logits[0, 0].numpy(), all_masks[0, token].numpy())
+    np.testing.assert_allclose(np.clip(logits[0].numpy(), -32, 32), low_res, atol=1e-5)
+    np.testing.assert_allclose(iou[0].numpy(), scores, atol=1e-6)
+
+
+def test_the_real_hiera_t_architecture_exports_with_parity(tmp_path, sample_records):
+    """sam2.1_hiera_t at full size with random weights (no SAM 2 weights can be downloaded here)."""
+    sam2 = build_sam("sam2.1_hiera_t", random_weights=True)
+    result = export_sam2(sam2, tmp_path, sample_records[:1], export_identity("sam2.1_hiera_t", None, 0, "legacy", 17))
+    _check_parity(result.info)
+
+
+@pytest.mark.parametrize("size", ["t", "s", "b+", "l"])
+def test_each_sam2_1_size_has_the_image_path_of_meta_s_config(size):
+    """Built without hydra, every image-path tensor has the name and shape ``build_sam2`` gives it from the 2.1
+    config, so a real checkpoint of that size loads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sam2.build_sam import build_sam2
+
+        reference = build_sam2(f"configs/sam2.1/sam2.1_hiera_{size}.yaml", ckpt_path=None, device="cpu")
+    ours = build_sam(f"sam2.1_hiera_{size}", random_weights=True)
+    shapes = {name: tuple(value.shape) for name, value in image_path_keys(ours).items()}
+    assert shapes == {name: tuple(value.shape) for name, value in image_path_keys(reference).items()}
+    assert [block.window_size for block in ours.image_encoder.trunk.blocks] == [
+        block.window_size for block in reference.image_encoder.trunk.blocks]
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export-and-tune: error: "), err
+    return err[0]
+
+
+def test_wrong_checkpoints_and_options_are_one_line(tmp_path, capsys):
+    sam1 = tmp_path / "mobile_sam.pt"
+    torch.save(build_sam("test_vit_t").state_dict(), sam1)
+    small_sam2 = tmp_path / "sam2_test.pt"
+    torch.save({"model": build_sam("test_sam2").state_dict()}, small_sam2)
+    out = tmp_path / "out"
+    export = ["export", "--out", str(out), "--model-type"]
+    assert "mobile_sam.pt: a SAM / MobileSAM checkpoint, not a SAM 2 one (model type sam2.1_hiera_t)" in _cli_error(
+        capsys, export + ["sam2.1_hiera_t", "--checkpoint", str(sam1)])
+    assert "sam2_test.pt: not a sam2.1_hiera_t checkpoint: " in _cli_error(
+        capsys, export + ["sam2.1_hiera_t", "--checkpoint", str(small_sam2)])
+    assert "sam2_test.pt: a SAM 2 checkpoint, not a vit_t one" in _cli_error(
+        capsys, export + ["vit_t", "--checkpoint", str(small_sam2)])
+    assert "--app-decoders single: not available for SAM 2 models yet" in _cli_error(
+        capsys, export + ["test_sam2", "--app-decoders", "single"])
+    assert not out.exists()
