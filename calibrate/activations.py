@@ -19,9 +19,9 @@ import onnx
 from tqdm import tqdm
 
 from sam_reuse.base.files import atomic_path, cache_root
-from sam_reuse.base.imaging import load_image_rgb, preprocess
+from sam_reuse.base.imaging import SAM1, load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
-from sam_reuse.base.runtime import ort_session
+from sam_reuse.base.runtime import model_convention, ort_session
 from sam_reuse.graphops.graph import fingerprint
 from sam_reuse.graphops.probe import expose
 
@@ -33,11 +33,13 @@ def _safe(name: str) -> str:
 
 
 class ActivationCache:
-    """``root/<model fingerprint>/<tensor>/<image sha256>.npy``."""
+    """``root/<model fingerprint>/<tensor>-<preprocessing>/<image sha256>.npy`` (the preprocessing names a
+    convention other than SAM's, whose folders keep the names they had before SAM 2)."""
 
-    def __init__(self, model_fingerprint: str, tensor: str, root: str | Path | None = None):
+    def __init__(self, model_fingerprint: str, tensor: str, root: str | Path | None = None, convention: str = SAM1):
         base = Path(root) if root is not None else cache_root() / "activations"
-        self.folder = base / model_fingerprint[:24] / f"{_safe(tensor)}-{PREPROCESS_VERSION}"
+        preprocessing = PREPROCESS_VERSION + ("" if convention == SAM1 else f"-{convention}")
+        self.folder = base / model_fingerprint[:24] / f"{_safe(tensor)}-{preprocessing}"
 
     def path(self, image_sha256: str) -> Path:
         return self.folder / f"{image_sha256}.npy"
@@ -68,8 +70,8 @@ def encode_tensors(encoder: str | Path | onnx.ModelProto, samples: Sequence[Samp
     """
     model = encoder if isinstance(encoder, onnx.ModelProto) else onnx.load(str(encoder))
     outputs = [o.name for o in model.graph.output]
-    model_fp = fingerprint(model)
-    caches = {name: ActivationCache(model_fp, name, cache_dir) for name in tensors}
+    model_fp, convention = fingerprint(model), model_convention(model)
+    caches = {name: ActivationCache(model_fp, name, cache_dir, convention) for name in tensors}
     session = None
     values: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
     for sample in tqdm(samples, desc=desc, unit="img", disable=not progress, leave=False):
@@ -79,7 +81,7 @@ def encode_tensors(encoder: str | Path | onnx.ModelProto, samples: Sequence[Samp
             if session is None:
                 hidden = [name for name in tensors if name not in outputs]
                 session = ort_session((expose(model, hidden) if hidden else model).SerializeToString())
-            image = preprocess(load_image_rgb(sample.record.image))
+            image = preprocess(load_image_rgb(sample.record.image), convention=convention)
             computed = session.run(missing, {session.get_inputs()[0].name: image})
             for name, value in zip(missing, computed):
                 caches[name].put(sample.image_sha256, value[0])

@@ -17,7 +17,10 @@ encoder's suffix after the site) and fed to the decoder unchanged.
 Each mask is scored the way ``SamPredictor.predict(multimask_output=False)``
 is: mask token 0, low-resolution logits upscaled to the image's own size
 (``sam_reuse.base.imaging.upscale_matrices``), thresholded at 0, IoU against the
-ground truth (``sam_reuse.base.imaging.binary_iou``).
+ground truth (``sam_reuse.base.imaging.binary_iou``). A SAM 2 decoder also
+reads the encoder's high-resolution features (``features``, cached per image
+like the embeddings and left alone by reuse at the embedding), and its prompts
+and masks follow ``SAM2ImagePredictor`` (``convention``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ import numpy as np
 import onnx
 
 from sam_reuse.base.contract import EMBEDDING, decoder_feeds
-from sam_reuse.base.imaging import binary_iou, groups_by_point_count, logits_to_mask, prompt_arrays, upscale_matrices
+from sam_reuse.base.imaging import (
+    SAM1,
+    binary_iou,
+    groups_by_point_count,
+    logits_to_mask,
+    prompt_arrays,
+    upscale_matrices,
+)
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import ort_session
 from sam_reuse.graphops.probe import index_input_name, with_index_input
@@ -54,9 +64,13 @@ class MaskEvaluator:
     """
 
     def __init__(self, decoder: str | Path | onnx.ModelProto, samples: Sequence[Sample], embeddings: np.ndarray,
-                 batch_size: int = DEFAULT_BATCH, embedder: Embedder | None = None):
+                 batch_size: int = DEFAULT_BATCH, embedder: Embedder | None = None,
+                 features: dict[str, Sequence[np.ndarray]] | None = None, convention: str = SAM1):
         if len(samples) != len(embeddings):
             raise ValueError(f"{len(samples)} samples but {len(embeddings)} embeddings")
+        self.features = features or {}  # decoder input name -> one array per sample (SAM 2's high-res features)
+        if any(len(values) != len(samples) for values in self.features.values()):
+            raise ValueError("every feature needs one array per sample")
         if batch_size < 1:
             raise ValueError("batch size must be at least 1")
         model = decoder if isinstance(decoder, onnx.ModelProto) else onnx.load(str(decoder))
@@ -68,7 +82,8 @@ class MaskEvaluator:
         self.session = ort_session(probe.SerializeToString())
         self.samples = list(samples)
         self.embeddings = embeddings
-        self.prompts = [prompt_arrays(s.prompt, s.hw) for s in self.samples]
+        self.convention = convention
+        self.prompts = [prompt_arrays(s.prompt, s.hw, convention=convention) for s in self.samples]
         self.batch_size = batch_size
         self._batches: dict[tuple[int, ...], list[list[int]]] = {}
         self._upscale: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -109,6 +124,8 @@ class MaskEvaluator:
             feeds = decoder_feeds(embeddings, np.concatenate([self.prompts[i][0] for i in batch]),
                                   np.concatenate([self.prompts[i][1] for i in batch]))
             feeds[index_input_name(EMBEDDING)] = decoder_index
+            for name, values in self.features.items():
+                feeds[name] = np.stack([values[i] for i in batch])
             masks = self.session.run(["low_res_masks"], feeds)[0]
             for row, i in enumerate(batch):
                 logits[i] = masks[row, 0]
@@ -119,7 +136,7 @@ class MaskEvaluator:
         """Binary mask at the image's resolution, as SamPredictor would return it."""
         hw = self.samples[sample_index].hw
         if hw not in self._upscale:
-            self._upscale[hw] = upscale_matrices(hw)
+            self._upscale[hw] = upscale_matrices(hw, convention=self.convention)
         rows, cols = self._upscale[hw]
         return logits_to_mask(rows @ logits @ cols)
 

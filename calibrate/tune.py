@@ -36,10 +36,10 @@ from sam_reuse.base.contract import (
 )
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import as_seen_from, ensure_writable_dir, folder_lock, staged_outputs
-from sam_reuse.base.imaging import load_image_rgb, preprocess
+from sam_reuse.base.imaging import SAM2, load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
-from sam_reuse.base.runtime import active_providers, load_model, on_device, ort_session
-from sam_reuse.calibrate.activations import encode
+from sam_reuse.base.runtime import active_providers, check_pair, load_model, model_convention, on_device, ort_session
+from sam_reuse.calibrate.activations import encode_tensors
 from sam_reuse.calibrate.augment import ALTERATIONS, with_altered_copies
 from sam_reuse.calibrate.data import MASK_RULE, CalibrationSet, load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
@@ -140,17 +140,28 @@ def _pct(values: np.ndarray) -> float:
 def _check_tuned_encoder(tuned: onnx.ModelProto, sample: Sample, searched: np.ndarray) -> float:
     """Max |diff| between the rewritten encoder's embedding and the one the search scored."""
     session = ort_session(tuned.SerializeToString())
-    image = preprocess(load_image_rgb(sample.record.image))
+    image = preprocess(load_image_rgb(sample.record.image), convention=model_convention(tuned))
     embedding = session.run([EMBEDDING], {session.get_inputs()[0].name: image})[0][0]
     return float(np.abs(embedding - searched).max())
+
+
+def _embedding_evaluator(encoder: onnx.ModelProto, decoder: onnx.ModelProto, samples: list[Sample],
+                         settings: TuneSettings, desc: str) -> MaskEvaluator:
+    """The evaluator of reuse at the embedding, with whatever else the decoder reads from the encoder (SAM 2's
+    high-resolution features), each image encoded once."""
+    convention, features = check_pair(encoder, decoder, "the encoder", "the decoder")
+    values = encode_tensors(encoder, samples, [EMBEDDING, *features], settings.cache_dir, settings.progress, desc)
+    embeddings = np.stack(values[EMBEDDING]) if samples else np.zeros((0,), dtype=np.float32)
+    return MaskEvaluator(decoder, samples, embeddings, settings.batch_size,
+                         features={name: values[name] for name in features}, convention=convention)
 
 
 def _site_evaluator(encoder: onnx.ModelProto, decoder: onnx.ModelProto, site: Site, samples: list[Sample],
                     settings: TuneSettings, desc: str) -> tuple[MaskEvaluator, list[np.ndarray] | np.ndarray]:
     """The split's evaluator at ``site`` and the site's activations (for salience), encoding each image once."""
     if site.name == "embedding":
-        embeddings = encode(encoder, samples, site.tensor, settings.cache_dir, settings.progress, desc=desc)
-        return MaskEvaluator(decoder, samples, embeddings, settings.batch_size), embeddings
+        evaluator = _embedding_evaluator(encoder, decoder, samples, settings, desc)
+        return evaluator, evaluator.embeddings
     embedder = SuffixEmbedder(encoder, site, samples, settings.cache_dir, settings.progress, desc=desc)
     evaluator = MaskEvaluator(decoder, samples, embedder.original_embeddings(), settings.batch_size, embedder)
     return evaluator, embedder.site_activations()
@@ -326,7 +337,7 @@ class _Assessment:
     check: dict[str, Any]
 
 
-def _strategy(settings: TuneSettings, decoder: Path, site: Site) -> str:
+def _strategy(settings: TuneSettings, decoder: Path, site: Site, convention: str) -> str:
     """The --strategy in force: the user's, else first-order at the embedding when its scorer is there, else fast.
 
     First-order held the fast search's held-out gain on the fixed and shifted splits of the three shared sets
@@ -336,6 +347,10 @@ def _strategy(settings: TuneSettings, decoder: Path, site: Site) -> str:
     if settings.strategy is not None:
         return settings.strategy
     if site.name != "embedding":
+        return "fast"
+    if convention == SAM2:
+        print("SAM 2 exports have no first-order scorer (their single mask is a discrete choice between mask "
+              "tokens): the fast search")
         return "fast"
     if not (decoder.parent / FIRST_ORDER_SCORER).is_file():
         print(f"no {FIRST_ORDER_SCORER} beside {decoder} (export writes it unless --no-first-order): "
@@ -369,9 +384,13 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
     encoder_model = load_model(encoder, "encoder ONNX", role="encoder")
     decoder_model = load_model(decoder, "decoder ONNX", role="decoder")
     _check_original(encoder, encoder_model)
+    convention, features = check_pair(encoder_model, decoder_model, encoder, decoder)
+    if features and settings.site != "embedding":
+        raise SamReuseError(f"--site {settings.site}: reuse inside a SAM 2 encoder is not supported yet (it would "
+                            f"change {', '.join(features)} too); use --site embedding")
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.name, site.channels)
-    strategy = _strategy(settings, decoder, site)
+    strategy = _strategy(settings, decoder, site, convention)
     scorer = _first_order_scorer(decoder, site) if strategy == "first-order" else None
     calibration = load_calibration(data, settings.masks, settings.prompt, settings.search_images,
                                    settings.holdout_images, settings.min_images)
@@ -639,9 +658,8 @@ def _evaluate_split(encoder: str | Path, decoder: str | Path, data: str | Path, 
                "all": calibration.search + calibration.held_out}[split]
     if not samples:
         raise SamReuseError(f"{data}: no usable images in the {split} split")
-    embeddings = encode(encoder_model, samples, EMBEDDING, settings.cache_dir, settings.progress,
-                        desc=f"encode {split}")
-    evaluator = MaskEvaluator(decoder_model, samples, embeddings, settings.batch_size)
+    check_pair(encoder_model, decoder_model, encoder, decoder)
+    evaluator = _embedding_evaluator(encoder_model, decoder_model, samples, settings, f"encode {split}")
     return Evaluation(split=split, keys=[s.key for s in samples], ious=evaluator.ious())
 
 

@@ -465,7 +465,7 @@ def existing_export(out_dir: str | Path, model_type: str, checkpoint: str | Path
         if any(info.get(key) != value for key, value in wanted.items()):
             return None
         files = {name: f"{name}.onnx" for name in ("encoder", "decoder")}
-        if first_order:
+        if first_order and not isinstance(info.get("first_order"), str):  # a string: why this export has none
             files["first_order"] = FIRST_ORDER_SCORER
         for name, file in files.items():
             if sha256_file(out_dir / file) != info["models"][name]["sha256"]:

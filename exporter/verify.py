@@ -19,9 +19,9 @@ import onnx
 
 from sam_reuse.base.contract import REUSE_MAP_PROPERTY
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.imaging import load_image_rgb, preprocess, prompt_arrays
+from sam_reuse.base.imaging import SAM1, load_image_rgb, preprocess, prompt_arrays
 from sam_reuse.base.records import Record, Sample
-from sam_reuse.base.runtime import load_model
+from sam_reuse.base.runtime import load_model, model_convention
 from sam_reuse.graphops.reuse_map import ReuseMap
 from sam_reuse.graphops.rewrites import apply_reuse_map
 
@@ -61,7 +61,7 @@ def verify_tuned(original: str | Path, tuned: str | Path, records: Sequence[Reco
     tuned_model = load_model(tuned)
     mapping = ReuseMap.load(reuse_map) if reuse_map else embedded_reuse_map(tuned_model, str(tuned))
     reference, _ = apply_reuse_map(load_model(original), mapping, strategy="gather")
-    feeds = encoder_inputs(records)
+    feeds = encoder_inputs(records, model_convention(tuned_model))
     runners = [OnnxrtRunner(SessionFromOnnx(reference.SerializeToString(), providers=["cpu"]), name="reference"),
                OnnxrtRunner(SessionFromOnnx(tuned_model.SerializeToString(), providers=["cpu"]), name="tuned")]
     return _compare(runners, feeds, atol, rtol)
@@ -99,21 +99,26 @@ def compare_int8(fp32: str | Path, int8: str | Path, records: Sequence[Record]) 
     return _compare(runners, encoder_inputs(records), INT8_MEAN_ATOL, 0.0, error_stat="mean")
 
 
-def encoder_inputs(records: Sequence[Record]) -> list[dict[str, Any]]:
+def encoder_inputs(records: Sequence[Record], convention: str = SAM1) -> list[dict[str, Any]]:
     """``{"image": 1x3x1024x1024}`` per record: real preprocessed images, what deployment feeds."""
-    return [{"image": preprocess(load_image_rgb(r.image))} for r in records]
+    return [{"image": preprocess(load_image_rgb(r.image), convention=convention)} for r in records]
 
 
 def decoder_inputs(samples: Sequence[Sample], encoder: str | Path) -> list[dict[str, Any]]:
-    """Decoder inputs per sample: the embedding ``encoder`` (ONNX) computes for its image, and its prompt."""
-    from sam_reuse.base.contract import EMBEDDING, decoder_feeds
+    """Decoder inputs per sample: what ``encoder`` (ONNX) computes for its image (the embedding, and SAM 2's
+    high-resolution features), and its prompt, framed by the encoder's convention."""
+    from sam_reuse.base.contract import EMBEDDING, HIGH_RES_FEATURES, decoder_feeds
     from sam_reuse.base.runtime import ort_session
 
-    session = ort_session(encoder)
+    model = load_model(encoder, "encoder ONNX", role="encoder")
+    convention = model_convention(model)
+    outputs = [EMBEDDING, *(o.name for o in model.graph.output if o.name in HIGH_RES_FEATURES)]
+    session = ort_session(model.SerializeToString())
     feeds = []
-    for sample, image in zip(samples, encoder_inputs([s.record for s in samples])):
-        embedding = session.run([EMBEDDING], image)[0]
-        feeds.append(decoder_feeds(embedding, *prompt_arrays(sample.prompt, sample.hw)))
+    for sample, image in zip(samples, encoder_inputs([s.record for s in samples], convention)):
+        embedding, *features = session.run(outputs, image)
+        feeds.append({**decoder_feeds(embedding, *prompt_arrays(sample.prompt, sample.hw, convention=convention)),
+                      **dict(zip(outputs[1:], features))})
     return feeds
 
 
@@ -122,7 +127,8 @@ def _engine_feeds(sidecar: dict[str, Any], engine: Path, samples: Sequence[Sampl
     from sam_reuse.exporter.engine import source_onnx
 
     if [i["name"] for i in sidecar["inputs"]] == ["image"]:
-        return encoder_inputs([s.record for s in samples])
+        source = load_model(source_onnx(engine, sidecar), "engine's source ONNX")
+        return encoder_inputs([s.record for s in samples], model_convention(source))
     encoder_path = source_onnx(engine, sidecar).with_name("encoder.onnx")
     if not encoder_path.is_file():
         raise SamReuseError(f"{engine}: decoder engine, but no {encoder_path} to compute embeddings with")

@@ -157,6 +157,7 @@ def apply_reuse_map(model: str | Path | onnx.ModelProto, reuse_map: ReuseMap, st
         STRATEGIES[applied[name]](graph, sites[name], reuse)
     result = finalize(graph)
     onnx.helper.set_model_props(result, {
+        **{prop.key: prop.value for prop in proto.metadata_props},  # e.g. the export's convention
         REUSE_MAP_PROPERTY: json.dumps(reuse_map.to_json(), sort_keys=True),
         "sam_reuse.strategies": json.dumps(applied, sort_keys=True),
     })

@@ -19,6 +19,14 @@ and ``HIDDEN_HELPER`` becomes ``HELPER``, so the unique best map at site
 
 ``slow`` adds a chain of matrix products to the decoder so that a search
 takes long enough to be interrupted mid-way in tests.
+
+``write_sam2_models`` writes the same task as a SAM 2 export: the encoder also
+writes the two high-resolution feature maps (green minus red at 256x256 and
+its 128x128 pooling, 32 and 64 channels), and the decoder's logits are
+0.8 x channel ``TARGET`` + 0.2 x that 256x256 map, so the features take part in
+every mask (fed from another image, the mask moves) while the planted pair
+stays the unique best map (0.8 (red - green) + 0.2 (green - red) is positive
+on the object).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+
+from sam_reuse.base.contract import CONVENTION_PROPERTY
 
 CHANNELS = 8
 TARGET, HELPER = 2, 5
@@ -120,6 +130,84 @@ def decoder_model(slow: int = 0) -> onnx.ModelProto:
     return _model(nodes, inputs, outputs, [numpy_helper.from_array(np.array([TARGET], dtype=np.int64), "channel"),
                                            numpy_helper.from_array(np.array([1, 1, 4, 4], dtype=np.float32), "scales"),
                                            numpy_helper.from_array(np.zeros((), dtype=np.float32), "zero")])
+
+
+def _as_sam2(model: onnx.ModelProto) -> onnx.ModelProto:
+    onnx.helper.set_model_props(model, {CONVENTION_PROPERTY: "sam2"})
+    return model
+
+
+def sam2_encoder_model() -> onnx.ModelProto:
+    model = encoder_model()
+    graph = model.graph
+    weight = np.zeros((32, 3, 1, 1), dtype=np.float32)
+    weight[:, :2, 0, 0] = [-1.0, 1.0]  # every channel: green minus red
+    graph.initializer.extend([numpy_helper.from_array(weight, "hr_w")])
+    graph.node.extend([
+        helper.make_node("AveragePool", ["image"], ["hr_pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("Conv", ["hr_pooled", "hr_w"], ["high_res_feats_0"]),
+        helper.make_node("AveragePool", ["high_res_feats_0"], ["hr_half"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Concat", ["hr_half", "hr_half"], ["high_res_feats_1"], axis=1)])
+    graph.output.extend([
+        helper.make_tensor_value_info("high_res_feats_0", TensorProto.FLOAT, ["B", 32, 256, 256]),
+        helper.make_tensor_value_info("high_res_feats_1", TensorProto.FLOAT, ["B", 64, 128, 128])])
+    onnx.checker.check_model(model)
+    return _as_sam2(model)
+
+
+def sam2_decoder_model() -> onnx.ModelProto:
+    model = decoder_model()
+    graph = model.graph
+    for node in graph.node:  # the embedding's upsampled channel becomes one term of the logits
+        node.output[:] = ["from_embedding" if o == "low_res_masks" else o for o in node.output]
+        node.input[:] = ["from_embedding" if i == "low_res_masks" else i for i in node.input]
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.8, dtype=np.float32), "w_embedding"),
+                              numpy_helper.from_array(np.array(0.2, dtype=np.float32), "w_high_res"),
+                              numpy_helper.from_array(np.array([0], dtype=np.int64), "first")])
+    graph.node.extend([
+        helper.make_node("Gather", ["high_res_feats_0", "first"], ["high_res_map"], axis=1),
+        helper.make_node("Mul", ["from_embedding", "w_embedding"], ["embedding_term"]),
+        helper.make_node("Mul", ["high_res_map", "w_high_res"], ["high_res_term"]),
+        helper.make_node("Add", ["embedding_term", "high_res_term"], ["low_res_masks"])])
+    graph.input.insert(1, helper.make_tensor_value_info("high_res_feats_0", TensorProto.FLOAT, ["B", 32, 256, 256]))
+    graph.input.insert(2, helper.make_tensor_value_info("high_res_feats_1", TensorProto.FLOAT, ["B", 64, 128, 128]))
+    # iou_predictions also reads the 128x128 map, so that both features are inputs that matter
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] == "iou_predictions":
+            node.input[0] = "score_with_coarse"
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.01, dtype=np.float32), "w_coarse")])
+    graph.node.extend([
+        helper.make_node("ReduceMean", ["high_res_feats_1"], ["coarse_channels"], axes=[2, 3], keepdims=0),
+        helper.make_node("ReduceMean", ["coarse_channels"], ["coarse_mean"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["coarse_mean", "w_coarse"], ["coarse_term"]),
+        helper.make_node("Add", ["score", "coarse_term"], ["score_with_coarse"])])
+    sorted_nodes = helper.make_graph(_topological(graph.node), graph.name, graph.input, graph.output,
+                                     graph.initializer)
+    result = helper.make_model(sorted_nodes, opset_imports=model.opset_import)
+    result.ir_version = model.ir_version
+    onnx.checker.check_model(result)
+    return _as_sam2(result)
+
+
+def _topological(nodes) -> list[onnx.NodeProto]:
+    """``nodes`` ordered so that each comes after the producers of its inputs."""
+    produced = {o for n in nodes for o in n.output}
+    ready, ordered, pending = set(), [], list(nodes)
+    while pending:
+        for node in pending:
+            if all(i in ready or i not in produced for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+                pending.remove(node)
+                break
+    return ordered
+
+
+def write_sam2_models(folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(sam2_encoder_model(), str(folder / "encoder.onnx"))
+    onnx.save(sam2_decoder_model(), str(folder / "decoder.onnx"))
+    return folder / "encoder.onnx", folder / "decoder.onnx"
 
 
 def write_models(folder: Path, slow: int = 0) -> tuple[Path, Path]:

@@ -11,14 +11,19 @@ import pytest
 import torch
 
 from sam_reuse.base import imaging
-from sam_reuse.base.contract import CONVENTION_PROPERTY, SAM2_DECODER_INPUTS, SAM2_ENCODER_OUTPUTS
+from sam_reuse.base.contract import CONVENTION_PROPERTY, EMBEDDING, SAM2_DECODER_INPUTS, SAM2_ENCODER_OUTPUTS
 from sam_reuse.base.runtime import ort_session
+from sam_reuse.calibrate.activations import encode_tensors
+from sam_reuse.calibrate.data import load_calibration
+from sam_reuse.calibrate.evaluator import MaskEvaluator
+from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
 from sam_reuse.cli import main
 from sam_reuse.exporter.models import build_sam
 from sam_reuse.exporter.onnx_export import export_identity, export_model
 from sam_reuse.exporter.sam2_export import export_sam2, sam2_decoder_feeds
 from sam_reuse.exporter.sam2_models import image_path_keys
 from sam_reuse.exporter.sam2_wrappers import Sam2SingleMaskDecoder
+from tests import synthetic
 
 TEST_TYPES = ["test_sam2", "test_sam2_b+", "test_sam2_l"]
 
@@ -171,3 +176,79 @@ def test_wrong_checkpoints_and_options_are_one_line(tmp_path, capsys):
     assert "--app-decoders single: not available for SAM 2 models yet" in _cli_error(
         capsys, export + ["test_sam2", "--app-decoders", "single"])
     assert not out.exists()
+
+
+def test_tune_on_a_sam2_pair_feeds_its_features_and_finds_the_planted_pair(tmp_path, capsys):
+    """The planted task as a SAM 2 export: the search feeds each image's high-resolution features with its
+    embedding, finds TARGET <- HELPER, and the tuned encoder keeps the export's convention and features."""
+    encoder, decoder = synthetic.write_sam2_models(tmp_path / "models")
+    data = synthetic.write_dataset(tmp_path / "data", 12)
+    settings = TuneSettings(evidence="given", top_n=3, overlays=0, progress=False, cache_dir=str(tmp_path / "cache"))
+    result = tune(encoder, decoder, data, tmp_path / "out", settings)
+    assert "SAM 2 exports have no first-order scorer" in capsys.readouterr().out
+    assert result.reuse_map.sites["embedding"].pairs == ((synthetic.TARGET, synthetic.HELPER),)
+    report = result.report.to_json()
+    assert report["settings"]["strategy"] == "fast" and report["shipping"]["shipped"] == "tuned"
+    assert report["held_out"]["baseline_miou"] < 5 and report["held_out"]["tuned_miou"] > 90
+    tuned_path = tmp_path / "out" / "encoder.tuned.onnx"
+    tuned = onnx.load(str(tuned_path))
+    assert {p.key: p.value for p in tuned.metadata_props}[CONVENTION_PROPERTY] == imaging.SAM2
+    assert [o.name for o in tuned.graph.output] == list(SAM2_ENCODER_OUTPUTS)
+    held = evaluate(tuned_path, decoder, data, settings=settings)
+    assert held.miou == pytest.approx(report["held_out"]["tuned_miou"], abs=1e-9)
+    capsys.readouterr()
+    assert main(["verify", str(tuned_path), "--reference", str(encoder), "--data", str(data), "--images", "2"]) == 0
+    assert "high_res_feats_0: max |tuned - reference| 0.00e+00" in capsys.readouterr().out
+
+
+def test_the_evaluator_gives_each_prompt_its_own_image_features(tmp_path):
+    """Batched scoring equals one decoder run per image with that image's own features (and not another's)."""
+    encoder, decoder = synthetic.write_sam2_models(tmp_path / "models")
+    samples = load_calibration(synthetic.write_dataset(tmp_path / "data", 6, seed=4), search_images=6,
+                               holdout_images=0).search
+    values = encode_tensors(onnx.load(str(encoder)), samples, list(SAM2_ENCODER_OUTPUTS), tmp_path / "cache",
+                            progress=False)
+    features = {name: values[name] for name in SAM2_ENCODER_OUTPUTS[1:]}
+    evaluator = MaskEvaluator(decoder, samples, np.stack(values[EMBEDDING]), batch_size=4, features=features,
+                              convention=imaging.SAM2)
+    batched = evaluator.low_res_logits()
+    session = ort_session(decoder)
+    for row, sample in enumerate(samples):
+        coords, labels = imaging.prompt_arrays(sample.prompt, sample.hw, convention=imaging.SAM2)
+        own = [values[name][row][None] for name in SAM2_ENCODER_OUTPUTS]
+        other = [own[0], *(values[name][(row + 1) % len(samples)][None] for name in SAM2_ENCODER_OUTPUTS[1:])]
+        alone = session.run(["low_res_masks"], sam2_decoder_feeds(own, coords, labels))[0][0, 0]
+        swapped = session.run(["low_res_masks"], sam2_decoder_feeds(other, coords, labels))[0][0, 0]
+        np.testing.assert_array_equal(batched[row], alone)
+        assert np.abs(swapped - alone).max() > 1.0
+
+
+def test_a_sam_encoder_with_a_sam2_decoder_is_one_line(tmp_path, capsys):
+    sam1_encoder, _ = synthetic.write_models(tmp_path / "sam1")
+    sam2_encoder, sam2_decoder = synthetic.write_sam2_models(tmp_path / "sam2")
+    data = synthetic.write_dataset(tmp_path / "data", 6)
+    base = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert "a decoder of a sam2 export, but" in _cli_error(capsys, [
+        "evaluate", "--encoder", str(sam1_encoder), "--decoder", str(sam2_decoder), *base])
+    assert "reuse inside a SAM 2 encoder is not supported yet" in _cli_error(capsys, [
+        "tune", "--encoder", str(sam2_encoder), "--decoder", str(sam2_decoder), "--site", "conv",
+        "--out", str(tmp_path / "out"), *base])
+    assert not (tmp_path / "out").exists()
+
+
+def test_sam2_engines_build_with_the_high_res_features_in_their_profile(sam2_exports, tmp_path):
+    """fp16 engines (LayerNorms and softmaxes kept fp32) of a SAM 2 export, built without a GPU."""
+    from sam_reuse.exporter.engine import build_engine
+    from tests.test_engine import _backend, _check_sidecar
+
+    backend = _backend()
+    export = sam2_exports["test_sam2"]
+    for source in (export.encoder, export.decoder):
+        engine = tmp_path / f"{source.stem}.fp16.engine"
+        sidecar = build_engine(source, engine, "fp16", points=(1, 2, 8), backend=backend)
+        _check_sidecar(sidecar, source, engine, "fp16", backend)
+    assert [o["name"] for o in json.loads((tmp_path / "encoder.fp16.engine.json").read_text())["outputs"]] == list(
+        SAM2_ENCODER_OUTPUTS)
+    inputs = {i["name"]: i for i in sidecar["inputs"]}
+    assert inputs["high_res_feats_0"]["min"] == inputs["high_res_feats_0"]["max"] == [1, 32, 256, 256]
+    assert inputs["point_coords"]["max"] == [1, 8, 2]

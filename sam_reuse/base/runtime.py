@@ -12,14 +12,17 @@ import onnx
 import onnxruntime as ort
 
 from sam_reuse.base.contract import (
+    CONVENTION_PROPERTY,
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     EMBEDDING,
     ENCODER_INPUTS,
     FIRST_ORDER_INPUTS,
     FIRST_ORDER_OUTPUTS,
+    HIGH_RES_FEATURES,
 )
 from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.imaging import SAM1
 
 THREADS_VARIABLE = "SAM_REUSE_THREADS"
 DEVICES = ("cpu", "cuda")
@@ -139,6 +142,27 @@ def _check_role(path: Path, model: onnx.ModelProto, role: str) -> None:
     if not (set(expected_inputs) <= set(inputs) and set(expected_outputs) <= set(outputs)):
         raise SamReuseError(f"{path}: not a SAM {role} exported by export-and-tune (inputs {', '.join(inputs)}; "
                             f"expected {', '.join(expected_inputs)} -> {', '.join(expected_outputs)})")
+
+
+def model_convention(model: onnx.ModelProto) -> str:
+    """The predictor conventions an exported model follows (``CONVENTION_PROPERTY``; ``sam`` when absent)."""
+    return next((p.value for p in model.metadata_props if p.key == CONVENTION_PROPERTY), SAM1)
+
+
+def check_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto, encoder_path: str | Path,
+               decoder_path: str | Path) -> tuple[str, tuple[str, ...]]:
+    """The pair's convention and the encoder outputs besides the embedding that the decoder reads (SAM 2's
+    high-resolution features); a SAM encoder with a SAM 2 decoder, or the reverse, is one line."""
+    convention = model_convention(encoder)
+    if model_convention(decoder) != convention:
+        raise SamReuseError(f"{decoder_path}: a decoder of a {model_convention(decoder)} export, but {encoder_path} "
+                            f"is a {convention} encoder: use the encoder and decoder of one export")
+    features = tuple(i.name for i in decoder.graph.input if i.name in HIGH_RES_FEATURES)
+    missing = [name for name in features if name not in {o.name for o in encoder.graph.output}]
+    if missing:
+        raise SamReuseError(f"{decoder_path}: reads {', '.join(missing)}, which {encoder_path} does not write: use "
+                            "the encoder and decoder of one export")
+    return convention, features
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
