@@ -106,6 +106,9 @@ def cut(model: onnx.ModelProto, tensor_name: str) -> tuple[onnx.ModelProto, onnx
             if not tensor.inputs or id(tensor.inputs[0]) not in inside:
                 if tensor.name:  # empty name: an omitted optional input
                     frontier.append(tensor)
+    for output in graph.outputs:  # outputs the site does not reach (SAM 2's high-res features) pass through
+        if output not in frontier and (not output.inputs or id(output.inputs[0]) not in inside):
+            frontier.append(output)
     names = [t.name for t in frontier]
 
     prefix_graph = graph.copy()

@@ -48,6 +48,12 @@ def tiny_exports(tmp_path_factory, sample_records):
 
 
 @pytest.fixture(scope="session")
+def sam2_exports(tmp_path_factory, sample_records):
+    """Legacy-exporter ONNX pairs of the tiny SAM 2 configs (one per size's code path)."""
+    return {mt: _export(tmp_path_factory, mt, sample_records) for mt in ("test_sam2", "test_sam2_b+", "test_sam2_l")}
+
+
+@pytest.fixture(scope="session")
 def mobilesam_export(tmp_path_factory, sample_records, mobilesam_checkpoint):
     return _export(tmp_path_factory, "vit_t", sample_records, mobilesam_checkpoint)
 

@@ -206,6 +206,35 @@ def test_tiny_encoder_sites_and_rewrites(tiny_exports, image, model_type, expect
     assert all(sites[f"mlp.{i}"].strategies == ["gather", "fold", "prune"] for i in range(expected_mlps))
 
 
+def test_every_rewrite_is_exact_at_every_site_of_a_sam2_encoder(sam2_exports, sample_records):
+    """Hiera's MLP sites take gather, fold and prune; each rewrite equals the reference on all three outputs (the
+    high-resolution features change only when the site lies before them)."""
+    from sam_reuse.base import imaging
+
+    image = imaging.preprocess(imaging.load_image_rgb(sample_records[0].image), convention=imaging.SAM2)
+    model = onnx.load(str(sam2_exports["test_sam2"].encoder))
+    sites = find_sites(load_graph(model))
+    assert sorted(sites) == ["embedding"] + [f"mlp.{i}" for i in range(6)]
+    original = _run_all(model, {"image": image})
+    for name, site in sites.items():
+        assert site.strategies == (["gather"] if name == "embedding" else ["gather", "fold", "prune"]), name
+    for name in ("embedding", "mlp.0", "mlp.5"):  # the first block feeds every output, the last one only one
+        site = sites[name]
+        reuse_map = _map(model, name, site.tensor, site.axis, site.channels, _random_pairs(site.channels, 8, 1))
+        expected = _encoder_reference(model, site, reuse_map.sites[name].index(), image)
+        by_gather = _run_all(apply_reuse_map(model, reuse_map, "gather")[0], {"image": image})
+        np.testing.assert_allclose(by_gather[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        assert np.abs(by_gather[0] - original[0]).max() > 0, name  # the map changed the embedding
+        for strategy in site.strategies:
+            got = _run_all(apply_reuse_map(model, reuse_map, strategy)[0], {"image": image})
+            for output, value in enumerate(got):
+                np.testing.assert_allclose(value, by_gather[output], rtol=1e-5,
+                                           atol=1e-5 * np.abs(by_gather[output]).max(),
+                                           err_msg=f"{name}/{strategy}/output {output}")
+    # a site in the last stage leaves the high-resolution features exactly as they were
+    np.testing.assert_array_equal(by_gather[1], original[1])
+
+
 def test_dynamo_export_has_the_same_sites(tmp_path, sample_records):
     from sam_reuse.exporter.models import build_sam
     from sam_reuse.exporter.onnx_export import export_encoder

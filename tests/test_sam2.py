@@ -19,19 +19,13 @@ from sam_reuse.calibrate.evaluator import MaskEvaluator
 from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
 from sam_reuse.cli import main
 from sam_reuse.exporter.models import build_sam
-from sam_reuse.exporter.onnx_export import export_identity, export_model
+from sam_reuse.exporter.onnx_export import export_identity
 from sam_reuse.exporter.sam2_export import export_sam2, sam2_decoder_feeds
 from sam_reuse.exporter.sam2_models import image_path_keys
 from sam_reuse.exporter.sam2_wrappers import Sam2SingleMaskDecoder
 from tests import synthetic
 
-TEST_TYPES = ["test_sam2", "test_sam2_b+", "test_sam2_l"]
-
-
-@pytest.fixture(scope="module")
-def sam2_exports(tmp_path_factory, sample_records):
-    return {model_type: export_model(model_type, tmp_path_factory.mktemp(model_type), verify_records=sample_records[:1])
-            for model_type in TEST_TYPES}
+TEST_TYPES = ["test_sam2", "test_sam2_b+", "test_sam2_l"]  # the sam2_exports fixture (conftest)
 
 
 def _predictor(sam2):
