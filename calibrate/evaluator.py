@@ -48,11 +48,12 @@ DEFAULT_BATCH = 8
 
 
 class Embedder(Protocol):
-    """Embeddings for a gather index at a site before the embedding (``calibrate.suffix.SuffixEmbedder``)."""
+    """The encoder outputs the decoder reads (the embedding first, then the evaluator's ``features`` in order)
+    for a gather index at a site before the embedding (``calibrate.suffix.SuffixEmbedder``)."""
 
     channels: int
 
-    def embeddings(self, index: np.ndarray, rows: Sequence[int]) -> np.ndarray: ...
+    def outputs(self, index: np.ndarray, rows: Sequence[int]) -> dict[str, np.ndarray]: ...
 
 
 class MaskEvaluator:
@@ -118,14 +119,15 @@ class MaskEvaluator:
         for batch in self.batches(rows):
             if self.embedder is None:
                 embeddings, decoder_index = np.ascontiguousarray(self.embeddings[batch]), index
+                features = {name: np.stack([values[i] for i in batch]) for name, values in self.features.items()}
             else:
-                embeddings = self.embedder.embeddings(index, batch)
+                embeddings, *values = self.embedder.outputs(index, batch).values()
+                features = dict(zip(self.features, values))
                 decoder_index = np.arange(self.embedding_channels, dtype=np.int64)
             feeds = decoder_feeds(embeddings, np.concatenate([self.prompts[i][0] for i in batch]),
                                   np.concatenate([self.prompts[i][1] for i in batch]))
             feeds[index_input_name(EMBEDDING)] = decoder_index
-            for name, values in self.features.items():
-                feeds[name] = np.stack([values[i] for i in batch])
+            feeds.update(features)
             masks = self.session.run(["low_res_masks"], feeds)[0]
             for row, i in enumerate(batch):
                 logits[i] = masks[row, 0]

@@ -162,8 +162,11 @@ def _site_evaluator(encoder: onnx.ModelProto, decoder: onnx.ModelProto, site: Si
     if site.name == "embedding":
         evaluator = _embedding_evaluator(encoder, decoder, samples, settings, desc)
         return evaluator, evaluator.embeddings
-    embedder = SuffixEmbedder(encoder, site, samples, settings.cache_dir, settings.progress, desc=desc)
-    evaluator = MaskEvaluator(decoder, samples, embedder.original_embeddings(), settings.batch_size, embedder)
+    convention, features = check_pair(encoder, decoder, "the encoder", "the decoder")
+    embedder = SuffixEmbedder(encoder, site, samples, settings.cache_dir, settings.progress, desc=desc,
+                              features=features)
+    evaluator = MaskEvaluator(decoder, samples, embedder.original_embeddings(), settings.batch_size, embedder,
+                              features=embedder.original_features(), convention=convention)
     return evaluator, embedder.site_activations()
 
 
@@ -384,10 +387,7 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
     encoder_model = load_model(encoder, "encoder ONNX", role="encoder")
     decoder_model = load_model(decoder, "decoder ONNX", role="decoder")
     _check_original(encoder, encoder_model)
-    convention, features = check_pair(encoder_model, decoder_model, encoder, decoder)
-    if features and settings.site != "embedding":
-        raise SamReuseError(f"--site {settings.site}: reuse inside a SAM 2 encoder is not supported yet (it would "
-                            f"change {', '.join(features)} too); use --site embedding")
+    convention, _ = check_pair(encoder_model, decoder_model, encoder, decoder)
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.name, site.channels)
     strategy = _strategy(settings, decoder, site, convention)

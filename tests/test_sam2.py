@@ -16,6 +16,7 @@ from sam_reuse.base.runtime import ort_session
 from sam_reuse.calibrate.activations import encode_tensors
 from sam_reuse.calibrate.data import load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
+from sam_reuse.calibrate.suffix import SuffixEmbedder
 from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
 from sam_reuse.cli import main
 from sam_reuse.exporter.models import build_sam
@@ -23,7 +24,12 @@ from sam_reuse.exporter.onnx_export import export_identity
 from sam_reuse.exporter.sam2_export import export_sam2, sam2_decoder_feeds
 from sam_reuse.exporter.sam2_models import image_path_keys
 from sam_reuse.exporter.sam2_wrappers import Sam2SingleMaskDecoder
+from sam_reuse.graphops.graph import fingerprint, load_graph
+from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse
+from sam_reuse.graphops.rewrites import apply_reuse_map
+from sam_reuse.graphops.sites import find_sites
 from tests import synthetic
+from tests.conftest import SAMPLES
 
 TEST_TYPES = ["test_sam2", "test_sam2_b+", "test_sam2_l"]  # the sam2_exports fixture (conftest)
 
@@ -224,10 +230,45 @@ def test_a_sam_encoder_with_a_sam2_decoder_is_one_line(tmp_path, capsys):
     base = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     assert "a decoder of a sam2 export, but" in _cli_error(capsys, [
         "evaluate", "--encoder", str(sam1_encoder), "--decoder", str(sam2_decoder), *base])
-    assert "reuse inside a SAM 2 encoder is not supported yet" in _cli_error(capsys, [
-        "tune", "--encoder", str(sam2_encoder), "--decoder", str(sam2_decoder), "--site", "conv",
+    assert "reads high_res_feats_0, high_res_feats_1, which" in _cli_error(capsys, [
+        "tune", "--encoder", str(sam1_encoder), "--decoder", str(_unmarked(sam2_decoder, tmp_path)),
         "--out", str(tmp_path / "out"), *base])
     assert not (tmp_path / "out").exists()
+
+
+def _unmarked(path, tmp_path):
+    """The model without its convention metadata (as if edited by another tool)."""
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / f"unmarked-{path.name}"))
+    return tmp_path / f"unmarked-{path.name}"
+
+
+@pytest.mark.parametrize("site_name", ["mlp.0", "mlp.5"])
+def test_suffix_scoring_inside_a_sam2_encoder_equals_the_pruned_encoder(sam2_exports, sample_records, tmp_path,
+                                                                        site_name):
+    """At a site before the high-resolution features (mlp.0) the suffix recomputes them, at one after (mlp.5) it
+    passes them through; either way every output equals the rewritten encoder's."""
+    encoder_path = sam2_exports["test_sam2"].encoder
+    encoder = onnx.load(str(encoder_path))
+    site = find_sites(load_graph(encoder))[site_name]
+    samples = load_calibration(SAMPLES, search_images=2, holdout_images=0).search
+    embedder = SuffixEmbedder(encoder, site, samples, cache_dir=str(tmp_path), progress=False,
+                              features=SAM2_ENCODER_OUTPUTS[1:])
+    identity = np.arange(site.channels)
+    unchanged = embedder.outputs(identity, [0, 1])
+    np.testing.assert_array_equal(unchanged[EMBEDDING], embedder.original_embeddings())
+    for name, values in embedder.original_features().items():
+        np.testing.assert_array_equal(unchanged[name], np.stack(values))
+    reuse = SiteReuse(site.tensor, site.axis, site.channels, ((0, 3), (5, 1), (7, 2)))
+    pruned, _ = apply_reuse_map(encoder, ReuseMap(fingerprint(encoder), {site_name: reuse}), "prune")
+    session = ort_session(pruned.SerializeToString())
+    searched = embedder.outputs(reuse.index(), [1])
+    image = imaging.preprocess(imaging.load_image_rgb(samples[1].record.image), convention=imaging.SAM2)
+    for name, value in zip(SAM2_ENCODER_OUTPUTS, session.run(list(SAM2_ENCODER_OUTPUTS), {"image": image})):
+        np.testing.assert_allclose(searched[name][0], value[0], rtol=1e-5, atol=1e-5 * np.abs(value).max(),
+                                   err_msg=name)
+    assert np.abs(searched[EMBEDDING] - unchanged[EMBEDDING][1:]).max() > 0
 
 
 def test_sam2_engines_build_with_the_high_res_features_in_their_profile(sam2_exports, tmp_path):
