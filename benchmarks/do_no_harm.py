@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/do_no_harm.py EXPORT_DIR [--sets isic2016 kvasir-seg camo]
         [--splits pc1-low pc1-high fixed] [--evidence given] [--strategy fast] [--augment 0] [--jobs 2]
-        [--work out/shift] [--reread]
+        [--work out/shift] [--reread] [--against given-first-order]
 
 EXPORT_DIR is an `export-and-tune export --model-type vit_t` output. Each
 split (``shift_splits.py``: ``fixed``, ``random-<seed>``, and the shift
@@ -35,7 +35,8 @@ between the arms. Searches are journaled in WORK/runs, so an interrupted
 benchmark resumes.
 
 Writes benchmarks/results/do_no_harm-<evidence>[-first-order][-augment<K>].{json,md}, keeping the rows of splits
-not rerun.
+not rerun. ``--against STEM`` also compares the shipping-rule arm, paired on the same test images, with the
+same arm of results/do_no_harm-STEM.json on the splits both have (appended to the .md).
 """
 
 from __future__ import annotations
@@ -164,6 +165,37 @@ def markdown(rows: list[dict], evidence: str, strategy: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison(rows: list[dict], other: list[dict], label: str, other_label: str) -> str:
+    """The shipping-rule arm of ``rows`` against that of ``other``, paired per test image, on common splits."""
+    theirs = {(r["set"], r["split"]): r["arms"][ARMS[1]] for r in other}
+    common = [r for r in rows if (r["set"], r["split"]) in theirs]
+    lines = [f"## {label} against {other_label} (shipping rule, test part, paired)", "",
+             f"| set | split | {label}: shipped, test gain | {other_label}: shipped, test gain | difference |",
+             "|---|---|---|---|---|"]
+    differences = {}
+    for r in common:
+        ours, their = r["arms"][ARMS[1]], theirs[(r["set"], r["split"])]
+        difference = np.asarray(ours["test_per_image"]) - np.asarray(their["test_per_image"])
+        differences[(r["set"], r["split"])] = difference
+        lines.append(f"| {r['set']} | {r['split']} | {_gated(ours)} | {_gated(their)} | "
+                     f"{_fmt(float(difference.mean()), _interval(difference))} |")
+    lines += ["", "| splits | mean test gain (ours / theirs) | mean difference [90% CI, pooled] | "
+              "significantly negative on test (ours / theirs) |", "|---|---|---|---|"]
+    for name, picked in (("shift", [r for r in common if r["split"] in SHIFT_SPLITS]), ("all", common)):
+        if not picked:
+            continue
+        keys = [(r["set"], r["split"]) for r in picked]
+        low, high = pooled_bootstrap_interval([differences[k] for k in keys])
+        ours_mean = np.mean([r["arms"][ARMS[1]]["test_gain"] for r in picked])
+        theirs_mean = np.mean([theirs[k]["test_gain"] for k in keys])
+        negative = (sum(r["arms"][ARMS[1]]["test_interval_90"][1] < 0 for r in picked),
+                    sum(theirs[k]["test_interval_90"][1] < 0 for k in keys))
+        lines.append(f"| {name} ({len(picked)}) | {ours_mean:+.2f} / {theirs_mean:+.2f} | "
+                     f"{np.mean([differences[k].mean() for k in keys]):+.2f} [{low:+.2f}, {high:+.2f}] | "
+                     f"{negative[0]} / {negative[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path)
@@ -174,6 +206,7 @@ def main() -> None:
     parser.add_argument("--augment", type=int, default=0, help="altered copies scored beside each search image")
     parser.add_argument("--jobs", type=int, default=2, help="splits tuned at once, one ONNX Runtime thread each")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "shift")
+    parser.add_argument("--against", help="compare with results/do_no_harm-AGAINST.json (e.g. given-first-order)")
     parser.add_argument("--reread", action="store_true",
                         help="summarise the reports already in WORK/runs again (after adding an arm), tuning nothing")
     args = parser.parse_args()
@@ -189,8 +222,12 @@ def main() -> None:
     write_json(RESULTS / f"{stem}.json", {"export": str(args.export), "machine": platform.node(),
                                          "evidence": args.evidence, "strategy": args.strategy, "augment": args.augment,
                                          "rows": rows})
-    (RESULTS / f"{stem}.md").write_text(markdown(rows, args.evidence, args.strategy))
-    print(markdown(rows, args.evidence, args.strategy))
+    text = markdown(rows, args.evidence, args.strategy)
+    if args.against:
+        other = json.loads((RESULTS / f"do_no_harm-{args.against}.json").read_text())["rows"]
+        text += "\n" + comparison(rows, other, stem.removeprefix("do_no_harm-"), args.against)
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
 
 
 def _merged(path: Path, rows: list[dict]) -> list[dict]:
