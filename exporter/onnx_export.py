@@ -116,11 +116,13 @@ def export_encoder(sam, path: Path, exporter: str = "legacy", opset: int = DEFAU
     with torch.no_grad():
         _torch_export(ImageEncoder(sam).eval(), example, path, ENCODER_INPUTS, ENCODER_OUTPUTS, dynamic,
                       exporter, opset)
-    _declare_output_shape(path, "image_embeddings", ["batch", 256, 64, 64])
+    _declare_outputs(path, {"image_embeddings": ["batch", 256, 64, 64]})
 
 
-def _declare_output_shape(path: Path, name: str, dims: list[int | str]) -> None:
-    """Replace the exporter's generated dim names by the known static sizes.
+def _declare_outputs(path: Path, shapes: dict[str, list[int | str]], properties: dict[str, str] | None = None
+                     ) -> None:
+    """Replace the exporter's generated dim names of ``shapes``' outputs by the known sizes, and add
+    ``properties`` to the model's metadata, in one load and save.
 
     The ViT neck's output comes out as ``Add..._dim_2`` symbols; consumers
     (TensorRT profiles, graphops, the sidecar) need the real 64x64.
@@ -128,13 +130,15 @@ def _declare_output_shape(path: Path, name: str, dims: list[int | str]) -> None:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    (output,) = [o for o in model.graph.output if o.name == name]
-    shape = output.type.tensor_type.shape
-    for dim, value in zip(shape.dim, dims):
-        if isinstance(value, str):
-            dim.dim_param = value
-        else:
-            dim.dim_value = value
+    for name, dims in shapes.items():
+        (output,) = [o for o in model.graph.output if o.name == name]
+        for dim, value in zip(output.type.tensor_type.shape.dim, dims):
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = value
+    if properties:
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **properties})
     onnx.save(model, str(path))
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
 
 from sam_reuse.base import imaging
 from sam_reuse.base.contract import (
@@ -32,19 +31,13 @@ from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import folder_lock, sha256_file, staged_outputs, write_json
 from sam_reuse.base.records import Record
 from sam_reuse.base.runtime import onnx_io_spec, ort_session
-from sam_reuse.exporter.onnx_export import ExportResult, _check_limits, _declare_output_shape, _torch_export
+from sam_reuse.exporter.onnx_export import ExportResult, _check_limits, _declare_outputs, _torch_export
 
 FEATURE_SHAPES = {"image_embeddings": [256, 64, 64], "high_res_feats_0": [32, 256, 256],
                   "high_res_feats_1": [64, 128, 128]}
+CONVENTION = {CONVENTION_PROPERTY: imaging.SAM2}  # the metadata every SAM 2 graph carries
 NO_FIRST_ORDER = ("not exported: SAM 2 returns a single mask chosen by a stability test between mask tokens, "
                   "which has no useful gradient; the search uses the fast strategy")
-
-
-def _mark_convention(path: Path) -> None:
-    model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        CONVENTION_PROPERTY: imaging.SAM2})
-    onnx.save(model, str(path))
 
 
 def export_sam2_encoder(sam2, path: Path, exporter: str, opset: int) -> None:
@@ -57,9 +50,7 @@ def export_sam2_encoder(sam2, path: Path, exporter: str, opset: int) -> None:
     with torch.no_grad():
         _torch_export(Sam2ImageEncoder(sam2).eval(), (torch.zeros(1, 3, 1024, 1024),), path, ENCODER_INPUTS,
                       SAM2_ENCODER_OUTPUTS, dynamic, exporter, opset)
-    for name in SAM2_ENCODER_OUTPUTS:
-        _declare_output_shape(path, name, ["batch", *FEATURE_SHAPES[name]])
-    _mark_convention(path)
+    _declare_outputs(path, {name: ["batch", *FEATURE_SHAPES[name]] for name in SAM2_ENCODER_OUTPUTS}, CONVENTION)
 
 
 def _example_decoder_inputs(batch: int = 2, points: int = 3) -> tuple:
@@ -83,9 +74,7 @@ def export_sam2_decoder(sam2, path: Path, exporter: str, opset: int) -> None:
     with torch.no_grad():
         _torch_export(Sam2SingleMaskDecoder(sam2).eval(), _example_decoder_inputs(), path, SAM2_DECODER_INPUTS,
                       DECODER_OUTPUTS, dynamic, exporter, opset)
-    _declare_output_shape(path, "low_res_masks", ["batch", 1, 256, 256])
-    _declare_output_shape(path, "iou_predictions", ["batch", 1])
-    _mark_convention(path)
+    _declare_outputs(path, {"low_res_masks": ["batch", 1, 256, 256], "iou_predictions": ["batch", 1]}, CONVENTION)
 
 
 def sam2_decoder_feeds(features: Sequence[np.ndarray], coords: np.ndarray, labels: np.ndarray,
@@ -145,8 +134,9 @@ def verify_sam2_export(sam2, encoder_path: Path, decoder_path: Path, records: Se
 
 
 def export_sam2(sam2, out_dir: str | Path, verify_records: Sequence[Record], info: dict[str, Any],
-                app_decoders: Sequence[str] = ()) -> ExportResult:
-    """Export a built SAM 2 image model into ``out_dir`` (all or nothing, like ``export_sam``)."""
+                app_decoders: Sequence[str] = (), reference=None) -> ExportResult:
+    """Export a built SAM 2 image model into ``out_dir`` (all or nothing, like ``export_sam``), verified against
+    ``reference`` (default: ``sam2`` itself; a fine-tuned model's unmerged adapters)."""
     if app_decoders:
         raise SamReuseError(f"--app-decoders {','.join(app_decoders)}: not available for SAM 2 models yet "
                             "(export without them)")
@@ -158,7 +148,8 @@ def export_sam2(sam2, out_dir: str | Path, verify_records: Sequence[Record], inf
         export_sam2_encoder(sam2, staging / "encoder.onnx", exporter, opset)
         export_sam2_decoder(sam2, staging / "decoder.onnx", exporter, opset)
         export_seconds = time.perf_counter() - started
-        parity = verify_sam2_export(sam2, staging / "encoder.onnx", staging / "decoder.onnx", verify_records)
+        parity = verify_sam2_export(reference if reference is not None else sam2, staging / "encoder.onnx",
+                                    staging / "decoder.onnx", verify_records)
         info = {**info, "convention": imaging.SAM2, "export_seconds": round(export_seconds, 2),
                 "models": {name: {"file": f"{name}.onnx", "sha256": sha256_file(staging / f"{name}.onnx"),
                                   **onnx_io_spec(staging / f"{name}.onnx")} for name in ("encoder", "decoder")},

@@ -39,20 +39,25 @@ class Sam2ImageEncoder(nn.Module):
         grid = F.interpolate(trunk.pos_embed, size=(self.grid, self.grid), mode="bicubic")
         return (grid + trunk.pos_embed_window.repeat(1, 1, self.repeats, self.repeats)).permute(0, 2, 3, 1)
 
-    def _trunk(self, image: torch.Tensor) -> list[torch.Tensor]:
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """Hiera's patch embedding plus its position embedding: the input of the first block (BxHxWxC)."""
+        return self.image_encoder.trunk.patch_embed(image) + self._position_embedding()
+
+    def features(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The outputs from Hiera's four stage outputs (BxCxHxW): neck, ``no_mem_embed`` and ``conv_s0/s1``."""
+        features, _ = self.image_encoder.neck(levels)  # the sine position encodings feed video only
+        finest, finer, embedding = features[: -self.image_encoder.scalp]
+        return embedding + self.no_mem_embed.reshape(1, -1, 1, 1), self.conv_s0(finest), self.conv_s1(finer)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         trunk = self.image_encoder.trunk
-        x = trunk.patch_embed(image) + self._position_embedding()
+        x = self.embed(image)
         levels = []
         for index, block in enumerate(trunk.blocks):
             x = block(x)
             if index in trunk.stage_ends:
                 levels.append(x.permute(0, 3, 1, 2))
-        return levels
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        features, _ = self.image_encoder.neck(self._trunk(image))  # the sine position encodings feed video only
-        finest, finer, embedding = features[: -self.image_encoder.scalp]
-        return embedding + self.no_mem_embed.reshape(1, -1, 1, 1), self.conv_s0(finest), self.conv_s1(finer)
+        return self.features(levels)
 
 
 class Sam2SingleMaskDecoder(PromptEmbedding):

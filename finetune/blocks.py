@@ -1,15 +1,18 @@
 """Where adapters go, and the encoder as a sequence of steps.
 
-Both encoder families are a stem, a run of attention blocks and a neck.
-Writing the forward pass as named steps lets training cache everything
-before the first adapted block once per image (the "prefix") and rerun only
-the rest, which is what makes CPU training affordable.
+Every encoder family is a stem, a run of attention blocks and a neck (SAM's
+ViT, MobileSAM's TinyViT, SAM 2's Hiera). Writing the forward pass as named
+steps lets training cache everything before the first adapted block once per
+image (the "prefix") and rerun only the rest, which is what makes CPU
+training affordable. A step maps a state to the next: a tensor for the ViTs;
+for Hiera, the running tensor with the stage outputs collected so far (its
+neck reads all four stages), and at the end the three encoder outputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -35,16 +38,23 @@ class AttentionBlock:
 
 
 def encoder_family(encoder: nn.Module) -> str:
+    if hasattr(encoder, "trunk"):
+        return "hiera"
     if hasattr(encoder, "layers"):
         return "tinyvit"
     if hasattr(encoder, "blocks"):
         return "vit"
-    raise SamReuseError(f"unsupported image encoder {type(encoder).__name__}: expected TinyViT or ViT")
+    raise SamReuseError(f"unsupported image encoder {type(encoder).__name__}: expected TinyViT, ViT or Hiera")
 
 
 def attention_blocks(encoder: nn.Module) -> list[AttentionBlock]:
-    """The encoder's attention blocks in forward order (TinyViT's first stage is convolutional)."""
-    if encoder_family(encoder) == "tinyvit":
+    """The encoder's attention blocks in forward order (TinyViT's first stage is convolutional; a Hiera block
+    that starts a stage widens its channels, so its size is its output's)."""
+    family = encoder_family(encoder)
+    if family == "hiera":
+        return [AttentionBlock(f"trunk.blocks.{j}", block, block.dim_out)
+                for j, block in enumerate(encoder.trunk.blocks)]
+    if family == "tinyvit":
         return [AttentionBlock(f"layers.{i}.blocks.{j}", block, layer.dim)
                 for i, layer in enumerate(encoder.layers) if i > 0
                 for j, block in enumerate(layer.blocks)]
@@ -79,19 +89,27 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-Step = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
+State = Union[torch.Tensor, tuple]
+Step = tuple[str, Callable[[State], State]]
 
 
-def encoder_steps(encoder: nn.Module) -> list[Step]:
-    """The encoder's forward pass as (name, function) steps whose composition equals ``encoder(x)``.
+def encoder_steps(sam: nn.Module) -> list[Step]:
+    """The image encoder's forward pass as (name, function) steps whose composition maps the preprocessed image
+    to what the decoder reads: ``sam.image_encoder(x)`` for SAM, ``Sam2ImageEncoder(sam)(x)``'s three outputs
+    for SAM 2.
 
     Block steps are named like ``attention_blocks``; they look the module up
     at call time, so adapters attached later are used.
     """
+    encoder = sam.image_encoder
+
     def block_step(name: str) -> Step:
         return name, lambda x: encoder.get_submodule(name)(x)
 
-    if encoder_family(encoder) == "tinyvit":
+    family = encoder_family(encoder)
+    if family == "hiera":
+        return _hiera_steps(sam)
+    if family == "tinyvit":
         steps: list[Step] = [("patch_embed", encoder.patch_embed), ("layers.0", encoder.layers[0])]
         for i, layer in enumerate(encoder.layers):
             if i == 0:
@@ -115,6 +133,28 @@ def encoder_steps(encoder: nn.Module) -> list[Step]:
             + [("neck", lambda x: encoder.neck(x.permute(0, 3, 1, 2)))])
 
 
+def _hiera_steps(sam2: nn.Module) -> list[Step]:
+    """SAM 2's exported encoder as steps; the state between blocks is (tokens BxHxWxC, stage outputs so far)."""
+    from sam_reuse.exporter.sam2_wrappers import Sam2ImageEncoder
+
+    wrapper = Sam2ImageEncoder(sam2)
+    trunk = sam2.image_encoder.trunk
+
+    def block_step(index: int) -> Step:
+        name = f"trunk.blocks.{index}"
+
+        def step(state: tuple[torch.Tensor, tuple[torch.Tensor, ...]]) -> tuple:
+            x, levels = state
+            x = sam2.image_encoder.get_submodule(name)(x)
+            return x, levels + ((x.permute(0, 3, 1, 2),) if index in trunk.stage_ends else ())
+
+        return name, step
+
+    return ([("patch_embed", lambda image: (wrapper.embed(image), ()))]
+            + [block_step(j) for j in range(len(trunk.blocks))]
+            + [("neck", lambda state: wrapper.features(list(state[1])))])
+
+
 def split_steps(steps: list[Step], first_trained: str) -> tuple[list[Step], list[Step]]:
     """Steps before the first adapted block (run once, cached) and from it on."""
     names = [name for name, _ in steps]
@@ -124,7 +164,7 @@ def split_steps(steps: list[Step], first_trained: str) -> tuple[list[Step], list
     return steps[:cut], steps[cut:]
 
 
-def run_steps(steps: list[Step], x: torch.Tensor) -> torch.Tensor:
+def run_steps(steps: list[Step], x: State) -> State:
     for _, step in steps:
         x = step(x)
     return x

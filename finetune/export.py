@@ -19,7 +19,7 @@ from sam_reuse.base import imaging
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import sha256_file
 from sam_reuse.base.records import Record
-from sam_reuse.exporter.models import build_sam
+from sam_reuse.exporter.models import SAM2_FAMILY, build_sam, spec_for
 from sam_reuse.exporter.onnx_export import (
     DEFAULT_OPSET,
     ExportResult,
@@ -27,8 +27,11 @@ from sam_reuse.exporter.onnx_export import (
     export_identity,
     export_sam,
 )
+from sam_reuse.exporter.sam2_export import export_sam2
+from sam_reuse.finetune.blocks import encoder_steps, run_steps
 from sam_reuse.finetune.checkpoint import read_adapters
 from sam_reuse.finetune.methods import attach, load_adapter_state, merge_adapters, trainable_count
+from sam_reuse.finetune.train import convention_of
 
 MERGE_MAX_ABS_DIFF = 1e-3  # merged vs unmerged torch embedding (float re-association only)
 
@@ -47,12 +50,14 @@ def load_finetuned(model_type: str, checkpoint: str | Path | None, adapters: str
 
 @torch.no_grad()
 def merge_difference(merged, unmerged, records: Sequence[Record]) -> float:
-    """Largest |embedding difference| between the merged and unmerged torch models on real images."""
+    """Largest |difference| between the merged and unmerged torch models' encoder outputs on real images."""
+    convention = convention_of(merged)
     worst = 0.0
     for record in records:
-        x = torch.from_numpy(imaging.preprocess(imaging.load_image_rgb(record.image)))
-        diff = (merged.image_encoder(x) - unmerged.image_encoder(x)).abs().max()
-        worst = max(worst, float(diff))
+        x = torch.from_numpy(imaging.preprocess(imaging.load_image_rgb(record.image), convention=convention))
+        outputs = (run_steps(encoder_steps(model), x) for model in (merged, unmerged))
+        for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in outputs)):
+            worst = max(worst, float((a - b).abs().max()))
     return worst
 
 
@@ -81,4 +86,6 @@ def export_finetuned(model_type: str, adapters: str | Path, out_dir: str | Path,
             "training": {k: record.get(k) for k in ("device", "train_seconds", "initial_loss", "final_loss")},
         },
     }
+    if spec_for(model_type).family == SAM2_FAMILY:
+        return export_sam2(merged, out_dir, verify_records, info, reference=unmerged)
     return export_sam(merged, out_dir, verify_records, info, reference=unmerged)

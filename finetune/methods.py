@@ -128,6 +128,8 @@ def load_adapter_state(sam: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a saved adapter state into an ``attach``-ed model (sparse deltas are resized first)."""
     for name, module in sam.named_modules():
         if isinstance(module, SparseDeltaLinear):
+            if name + ".positions" not in state:
+                raise SamReuseError(f"adapter state does not fit the model: it has no sparse delta for {name}")
             module.resize_for(state, name + ".")
     own = adapter_state(sam)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

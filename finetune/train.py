@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from sam_reuse.base import imaging
@@ -31,9 +30,10 @@ from sam_reuse.base.files import ensure_writable_dir, write_json
 from sam_reuse.base.records import Sample
 from sam_reuse.calibrate.data import load_calibration
 from sam_reuse.exporter.models import build_sam
+from sam_reuse.exporter.sam2_wrappers import Sam2SingleMaskDecoder
 from sam_reuse.exporter.wrappers import SingleMaskDecoder
 from sam_reuse.finetune.adapters import BottleneckAdapter, SparseDeltaLinear
-from sam_reuse.finetune.blocks import encoder_steps, run_steps, select_blocks, split_steps
+from sam_reuse.finetune.blocks import State, encoder_family, encoder_steps, run_steps, select_blocks, split_steps
 from sam_reuse.finetune.checkpoint import FINAL, PARTIAL, load_checkpoint, remove_partial, save_checkpoint
 from sam_reuse.finetune.config import PeftConfig, TrainSettings
 from sam_reuse.finetune.methods import adapter_parameters, adapter_state, attach, load_adapter_state, trainable_count
@@ -47,22 +47,10 @@ class Example:
     """One training image, reduced to what the suffix of the encoder and the decoder need."""
 
     key: str
-    prefix: torch.Tensor  # output of the cached steps
+    prefix: State  # output of the cached steps
     coords: torch.Tensor  # 1xNx2 in the 1024 frame
     labels: torch.Tensor  # 1xN
     target: torch.Tensor  # 1x1x256x256 in [0, 1]
-
-
-def low_res_target(mask: np.ndarray) -> np.ndarray:
-    """The mask in the decoder's low-resolution frame: resized like the image, padded, pooled to 256."""
-    height, width = mask.shape
-    new_h, new_w = imaging.resized_shape(height, width)
-    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((new_w, new_h), Image.BILINEAR),
-                         dtype=np.float32) / 255.0
-    padded = np.zeros((imaging.IMAGE_SIZE, imaging.IMAGE_SIZE), dtype=np.float32)
-    padded[:new_h, :new_w] = resized
-    factor = imaging.IMAGE_SIZE // imaging.LOW_RES_SIZE
-    return padded.reshape(imaging.LOW_RES_SIZE, factor, imaging.LOW_RES_SIZE, factor).mean(axis=(1, 3))
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,16 +78,21 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _image_tensor(sample: Sample) -> torch.Tensor:
-    return torch.from_numpy(imaging.preprocess(imaging.load_image_rgb(sample.record.image)))
+def convention_of(sam) -> str:
+    """How the model frames images and prompts (``sam_reuse.base.imaging``): SAM 2 stretches, SAM pads."""
+    return imaging.SAM2 if encoder_family(sam.image_encoder) == "hiera" else imaging.SAM1
+
+
+def _image_tensor(sample: Sample, convention: str) -> torch.Tensor:
+    return torch.from_numpy(imaging.preprocess(imaging.load_image_rgb(sample.record.image), convention=convention))
 
 
 @torch.no_grad()
 def salient_channels(sam, samples: Sequence[Sample], blocks_spec: str, fraction: float, device: torch.device,
                      progress: bool) -> dict[str, list[int]]:
     """SCT's salience: per block, the channels with the largest mean per-image L2 norm of the block output."""
-    encoder = sam.image_encoder
-    blocks = select_blocks(encoder, blocks_spec)
+    blocks = select_blocks(sam.image_encoder, blocks_spec)
+    steps, convention = encoder_steps(sam), convention_of(sam)
     norms: dict[str, torch.Tensor] = {}
     hooks = []
     for block in blocks:
@@ -109,7 +102,7 @@ def salient_channels(sam, samples: Sequence[Sample], blocks_spec: str, fraction:
         hooks.append(block.module.register_forward_hook(record))
     try:
         for sample in tqdm(samples, desc="salience", disable=not progress, leave=False):
-            encoder(_image_tensor(sample).to(device))
+            run_steps(steps, _image_tensor(sample, convention).to(device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -123,16 +116,18 @@ def salient_channels(sam, samples: Sequence[Sample], blocks_spec: str, fraction:
 @torch.no_grad()
 def prepare_examples(sam, samples: Sequence[Sample], first_trained: str, device: torch.device,
                      progress: bool) -> list[Example]:
-    prefix_steps, _ = split_steps(encoder_steps(sam.image_encoder), first_trained)
+    prefix_steps, _ = split_steps(encoder_steps(sam), first_trained)
+    convention = convention_of(sam)
     examples = []
     for sample in tqdm(samples, desc="cache prefix", disable=not progress, leave=False):
-        coords, labels = imaging.prompt_arrays(sample.prompt, sample.hw)
+        coords, labels = imaging.prompt_arrays(sample.prompt, sample.hw, convention=convention)
+        target, _ = imaging.low_res_target(sample.mask, convention=convention)
         examples.append(Example(
             key=sample.key,
-            prefix=run_steps(prefix_steps, _image_tensor(sample).to(device)),
+            prefix=run_steps(prefix_steps, _image_tensor(sample, convention).to(device)),
             coords=torch.from_numpy(coords).to(device),
             labels=torch.from_numpy(labels).to(device),
-            target=torch.from_numpy(low_res_target(sample.mask))[None, None].to(device),
+            target=torch.from_numpy(target)[None, None].to(device),
         ))
     return examples
 
@@ -155,8 +150,9 @@ class Trainer:
         self.config = config
         self.settings = settings
         self.examples = examples
-        _, self.suffix = split_steps(encoder_steps(sam.image_encoder), first_trained)
-        self.decoder = SingleMaskDecoder(sam).eval()
+        _, self.suffix = split_steps(encoder_steps(sam), first_trained)
+        is_sam2 = convention_of(sam) == imaging.SAM2
+        self.decoder = (Sam2SingleMaskDecoder(sam) if is_sam2 else SingleMaskDecoder(sam)).eval()
         self.initial_state = adapter_state(sam)  # what SFA rewinds its external adapters to
         self.history: list[dict[str, Any]] = []
         self.optimizer = self.new_optimizer()
@@ -178,9 +174,10 @@ class Trainer:
         return max(1, self.settings.epochs // 2)
 
     def loss_of(self, example: Example) -> torch.Tensor:
-        embedding = run_steps(self.suffix, example.prefix)
-        zeros = torch.zeros(1, 1, imaging.LOW_RES_SIZE, imaging.LOW_RES_SIZE, device=embedding.device)
-        logits, _ = self.decoder(embedding, example.coords, example.labels, zeros, zeros.new_zeros(1))
+        outputs = run_steps(self.suffix, example.prefix)
+        features = outputs if isinstance(outputs, tuple) else (outputs,)  # SAM 2: the two high-res maps too
+        zeros = torch.zeros(1, 1, imaging.LOW_RES_SIZE, imaging.LOW_RES_SIZE, device=example.target.device)
+        logits, _ = self.decoder(*features, example.coords, example.labels, zeros, zeros.new_zeros(1))
         return segmentation_loss(logits, example.target)
 
     def run_epoch(self, epoch: int) -> float:

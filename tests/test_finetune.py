@@ -58,9 +58,54 @@ def image(sample_records):
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_encoder_steps_compose_to_the_encoder(model_type, image):
-    encoder = build_sam(model_type).image_encoder
+    sam = build_sam(model_type)
     with torch.no_grad():
-        assert torch.equal(run_steps(encoder_steps(encoder), image), encoder(image))
+        assert torch.equal(run_steps(encoder_steps(sam), image), sam.image_encoder(image))
+
+
+@pytest.fixture(scope="module")
+def sam2_image(sample_records):
+    from sam_reuse.base import imaging
+
+    return torch.from_numpy(imaging.preprocess(imaging.load_image_rgb(sample_records[0].image),
+                                               convention=imaging.SAM2))
+
+
+def _sam2_outputs(sam, image) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return run_steps(encoder_steps(sam), image)
+
+
+@pytest.fixture(scope="module")
+def sam2_reference(sam2_image) -> tuple[torch.Tensor, ...]:
+    """The base test_sam2's three encoder outputs, run as steps (checked equal to the exported encoder)."""
+    from sam_reuse.exporter.sam2_wrappers import Sam2ImageEncoder
+
+    sam = build_sam("test_sam2")
+    outputs = _sam2_outputs(sam, sam2_image)
+    with torch.no_grad():
+        exported = Sam2ImageEncoder(sam)(sam2_image)
+    assert len(outputs) == 3 and all(torch.equal(a, b) for a, b in zip(outputs, exported))
+    return outputs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sam2_adapters_start_as_the_identity_act_and_merge_exactly(method, sam2_image, sam2_reference):
+    """On Hiera: adapters leave all three outputs unchanged until trained, then act, and merge exactly."""
+    sam, reference = build_sam("test_sam2"), sam2_reference
+    blocks = attention_blocks(sam.image_encoder)
+    assert [b.name for b in blocks[-2:]] == ["trunk.blocks.4", "trunk.blocks.5"] and blocks[-1].dim == 128
+    salient = {"trunk.blocks.4": [0, 3, 60], "trunk.blocks.5": [1, 2, 100]}
+    attach(sam, PeftConfig(method=method, blocks="last:2", sfa_external="last:1", salient_channels=salient))
+    assert all(torch.equal(a, b) for a, b in zip(_sam2_outputs(sam, sam2_image), reference))
+    _randomise(sam)
+    adapted = _sam2_outputs(sam, sam2_image)
+    assert (adapted[0] - reference[0]).abs().max() > 1e-3  # the randomised adapters do act
+    pieces = merge_adapters(sam)
+    for merged, unmerged in zip(_sam2_outputs(sam, sam2_image), adapted):
+        torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    assert pieces == {"merged_linears": 0 if method == "sct" else 4,
+                      "graph_adapters": {"sct": 2, "sfa": 1}.get(method, 0)}
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -250,6 +295,33 @@ def test_import_errors_name_the_file_and_the_key(tmp_path):
     torch.save(build_sam("test_vit_t").state_dict(), tmp_path / "plain.pt")
     with pytest.raises(SamReuseError, match="plain.pt: no LoRA factors"):
         import_lora(tmp_path / "plain.pt", tmp_path / "out")
+
+
+def test_cli_trains_and_exports_sam2_adapters(planted, tmp_path, capsys, sam2_image, sam2_reference):
+    """SFA on Hiera: trained (the loss falls), merged into two linears plus a graph piece, exported with parity."""
+    assert main(["peft-train", "--model-type", "test_sam2", "--method", "sfa", "--blocks", "last:1",
+                 "--data", str(planted), "--out", str(tmp_path / "adapters"), "--epochs", "4", "--lr", "0.01",
+                 "--batch-size", "1", "--search-images", "2", "--holdout-images", "2", "--no-progress"]) == 0
+    record = json.loads((tmp_path / "adapters" / "train.json").read_text())
+    assert record["final_loss"] < 0.99 * record["initial_loss"], record["history"]
+    assert main(["peft-export", str(tmp_path / "adapters" / FINAL), "--model-type", "test_sam2",
+                 "--out", str(tmp_path / "export"), "--verify-images", "1"]) == 0
+    assert "merged 2 linears, 1 adapters stay" in capsys.readouterr().out
+    info = json.loads((tmp_path / "export" / "export.json").read_text())
+    parity = info["parity"]
+    assert parity["reference"] == "SAM2ImagePredictor" and parity["min_mask_iou"] > 0.999
+    assert parity["encoder_max_abs_diff"] < 1e-4 and info["peft"]["merge_max_abs_diff"] < 1e-4
+    from sam_reuse.base.runtime import ort_session
+
+    onnx_outputs = ort_session(tmp_path / "export" / "encoder.onnx").run(None, {"image": sam2_image.numpy()})
+    trained, _, _ = load_finetuned("test_sam2", None, tmp_path / "adapters" / FINAL)
+    for onnx_output, torch_output in zip(onnx_outputs, _sam2_outputs(trained, sam2_image)):
+        np.testing.assert_allclose(onnx_output, torch_output.numpy(), atol=1e-4)
+    assert np.abs(onnx_outputs[0] - sam2_reference[0].numpy()).max() > 1e-3  # the export carries the adapters
+    assert main(["peft-export", str(tmp_path / "adapters" / FINAL), "--model-type", "test_vit_t",
+                 "--out", str(tmp_path / "mismatched"), "--verify-images", "1"]) == 2
+    assert "adapters.pt: does not fit test_vit_t" in capsys.readouterr().err
+    assert not (tmp_path / "mismatched").exists()
 
 
 def test_cli_trains_and_exports_and_reports_bad_options(planted, tmp_path, capsys):

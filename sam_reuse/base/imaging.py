@@ -219,15 +219,15 @@ def upscale_matrices(original_hw: tuple[int, int], low_res: int = LOW_RES_SIZE,
     return rows, np.ascontiguousarray(cols)
 
 
-def low_res_target(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def low_res_target(mask: np.ndarray, convention: str = SAM1) -> tuple[np.ndarray, np.ndarray]:
     """A HxW ground-truth mask in the decoder's 256x256 low-resolution frame: (target, valid), float32.
 
-    The frame covers the 1024x1024 padded input, so the image fills its top-left (h/4 x w/4 of the resized
-    image). ``target`` is the share of each low-res pixel inside the object (box filter), 0 on the padding;
-    ``valid`` is 1 on the image and 0 on the padding.
+    The frame covers the 1024x1024 input, so under SAM's convention the image fills its top-left (h/4 x w/4 of
+    the resized image) and under SAM 2's all of it. ``target`` is the share of each low-res pixel inside the
+    object (box filter), 0 on the padding; ``valid`` is 1 on the image and 0 on the padding.
     """
     height, width = mask.shape
-    new_h, new_w = resized_shape(height, width)
+    new_h, new_w = resized_shape(height, width, convention=convention)
     low_h, low_w = max(1, round(new_h * LOW_RES_SIZE / IMAGE_SIZE)), max(1, round(new_w * LOW_RES_SIZE / IMAGE_SIZE))
     shrunk = Image.fromarray(mask.astype(np.uint8) * 255).resize((low_w, low_h), Image.Resampling.BOX)
     target = np.zeros((LOW_RES_SIZE, LOW_RES_SIZE), np.float32)
