@@ -225,7 +225,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
     if precision not in PRECISIONS:
         raise SamReuseError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    from sam_reuse.base.runtime import load_model
+    from sam_reuse.base.runtime import load_model, model_convention
 
     model = load_model(onnx_path, "ONNX model")
     backend = backend or load_backend()
@@ -246,6 +246,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, precision: str 
                "precision": precision, "fp16_by": ("onnx types" if typed_fp16 else "builder flag") if precision == "fp16" else None,
                "fp32_ops": FP32_OPS if typed_fp16 else [],
                "compute_capabilities": list(compute_capabilities) or ("portable default" if backend.name == "tensorrt-rtx" else "build GPU"),
+               "convention": model_convention(model),
                "source_onnx": as_seen_from(engine_path.parent, onnx_path),
                "source_onnx_sha256": sha256_file(onnx_path),
                **_io(trt, network, profile_shapes), "build_s": round(build_s, 2)}

@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -39,6 +39,7 @@ from sam_reuse.base.contract import (
     FIRST_ORDER_OUTPUTS,
     FIRST_ORDER_POINTS,
     FIRST_ORDER_SCORER,
+    SAM2_ENCODER_OUTPUTS,
     decoder_feeds,
 )
 from sam_reuse.base.errors import SamReuseError
@@ -253,29 +254,47 @@ def verify_first_order_scorer(sam, path: Path, records: Sequence[Record]) -> flo
     return worst
 
 
-def verify_prompts_decoder(sam, path: Path, multimask: bool, records: Sequence[Record]) -> float:
-    """Max |ONNX - torch| of the app decoder's logits: every verify record's prompt at once on each image."""
+def verify_prompts_decoder(module, encoder, path: Path, records: Sequence[Record], convention: str = imaging.SAM1
+                           ) -> float:
+    """Max |ONNX - torch ``module``| of an app decoder's logits: every verify record's prompt at once on each
+    image, the image encoded by the torch ``encoder`` (SAM's embedding, or SAM 2's three outputs)."""
     import torch
 
-    from sam_reuse.exporter.wrappers import ImageEncoder, PromptsDecoder
-
-    session, module, encoder = ort_session(path), PromptsDecoder(sam, multimask).eval(), ImageEncoder(sam).eval()
+    session = ort_session(path)
+    names = [i.name for i in session.get_inputs()]
     images = [imaging.load_image_rgb(r.image) for r in records]
-    prompts = [imaging.prompt_arrays(record.prompt, image.shape[:2]) for record, image in zip(records, images)]
+    prompts = [imaging.prompt_arrays(record.prompt, image.shape[:2], convention=convention)
+               for record, image in zip(records, images)]
     worst = 0.0
     with torch.no_grad():
         for image in images:
-            embedding = encoder(torch.from_numpy(imaging.preprocess(image))).numpy()
+            outputs = encoder(torch.from_numpy(imaging.preprocess(image, convention=convention)))
+            features = [o.numpy() for o in (outputs if isinstance(outputs, tuple) else (outputs,))]
             for group in imaging.groups_by_point_count(prompts):
                 coords = np.concatenate([prompts[k][0] for k in group])
                 labels = np.concatenate([prompts[k][1] for k in group])
-                feeds = decoder_feeds(embedding, coords, labels)
-                feeds["mask_input"] = np.zeros((len(coords), 1, 256, 256), np.float32)
-                feeds["has_mask_input"] = np.zeros(len(coords), np.float32)
-                onnx_logits = session.run(None, feeds)[0]
-                torch_logits = module(*(torch.from_numpy(feeds[name]) for name in DECODER_INPUTS))[0].numpy()
+                feeds = {**decoder_feeds(features[0], coords, labels),
+                         **dict(zip(SAM2_ENCODER_OUTPUTS[1:], features[1:]))}
+                onnx_logits = session.run(None, {name: feeds[name] for name in names})[0]
+                torch_logits = module(*(torch.from_numpy(feeds[name]) for name in names))[0].numpy()
                 worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
     return worst
+
+
+def add_app_decoders(staging: Path, info: dict[str, Any], kinds: Sequence[str],
+                     export_one: Callable[[Path, bool], None], decoder_of: Callable[[bool], Any], encoder,
+                     records: Sequence[Record], convention: str = imaging.SAM1) -> None:
+    """Write each app decoder (``export_one(path, multimask)``), check it against the torch module
+    ``decoder_of(multimask)`` on every verify image, and record it in ``info["models"]``."""
+    for kind in kinds:
+        path, multimask = staging / APP_DECODERS[kind], kind == "multimask"
+        export_one(path, multimask)
+        difference = verify_prompts_decoder(decoder_of(multimask).eval(), encoder, path, records, convention)
+        if difference > DECODER_MAX_ABS_DIFF:
+            raise SamReuseError(f"{APP_DECODERS[kind]}: differs from torch by {difference:.3g} "
+                                f"(> {DECODER_MAX_ABS_DIFF}); nothing was written")
+        info["models"][f"decoder.prompts.{kind}"] = {"file": path.name, "sha256": sha256_file(path),
+                                                     "max_abs_diff_vs_torch": difference, **onnx_io_spec(path)}
 
 
 def verify_export(sam, encoder_path: Path, decoder_path: Path, records: Sequence[Record]) -> dict[str, Any]:
@@ -407,14 +426,16 @@ def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info:
     out_dir = Path(out_dir)
     exporter, opset = info["exporter"], info["opset"]
     check_app_decoders(app_decoders)
+    from sam_reuse.exporter.wrappers import ImageEncoder, PromptsDecoder
+
+    reference_model = reference if reference is not None else sam
     replacing = (*EXPORT_DERIVED_OUTPUTS, APP_DECODER_OUTPUTS, FIRST_ORDER_SCORER)
     with folder_lock(out_dir), staged_outputs(out_dir, replacing=replacing) as staging:
         started = time.perf_counter()
         export_encoder(sam, staging / "encoder.onnx", exporter, opset)
         export_decoder(sam, staging / "decoder.onnx", exporter, opset)
         export_seconds = time.perf_counter() - started
-        parity = verify_export(reference if reference is not None else sam, staging / "encoder.onnx",
-                               staging / "decoder.onnx", verify_records)
+        parity = verify_export(reference_model, staging / "encoder.onnx", staging / "decoder.onnx", verify_records)
         info = {
             **info,
             "export_seconds": round(export_seconds, 2),
@@ -427,20 +448,14 @@ def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info:
             "parity": {**parity, "verified_on": [str(r.image) for r in verify_records]},
             "sites": {name: site.to_json() for name, site in sites_of(staging / "encoder.onnx").items()},
         }
-        for kind in app_decoders:
-            path = staging / APP_DECODERS[kind]
-            export_prompts_decoder(sam, path, kind == "multimask", exporter, opset)
-            difference = verify_prompts_decoder(reference if reference is not None else sam, path,
-                                                kind == "multimask", verify_records)
-            if difference > DECODER_MAX_ABS_DIFF:
-                raise SamReuseError(f"{APP_DECODERS[kind]}: differs from torch by {difference:.3g} "
-                                    f"(> {DECODER_MAX_ABS_DIFF}); nothing was written")
-            info["models"][f"decoder.prompts.{kind}"] = {"file": path.name, "sha256": sha256_file(path),
-                                                         "max_abs_diff_vs_torch": difference, **onnx_io_spec(path)}
+        add_app_decoders(staging, info, app_decoders,
+                         lambda path, multimask: export_prompts_decoder(sam, path, multimask, exporter, opset),
+                         lambda multimask: PromptsDecoder(reference_model, multimask), ImageEncoder(reference_model),
+                         verify_records)
         if first_order:
             path = staging / FIRST_ORDER_SCORER
             export_first_order_scorer(sam, path, opset)
-            difference = verify_first_order_scorer(reference if reference is not None else sam, path, verify_records)
+            difference = verify_first_order_scorer(reference_model, path, verify_records)
             if difference > FIRST_ORDER_MAX_REL_DIFF:
                 raise SamReuseError(f"{FIRST_ORDER_SCORER}: differs from torch by {difference:.3g} of its largest "
                                     f"value (> {FIRST_ORDER_MAX_REL_DIFF}); nothing was written")

@@ -25,9 +25,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sam_reuse.base.contract import EMBEDDING, decoder_feeds
+from sam_reuse.base.contract import EMBEDDING, SAM2_ENCODER_OUTPUTS, decoder_feeds
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.imaging import groups_by_point_count, logits_to_mask, preprocess, prompt_arrays, upscale_logits
+from sam_reuse.base.imaging import (
+    SAM1,
+    SAM2,
+    groups_by_point_count,
+    logits_to_mask,
+    preprocess,
+    prompt_arrays,
+    upscale_logits,
+)
 from sam_reuse.base.records import Prompt
 from sam_reuse.base.runtime import ort_session
 
@@ -77,55 +85,66 @@ def shares_embedding(embedding_shape: Sequence[int | str]) -> bool:
 
 
 class SamModel:
-    """SAM's encoder and decoder behind any runner, with SamPredictor's pre/post-processing.
+    """SAM's (or SAM 2's) encoder and decoder behind any runner, with its predictor's pre/post-processing.
 
-    ``shared_embedding``: the decoder is an app decoder, which takes one embedding and K prompts per call.
+    ``shared_embedding``: the decoder is an app decoder, which takes one image's encoder outputs and K prompts
+    per call. ``convention``: how images and prompts are framed (``sam_reuse.base.imaging``; ``sam2`` for SAM 2
+    exports, whose decoder also reads the encoder's two high-resolution feature maps).
     """
 
-    def __init__(self, encoder: Runner, decoder: Runner, shared_embedding: bool = False):
+    def __init__(self, encoder: Runner, decoder: Runner, shared_embedding: bool = False, convention: str = SAM1):
         self.encoder, self.decoder, self.shared_embedding = encoder, decoder, shared_embedding
+        self.convention = convention
+        self.features = SAM2_ENCODER_OUTPUTS if convention == SAM2 else (EMBEDDING,)
 
     @classmethod
     def from_onnx(cls, encoder: str | Path, decoder: str | Path) -> SamModel:
-        from sam_reuse.base.runtime import onnx_io_spec
+        from sam_reuse.base.runtime import check_pair, load_model, onnx_io_spec
 
+        convention, _ = check_pair(load_model(encoder, "encoder", role="encoder"),
+                                   load_model(decoder, "decoder", role="decoder"), encoder, decoder)
         shape = next(i["shape"] for i in onnx_io_spec(decoder)["inputs"] if i["name"] == EMBEDDING)
-        return cls(onnx_runner(encoder), onnx_runner(decoder), shares_embedding(shape))
+        return cls(onnx_runner(encoder), onnx_runner(decoder), shares_embedding(shape), convention)
 
     @classmethod
     def from_engines(cls, encoder: str | Path, decoder: str | Path) -> SamModel:
         from sam_reuse.exporter.engine import read_sidecar
 
-        shape = next(i["shape"] for i in read_sidecar(decoder)["inputs"] if i["name"] == EMBEDDING)
-        return cls(engine_runner(encoder), engine_runner(decoder), shares_embedding(shape))
+        sidecar = read_sidecar(decoder)
+        shape = next(i["shape"] for i in sidecar["inputs"] if i["name"] == EMBEDDING)
+        return cls(engine_runner(encoder), engine_runner(decoder), shares_embedding(shape),
+                   sidecar.get("convention", SAM1))
 
-    def embed(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB -> 1x256x64x64 image embedding."""
-        return self.encoder({"image": preprocess(image)})["image_embeddings"]
+    def embed(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """HxWx3 uint8 RGB -> what the decoder reads from the encoder, by name: the 1x256x64x64
+        ``image_embeddings`` (and SAM 2's two ``high_res_feats``)."""
+        outputs = self.encoder({"image": preprocess(image, convention=self.convention)})
+        return {name: outputs[name] for name in self.features}
 
-    def predict(self, image: np.ndarray, prompt: Prompt, embedding: np.ndarray | None = None) -> Prediction:
-        """The decoder's first mask for ``prompt`` (with ``decoder.onnx``: mask token 0, like
-        ``SamPredictor.predict(multimask_output=False)``)."""
-        return self.predict_many(image, [prompt], embedding)[0][0]
+    def predict(self, image: np.ndarray, prompt: Prompt, features: dict[str, np.ndarray] | None = None
+                ) -> Prediction:
+        """The decoder's first mask for ``prompt`` (with ``decoder.onnx``: the single mask of
+        ``SamPredictor.predict(multimask_output=False)``, or ``SAM2ImagePredictor``'s)."""
+        return self.predict_many(image, [prompt], features)[0][0]
 
-    def predict_many(self, image: np.ndarray, prompts: Sequence[Prompt], embedding: np.ndarray | None = None
+    def predict_many(self, image: np.ndarray, prompts: Sequence[Prompt], features: dict[str, np.ndarray] | None = None
                      ) -> list[list[Prediction]]:
-        """Per prompt, the decoder's masks: one (single-mask decoders) or SAM's three (the multimask one).
+        """Per prompt, the decoder's masks: one (single-mask decoders) or three (the multimask one).
 
-        The image is encoded once (or ``embedding`` is used); prompts are decoded together where the decoder
-        allows (see the module docstring) and returned in the order given.
+        The image is encoded once (or ``features``, from ``embed``, are used); prompts are decoded together
+        where the decoder allows (see the module docstring) and returned in the order given.
         """
-        embedding = self.embed(image) if embedding is None else embedding
+        features = self.embed(image) if features is None else features
         hw = image.shape[:2]
-        arrays = [prompt_arrays(prompt, hw) for prompt in prompts]
+        arrays = [prompt_arrays(prompt, hw, convention=self.convention) for prompt in prompts]
         results: list[list[Prediction]] = [[] for _ in prompts]
         for group in groups_by_point_count(arrays, None if self.shared_embedding else 1):
             coords = np.concatenate([arrays[k][0] for k in group])
             labels = np.concatenate([arrays[k][1] for k in group])
-            outputs = self.decoder(decoder_feeds(embedding, coords, labels))
+            outputs = self.decoder({**decoder_feeds(features[EMBEDDING], coords, labels), **features})
             masks, scores = outputs["low_res_masks"], outputs["iou_predictions"]
             for row, k in enumerate(group):
-                results[k] = [Prediction(mask=logits_to_mask(upscale_logits(low_res, hw)), low_res_logits=low_res,
-                                         iou_prediction=float(score))
+                results[k] = [Prediction(mask=logits_to_mask(upscale_logits(low_res, hw, self.convention)),
+                              low_res_logits=low_res, iou_prediction=float(score))
                               for low_res, score in zip(masks[row], scores[row])]
         return results

@@ -27,11 +27,17 @@ from sam_reuse.base.contract import (
     SAM2_ENCODER_OUTPUTS,
     decoder_feeds,
 )
-from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import folder_lock, sha256_file, staged_outputs, write_json
 from sam_reuse.base.records import Record
 from sam_reuse.base.runtime import onnx_io_spec, ort_session
-from sam_reuse.exporter.onnx_export import ExportResult, _check_limits, _declare_outputs, _torch_export
+from sam_reuse.exporter.onnx_export import (
+    ExportResult,
+    _check_limits,
+    _declare_outputs,
+    _torch_export,
+    add_app_decoders,
+    check_app_decoders,
+)
 
 FEATURE_SHAPES = {"image_embeddings": [256, 64, 64], "high_res_feats_0": [32, 256, 256],
                   "high_res_feats_1": [64, 128, 128]}
@@ -75,6 +81,25 @@ def export_sam2_decoder(sam2, path: Path, exporter: str, opset: int) -> None:
         _torch_export(Sam2SingleMaskDecoder(sam2).eval(), _example_decoder_inputs(), path, SAM2_DECODER_INPUTS,
                       DECODER_OUTPUTS, dynamic, exporter, opset)
     _declare_outputs(path, {"low_res_masks": ["batch", 1, 256, 256], "iou_predictions": ["batch", 1]}, CONVENTION)
+
+
+def export_sam2_prompts_decoder(sam2, path: Path, multimask: bool, exporter: str, opset: int) -> None:
+    """The app decoder (``exporter.sam2_wrappers.Sam2PromptsDecoder``): one image's outputs, K prompts."""
+    import torch
+
+    from sam_reuse.exporter.sam2_wrappers import Sam2PromptsDecoder
+
+    *features, coords, labels, mask_input, has_mask_input = _example_decoder_inputs(batch=3)
+    dynamic = {name: {0: "prompts"} for name in ("point_coords", "point_labels", "mask_input", "has_mask_input",
+                                                 *DECODER_OUTPUTS)}
+    dynamic["point_coords"][1] = dynamic["point_labels"][1] = "num_points"
+    with torch.no_grad():
+        _torch_export(Sam2PromptsDecoder(sam2, multimask).eval(),
+                      (*(feature[:1] for feature in features), coords, labels, mask_input, has_mask_input), path,
+                      SAM2_DECODER_INPUTS, DECODER_OUTPUTS, dynamic, exporter, opset)
+    masks = 3 if multimask else 1
+    _declare_outputs(path, {"low_res_masks": ["prompts", masks, 256, 256], "iou_predictions": ["prompts", masks]},
+                     CONVENTION)
 
 
 def sam2_decoder_feeds(features: Sequence[np.ndarray], coords: np.ndarray, labels: np.ndarray,
@@ -137,9 +162,10 @@ def export_sam2(sam2, out_dir: str | Path, verify_records: Sequence[Record], inf
                 app_decoders: Sequence[str] = (), reference=None) -> ExportResult:
     """Export a built SAM 2 image model into ``out_dir`` (all or nothing, like ``export_sam``), verified against
     ``reference`` (default: ``sam2`` itself; a fine-tuned model's unmerged adapters)."""
-    if app_decoders:
-        raise SamReuseError(f"--app-decoders {','.join(app_decoders)}: not available for SAM 2 models yet "
-                            "(export without them)")
+    from sam_reuse.exporter.sam2_wrappers import Sam2ImageEncoder, Sam2PromptsDecoder
+
+    check_app_decoders(app_decoders)
+    reference_model = reference if reference is not None else sam2
     out_dir = Path(out_dir)
     exporter, opset = info["exporter"], info["opset"]
     replacing = (*EXPORT_DERIVED_OUTPUTS, APP_DECODER_OUTPUTS, FIRST_ORDER_SCORER)
@@ -148,12 +174,16 @@ def export_sam2(sam2, out_dir: str | Path, verify_records: Sequence[Record], inf
         export_sam2_encoder(sam2, staging / "encoder.onnx", exporter, opset)
         export_sam2_decoder(sam2, staging / "decoder.onnx", exporter, opset)
         export_seconds = time.perf_counter() - started
-        parity = verify_sam2_export(reference if reference is not None else sam2, staging / "encoder.onnx",
-                                    staging / "decoder.onnx", verify_records)
+        parity = verify_sam2_export(reference_model, staging / "encoder.onnx", staging / "decoder.onnx",
+                                    verify_records)
         info = {**info, "convention": imaging.SAM2, "export_seconds": round(export_seconds, 2),
                 "models": {name: {"file": f"{name}.onnx", "sha256": sha256_file(staging / f"{name}.onnx"),
                                   **onnx_io_spec(staging / f"{name}.onnx")} for name in ("encoder", "decoder")},
                 "parity": {**parity, "verified_on": [str(r.image) for r in verify_records]},
                 "first_order": NO_FIRST_ORDER}
+        add_app_decoders(staging, info, app_decoders,
+                         lambda path, multimask: export_sam2_prompts_decoder(sam2, path, multimask, exporter, opset),
+                         lambda multimask: Sam2PromptsDecoder(reference_model, multimask),
+                         Sam2ImageEncoder(reference_model).eval(), verify_records, imaging.SAM2)
         write_json(staging / "export.json", info)
     return ExportResult(out_dir / "encoder.onnx", out_dir / "decoder.onnx", out_dir / "export.json", info)

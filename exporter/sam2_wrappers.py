@@ -9,6 +9,7 @@ that the decoder gets ``image_embeddings`` and the two ``high_res_feats`` as
 encoder, the mask decoder, and the choice SAM 2 makes for a single mask (mask
 token 0 when it is stable, else the multimask token with the best predicted
 IoU), pairing embedding b with prompt b like SAM's ``SingleMaskDecoder``.
+``Sam2PromptsDecoder`` is the app decoder: one image, K prompts per call.
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ class Sam2SingleMaskDecoder(PromptEmbedding):
     def forward(self, image_embeddings: torch.Tensor, high_res_feats_0: torch.Tensor,
                 high_res_feats_1: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
                 mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        masks, ious = self.all_masks(image_embeddings, high_res_feats_0, high_res_feats_1, point_coords,
-                                     point_labels, mask_input, has_mask_input)
+        return self.single_mask(*self.all_masks(image_embeddings, high_res_feats_0, high_res_feats_1, point_coords,
+                                                point_labels, mask_input, has_mask_input))
+
+    def single_mask(self, masks: torch.Tensor, ious: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's single mask from all four (Bx1x256x256 and its IoU, Bx1)."""
         single, single_iou = masks[:, 0:1], ious[:, 0:1]
         if not self.by_stability:
             return single, single_iou
@@ -118,3 +122,25 @@ class Sam2SingleMaskDecoder(PromptEmbedding):
         stability = torch.where(outer > 0, inner / outer.clamp(min=1e-12), torch.ones_like(outer))
         stable = stability >= self.stability_threshold
         return torch.where(stable[:, :, None, None], single, best_mask), torch.where(stable, single_iou, best_iou)
+
+
+class Sam2PromptsDecoder(Sam2SingleMaskDecoder):
+    """The decoder for apps on SAM 2: one image's three encoder outputs (batch 1) and K prompts -> K results.
+
+    ``multimask``: the three masks of mask tokens 1-3 and their IoUs per prompt, what
+    ``SAM2ImagePredictor.predict(multimask_output=True)`` returns; otherwise SAM 2's single mask (the
+    stability choice included).
+    """
+
+    def __init__(self, sam2, multimask: bool = False) -> None:
+        super().__init__(sam2)
+        self.multimask = multimask
+
+    def forward(self, image_embeddings: torch.Tensor, high_res_feats_0: torch.Tensor,
+                high_res_feats_1: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = point_coords.shape[0]
+        shared = [feature.expand(count, -1, -1, -1) for feature in (image_embeddings, high_res_feats_0,
+                                                                      high_res_feats_1)]
+        masks, ious = self.all_masks(*shared, point_coords, point_labels, mask_input, has_mask_input)
+        return (masks[:, 1:], ious[:, 1:]) if self.multimask else self.single_mask(masks, ious)

@@ -153,6 +153,42 @@ def test_each_sam2_1_size_has_the_image_path_of_meta_s_config(size):
         block.window_size for block in reference.image_encoder.trunk.blocks]
 
 
+def test_app_decoders_and_sam_model_equal_sam2_image_predictor(tmp_path, sample_records):
+    """SamModel.predict_many on a SAM 2 export, with the app decoders (K prompts per call) and with the
+    search's decoder (one call per prompt), against SAM2ImagePredictor.predict one prompt at a time."""
+    from sam_reuse.exporter.onnx_export import APP_DECODERS
+    from sam_reuse.exporter.predictor import SamModel
+
+    out = tmp_path / "app"
+    assert main(["export", "--model-type", "test_sam2", "--out", str(out), "--verify-images", "1",
+                 "--app-decoders", "single,multimask"]) == 0
+    info = json.loads((out / "export.json").read_text())
+    assert all(info["models"][f"decoder.prompts.{kind}"]["max_abs_diff_vs_torch"] < 1e-4 for kind in APP_DECODERS)
+    predictor = _predictor(build_sam("test_sam2"))
+    record = sample_records[1]
+    image = np.ascontiguousarray(imaging.load_image_rgb(record.image)[100:813, 37:1000])  # stretched unevenly
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        predictor.set_image(image)
+    prompts = [make_prompt(record) for make_prompt in PROMPTS.values()] + [PROMPTS["point"](record)]
+    paired = SamModel.from_onnx(out / "encoder.onnx", out / "decoder.onnx")
+    features = paired.embed(image)
+    assert list(features) == list(SAM2_ENCODER_OUTPUTS) and paired.convention == imaging.SAM2
+    for kind, path in [("single", out / "decoder.onnx")] + [(kind, out / file) for kind, file in APP_DECODERS.items()]:
+        model = SamModel.from_onnx(out / "encoder.onnx", path)
+        assert model.shared_embedding == (path.name != "decoder.onnx")
+        multimask = kind == "multimask"
+        for prompt, predictions in zip(prompts, model.predict_many(image, prompts, features)):
+            masks, scores, _ = predictor.predict(prompt.points, prompt.labels, prompt.box,
+                                                 multimask_output=multimask, return_logits=True)
+            assert len(predictions) == (3 if multimask else 1)
+            for prediction, mask, score in zip(predictions, masks, scores):
+                ours = imaging.upscale_logits(prediction.low_res_logits, image.shape[:2], imaging.SAM2)
+                assert np.abs(ours - mask).max() < 1e-4
+                assert imaging.binary_iou(prediction.mask, mask > 0, empty=1.0) > 0.9999
+                assert prediction.iou_prediction == pytest.approx(float(score), abs=1e-5)
+
+
 def _cli_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -173,8 +209,6 @@ def test_wrong_checkpoints_and_options_are_one_line(tmp_path, capsys):
         capsys, export + ["sam2.1_hiera_t", "--checkpoint", str(small_sam2)])
     assert "sam2_test.pt: a SAM 2 checkpoint, not a vit_t one" in _cli_error(
         capsys, export + ["vit_t", "--checkpoint", str(small_sam2)])
-    assert "--app-decoders single: not available for SAM 2 models yet" in _cli_error(
-        capsys, export + ["test_sam2", "--app-decoders", "single"])
     assert not out.exists()
 
 
@@ -284,6 +318,7 @@ def test_sam2_engines_build_with_the_high_res_features_in_their_profile(sam2_exp
         _check_sidecar(sidecar, source, engine, "fp16", backend)
     assert [o["name"] for o in json.loads((tmp_path / "encoder.fp16.engine.json").read_text())["outputs"]] == list(
         SAM2_ENCODER_OUTPUTS)
+    assert sidecar["convention"] == imaging.SAM2  # SamModel.from_engines frames images by it
     inputs = {i["name"]: i for i in sidecar["inputs"]}
     assert inputs["high_res_feats_0"]["min"] == inputs["high_res_feats_0"]["max"] == [1, 32, 256, 256]
     assert inputs["point_coords"]["max"] == [1, 8, 2]
