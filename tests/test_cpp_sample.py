@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_reuse.base.imaging import load_image_rgb, logits_to_mask, preprocess, prompt_arrays, upscale_logits
+from sam_reuse.base.imaging import (
+    SAM1,
+    SAM2,
+    load_image_rgb,
+    logits_to_mask,
+    preprocess,
+    prompt_arrays,
+    upscale_logits,
+)
 from sam_reuse.base.records import Prompt
 from tests.conftest import REPO, SAMPLES
 
@@ -44,9 +52,10 @@ def _images(folder: Path) -> list[tuple[Path, int, int]]:
     return cases
 
 
-def _run_check(build: Path, image: Path, prompts: list[str], out: Path, logits: Path | None = None) -> None:
+def _run_check(build: Path, image: Path, prompts: list[str], out: Path, logits: Path | None = None,
+               convention: str = SAM1) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    args = [str(build / "sam_preprocess_check"), str(image), str(out)]
+    args = [str(build / "sam_preprocess_check")] + (["--sam2"] if convention == SAM2 else []) + [str(image), str(out)]
     subprocess.run(args + (["--logits", str(logits)] if logits else []) + prompts, check=True, capture_output=True)
 
 
@@ -63,30 +72,35 @@ def _prompts(x: int, y: int) -> list[tuple[str, Prompt]]:
              Prompt(points=np.array([[x, y], [x // 2 + 0.5, y]]), labels=np.array([0, 1])))]
 
 
-def test_cpp_preprocessing_and_prompts_equal_python_bit_for_bit(build, tmp_path):
+@pytest.mark.parametrize("convention", [SAM1, SAM2])
+def test_cpp_preprocessing_and_prompts_equal_python(build, tmp_path, convention):
     for image, x, y in _images(tmp_path):
         prompts = _prompts(x, y)
-        _run_check(build, image, [text for text, _ in prompts], tmp_path / image.stem)
+        _run_check(build, image, [text for text, _ in prompts], tmp_path / image.stem, convention=convention)
         rgb = load_image_rgb(image)
-        expected = preprocess(rgb)
+        expected = preprocess(rgb, convention=convention)
         got = np.fromfile(tmp_path / image.stem / "input.f32", dtype=np.float32).reshape(expected.shape)
-        np.testing.assert_array_equal(got, expected, err_msg=str(image))
+        if convention == SAM1:
+            np.testing.assert_array_equal(got, expected, err_msg=str(image))
+        else:  # Pillow 13 runs the vertical pass first for some shapes (which, it does not say): the last bit differs
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=str(image))
         for k, (text, prompt) in enumerate(prompts):
-            coords, labels = prompt_arrays(prompt, rgb.shape[:2])
+            coords, labels = prompt_arrays(prompt, rgb.shape[:2], convention=convention)
             written = np.fromfile(tmp_path / image.stem / f"prompt-{k}.f32", dtype=np.float32)
             np.testing.assert_array_equal(written, np.concatenate([coords.ravel(), labels.ravel()]),
                                           err_msg=f"{image} {text}")
 
 
-def test_cpp_masks_equal_python_except_at_zero_logits(build, tmp_path):
+@pytest.mark.parametrize("convention", [SAM1, SAM2])
+def test_cpp_masks_equal_python_except_at_zero_logits(build, tmp_path, convention):
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:256, :256]
     logits = (40.0 - np.hypot(yy - 120, xx - 140) + rng.normal(0, 2, (256, 256))).astype(np.float32)
     logits.tofile(tmp_path / "logits.f32")
     for image, x, y in _images(tmp_path)[:3]:
-        _run_check(build, image, [f"p:{x},{y}"], tmp_path / image.stem, tmp_path / "logits.f32")
+        _run_check(build, image, [f"p:{x},{y}"], tmp_path / image.stem, tmp_path / "logits.f32", convention)
         hw = load_image_rgb(image).shape[:2]
-        upscaled = upscale_logits(logits, hw)
+        upscaled = upscale_logits(logits, hw, convention=convention)
         with Image.open(tmp_path / image.stem / "mask.png") as png:
             got = np.asarray(png) > 127
         assert got.shape == hw

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <memory>
 #include <stdexcept>
+#include <type_traits>
 
 namespace sam {
 namespace {
@@ -107,13 +108,14 @@ RgbImage load_png(const std::string& path, FILE* file) {
     return image;
 }
 
-// Pillow's Resample.c, bilinear filter, 8 bits per channel.
+// Pillow's Resample.c, bilinear filter: 8 bits per channel in fixed point, float32 ("F" images) in double.
 constexpr int kPrecisionBits = 32 - 8 - 2;
 
 struct Coefficients {
     int ksize = 0;
-    std::vector<int> bounds;   // (first input index, count) per output index
-    std::vector<int> weights;  // ksize fixed-point weights per output index
+    std::vector<int> bounds;       // (first input index, count) per output index
+    std::vector<double> weights;   // ksize normalised weights per output index (float images)
+    std::vector<int> fixed;        // the same in fixed point (8-bit images)
 };
 
 Coefficients precompute(int in_size, int out_size) {
@@ -123,8 +125,8 @@ Coefficients precompute(int in_size, int out_size) {
     Coefficients c;
     c.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
     c.bounds.resize(out_size * 2);
-    c.weights.assign(static_cast<size_t>(out_size) * c.ksize, 0);
-    std::vector<double> k(c.ksize);
+    c.weights.assign(static_cast<size_t>(out_size) * c.ksize, 0.0);
+    c.fixed.assign(static_cast<size_t>(out_size) * c.ksize, 0);
     for (int xx = 0; xx < out_size; ++xx) {
         const double center = (xx + 0.5) * scale;
         int xmin = static_cast<int>(center - support + 0.5);
@@ -132,16 +134,17 @@ Coefficients precompute(int in_size, int out_size) {
         int xmax = static_cast<int>(center + support + 0.5);
         if (xmax > in_size) xmax = in_size;
         xmax -= xmin;
+        double* k = &c.weights[static_cast<size_t>(xx) * c.ksize];
         double total = 0.0;
         for (int x = 0; x < xmax; ++x) {
-            double t = std::fabs((x + xmin - center + 0.5) / filter_scale);
+            double t = std::fabs((x + xmin - center + 0.5) * (1.0 / filter_scale));
             k[x] = t < 1.0 ? 1.0 - t : 0.0;
             total += k[x];
         }
         for (int x = 0; x < xmax; ++x) {
             if (total != 0.0) k[x] /= total;
             const double fixed = k[x] * (1 << kPrecisionBits);
-            c.weights[static_cast<size_t>(xx) * c.ksize + x] = static_cast<int>(fixed < 0 ? fixed - 0.5 : fixed + 0.5);
+            c.fixed[static_cast<size_t>(xx) * c.ksize + x] = static_cast<int>(fixed < 0 ? fixed - 0.5 : fixed + 0.5);
         }
         c.bounds[xx * 2] = xmin;
         c.bounds[xx * 2 + 1] = xmax;
@@ -154,27 +157,60 @@ uint8_t clip8(int value) {
     return static_cast<uint8_t>(std::clamp(shifted, 0, 255));
 }
 
-// One pass along `axis` (1: columns within a row, 0: rows), reading rows [first_row, ...) of `in`.
-RgbImage resample_pass(const RgbImage& in, int out_height, int out_width, const Coefficients& c, bool horizontal,
-                       int first_row) {
-    RgbImage out{out_height, out_width, std::vector<uint8_t>(static_cast<size_t>(out_height) * out_width * 3)};
+// One pass of interleaved `channels`-channel pixels along rows (horizontal) or columns, reading rows
+// [first_row, ...) of `in` (in_width wide); uint8 in Pillow's fixed point, float accumulated in double.
+template <typename T>
+std::vector<T> resample_pass(const std::vector<T>& in, int in_width, int channels, int out_height, int out_width,
+                             const Coefficients& c, bool horizontal, int first_row) {
+    std::vector<T> out(static_cast<size_t>(out_height) * out_width * channels);
     for (int y = 0; y < out_height; ++y) {
         for (int x = 0; x < out_width; ++x) {
             const int index = horizontal ? x : y;
             const int start = c.bounds[index * 2], count = c.bounds[index * 2 + 1];
-            const int* k = &c.weights[static_cast<size_t>(index) * c.ksize];
-            for (int channel = 0; channel < 3; ++channel) {
-                int sum = 1 << (kPrecisionBits - 1);
-                for (int i = 0; i < count; ++i) {
+            const size_t offset = static_cast<size_t>(index) * c.ksize;
+            for (int channel = 0; channel < channels; ++channel) {
+                auto sample = [&](int i) {
                     const int sy = horizontal ? y + first_row : start + i;
                     const int sx = horizontal ? start + i : x;
-                    sum += in.pixels[(static_cast<size_t>(sy) * in.width + sx) * 3 + channel] * k[i];
+                    return in[(static_cast<size_t>(sy) * in_width + sx) * channels + channel];
+                };
+                T& target = out[(static_cast<size_t>(y) * out_width + x) * channels + channel];
+                if constexpr (std::is_same_v<T, uint8_t>) {
+                    int sum = 1 << (kPrecisionBits - 1);
+                    for (int i = 0; i < count; ++i) sum += sample(i) * c.fixed[offset + i];
+                    target = clip8(sum);
+                } else {
+                    double sum = 0.0;
+                    for (int i = 0; i < count; ++i) sum += sample(i) * c.weights[offset + i];
+                    target = static_cast<T>(sum);
                 }
-                out.pixels[(static_cast<size_t>(y) * out_width + x) * 3 + channel] = clip8(sum);
             }
         }
     }
     return out;
+}
+
+// Pillow's Image.resize(..., BILINEAR): horizontal pass over only the rows the vertical pass reads, then
+// the vertical pass with its bounds shifted to match; a pass is skipped when its size does not change.
+template <typename T>
+std::vector<T> resize_pillow(const std::vector<T>& pixels, int height, int width, int channels, int new_height,
+                             int new_width) {
+    const Coefficients horizontal = precompute(width, new_width);
+    Coefficients vertical = precompute(height, new_height);
+    const int first_row = vertical.bounds[0];
+    const int last_row = vertical.bounds[new_height * 2 - 2] + vertical.bounds[new_height * 2 - 1];
+    std::vector<T> current = pixels;
+    int current_width = width, row_offset = 0;
+    if (new_width != width) {
+        current = resample_pass(pixels, width, channels, last_row - first_row, new_width, horizontal, true, first_row);
+        current_width = new_width;
+        row_offset = first_row;
+    }
+    if (new_height != height) {
+        for (int y = 0; y < new_height; ++y) vertical.bounds[y * 2] -= row_offset;
+        current = resample_pass(current, current_width, channels, new_height, new_width, vertical, false, 0);
+    }
+    return current;
 }
 
 // PyTorch's upsample_bilinear2d along one axis (align_corners=False): source index pair and weight.
@@ -223,42 +259,36 @@ RgbImage load_image_rgb(const std::string& path) {
     throw std::runtime_error(path + ": not a JPEG or PNG image");
 }
 
-void resized_shape(int height, int width, int* new_height, int* new_width) {
+void resized_shape(int height, int width, int* new_height, int* new_width, Convention convention) {
+    if (convention == Convention::kSam2) {
+        *new_height = *new_width = kImageSize;
+        return;
+    }
     const double scale = kImageSize * 1.0 / std::max(height, width);
     *new_height = static_cast<int>(height * scale + 0.5);
     *new_width = static_cast<int>(width * scale + 0.5);
 }
 
 RgbImage resize_bilinear(const RgbImage& image, int new_height, int new_width) {
-    const Coefficients horizontal = precompute(image.width, new_width);
-    Coefficients vertical = precompute(image.height, new_height);
-    const bool need_horizontal = new_width != image.width;
-    const bool need_vertical = new_height != image.height;
-    const int first_row = vertical.bounds[0];
-    const int last_row = vertical.bounds[new_height * 2 - 2] + vertical.bounds[new_height * 2 - 1];
-    RgbImage current = image;
-    int row_offset = 0;
-    if (need_horizontal) {
-        // Like Pillow: only the input rows the vertical pass reads, then shift its bounds to match.
-        current = resample_pass(image, last_row - first_row, new_width, horizontal, true, first_row);
-        row_offset = first_row;
-    }
-    if (need_vertical) {
-        for (int y = 0; y < new_height; ++y) vertical.bounds[y * 2] -= row_offset;
-        current = resample_pass(current, new_height, new_width, vertical, false, 0);
-    }
-    return current;
+    return {new_height, new_width, resize_pillow(image.pixels, image.height, image.width, 3, new_height, new_width)};
 }
 
-std::vector<float> preprocess(const RgbImage& image) {
+std::vector<float> preprocess(const RgbImage& image, Convention convention) {
     int new_height = 0, new_width = 0;
-    resized_shape(image.height, image.width, &new_height, &new_width);
-    const RgbImage resized = resize_bilinear(image, new_height, new_width);
+    resized_shape(image.height, image.width, &new_height, &new_width, convention);
+    std::vector<float> resized;
+    if (convention == Convention::kSam2) {  // each channel as a float image: no rounding to 8 bits
+        resized = resize_pillow(std::vector<float>(image.pixels.begin(), image.pixels.end()), image.height,
+                                image.width, 3, new_height, new_width);
+    } else {
+        const RgbImage pixels = resize_bilinear(image, new_height, new_width);
+        resized.assign(pixels.pixels.begin(), pixels.pixels.end());
+    }
     std::vector<float> tensor(static_cast<size_t>(3) * kImageSize * kImageSize, 0.0f);
     for (int c = 0; c < 3; ++c)
         for (int y = 0; y < new_height; ++y)
             for (int x = 0; x < new_width; ++x) {
-                const float value = resized.pixels[(static_cast<size_t>(y) * new_width + x) * 3 + c];
+                const float value = resized[(static_cast<size_t>(y) * new_width + x) * 3 + c];
                 tensor[(static_cast<size_t>(c) * kImageSize + y) * kImageSize + x] = (value - kPixelMean[c]) / kPixelStd[c];
             }
     return tensor;
@@ -322,35 +352,48 @@ Prompt parse_prompt(const std::string& text) {
     return prompt;
 }
 
-void prompt_arrays(const Prompt& prompt, int height, int width, std::vector<float>* coords, std::vector<float>* labels) {
+void prompt_arrays(const Prompt& prompt, int height, int width, std::vector<float>* coords, std::vector<float>* labels,
+                   Convention convention) {
     int new_height = 0, new_width = 0;
-    resized_shape(height, width, &new_height, &new_width);
-    coords->clear();
-    *labels = prompt.labels;
+    resized_shape(height, width, &new_height, &new_width, convention);
+    std::vector<float> box, points;
     for (size_t i = 0; i + 1 < prompt.points.size(); i += 2) {
-        coords->push_back(scaled(prompt.points[i], new_width, width));
-        coords->push_back(scaled(prompt.points[i + 1], new_height, height));
+        points.push_back(scaled(prompt.points[i], new_width, width));
+        points.push_back(scaled(prompt.points[i + 1], new_height, height));
     }
-    if (prompt.has_box) {
-        for (int corner = 0; corner < 2; ++corner) {
-            coords->push_back(scaled(prompt.box[2 * corner], new_width, width));
-            coords->push_back(scaled(prompt.box[2 * corner + 1], new_height, height));
-        }
-        labels->insert(labels->end(), {2.0f, 3.0f});
-    } else {
+    for (int corner = 0; prompt.has_box && corner < 2; ++corner) {
+        box.push_back(scaled(prompt.box[2 * corner], new_width, width));
+        box.push_back(scaled(prompt.box[2 * corner + 1], new_height, height));
+    }
+    const bool box_first = convention == Convention::kSam2;  // SAM 2 puts the box's corners before the points
+    const std::vector<float>& first = box_first ? box : points;
+    const std::vector<float>& second = box_first ? points : box;
+    *coords = first;
+    coords->insert(coords->end(), second.begin(), second.end());
+    labels->clear();
+    if (prompt.has_box && box_first) labels->insert(labels->end(), {2.0f, 3.0f});
+    labels->insert(labels->end(), prompt.labels.begin(), prompt.labels.end());
+    if (prompt.has_box && !box_first) labels->insert(labels->end(), {2.0f, 3.0f});
+    if (!prompt.has_box || convention == Convention::kSam2) {  // the padding point: SAM without a box, SAM 2 always
         coords->insert(coords->end(), {0.0f, 0.0f});
         labels->push_back(-1.0f);
     }
 }
 
-std::vector<uint8_t> upscale_mask(const std::vector<float>& low_res_logits, int height, int width) {
-    int new_height = 0, new_width = 0;
-    resized_shape(height, width, &new_height, &new_width);
-    const std::vector<float> padded = resize_float(low_res_logits, kLowResSize, kLowResSize, kImageSize, kImageSize);
-    std::vector<float> cropped(static_cast<size_t>(new_height) * new_width);
-    for (int y = 0; y < new_height; ++y)
-        std::copy_n(&padded[static_cast<size_t>(y) * kImageSize], new_width, &cropped[static_cast<size_t>(y) * new_width]);
-    const std::vector<float> logits = resize_float(cropped, new_height, new_width, height, width);
+std::vector<uint8_t> upscale_mask(const std::vector<float>& low_res_logits, int height, int width,
+                                  Convention convention) {
+    std::vector<float> logits;
+    if (convention == Convention::kSam2) {  // one bilinear resize straight to the image
+        logits = resize_float(low_res_logits, kLowResSize, kLowResSize, height, width);
+    } else {
+        int new_height = 0, new_width = 0;
+        resized_shape(height, width, &new_height, &new_width, convention);
+        const std::vector<float> padded = resize_float(low_res_logits, kLowResSize, kLowResSize, kImageSize, kImageSize);
+        std::vector<float> cropped(static_cast<size_t>(new_height) * new_width);
+        for (int y = 0; y < new_height; ++y)
+            std::copy_n(&padded[static_cast<size_t>(y) * kImageSize], new_width, &cropped[static_cast<size_t>(y) * new_width]);
+        logits = resize_float(cropped, new_height, new_width, height, width);
+    }
     std::vector<uint8_t> mask(logits.size());
     std::transform(logits.begin(), logits.end(), mask.begin(), [](float v) { return v > 0.0f ? 1 : 0; });
     return mask;

@@ -4,7 +4,8 @@
 // (sam_image.hpp). Writes OUT_DIR/mask-K.png for the K-th prompt, or mask-K-M.png for each of the
 // multimask decoder's three masks. With an app decoder (decoder.prompts*.onnx, one embedding for K
 // prompts: build it with --batch 1:K:KMAX) the prompts that share a point count go in one call; with
-// decoder.onnx (embedding b paired with prompt b) each prompt is one call.
+// decoder.onnx (embedding b paired with prompt b) each prompt is one call. Engines of a SAM 2 export (the
+// encoder writes high_res_feats_0/1) are run with SAM 2's framing and their features fed to the decoder.
 // Works with TensorRT 10 and TensorRT-RTX (same nvinfer1 C++ API; link libnvinfer or libtensorrt_rtx).
 // Inputs and outputs are float32 in both precisions (fp16 engines keep fp32 I/O).
 #include <NvInfer.h>
@@ -69,6 +70,12 @@ public:
 
     // The engine's shape of an I/O tensor (-1 where it is dynamic).
     nvinfer1::Dims engine_shape(const char* name) const { return engine_->getTensorShape(name); }
+
+    bool has_tensor(const std::string& name) const {
+        for (int i = 0; i < engine_->getNbIOTensors(); ++i)
+            if (name == engine_->getIOTensorName(i)) return true;
+        return false;
+    }
 
     std::map<std::string, std::vector<float>> run(cudaStream_t stream) {
         std::map<std::string, std::vector<float>> outputs;
@@ -147,13 +154,18 @@ int main(int argc, char** argv) {
         cudaStream_t stream;
         check(cudaStreamCreate(&stream), "cudaStreamCreate");
 
+        const sam::Convention convention =
+            encoder.has_tensor("high_res_feats_0") ? sam::Convention::kSam2 : sam::Convention::kSam;
+        if ((convention == sam::Convention::kSam2) != decoder.has_tensor("high_res_feats_0"))
+            throw std::runtime_error(std::string(argv[2]) + ": not the decoder of " + argv[1] +
+                                     "'s export (one is SAM 2's, the other not)");
         const sam::RgbImage image = sam::load_image_rgb(argv[3]);
         std::vector<Encoded> prompts(static_cast<size_t>(argc - 5));
         for (size_t k = 0; k < prompts.size(); ++k)
             sam::prompt_arrays(sam::parse_prompt(argv[5 + k]), image.height, image.width, &prompts[k].coords,
-                               &prompts[k].labels);
-        encoder.set_input("image", sam::preprocess(image), dims({1, 3, sam::kImageSize, sam::kImageSize}));
-        const std::vector<float> embedding = encoder.run(stream).at("image_embeddings");
+                               &prompts[k].labels, convention);
+        encoder.set_input("image", sam::preprocess(image, convention), dims({1, 3, sam::kImageSize, sam::kImageSize}));
+        const std::map<std::string, std::vector<float>> encoded = encoder.run(stream);
         const bool shared_embedding = decoder.engine_shape("image_embeddings").d[0] == 1;
 
         const size_t plane = static_cast<size_t>(sam::kLowResSize) * sam::kLowResSize;
@@ -164,7 +176,11 @@ int main(int argc, char** argv) {
                 coords.insert(coords.end(), prompts[k].coords.begin(), prompts[k].coords.end());
                 labels.insert(labels.end(), prompts[k].labels.begin(), prompts[k].labels.end());
             }
-            decoder.set_input("image_embeddings", embedding, dims({1, 256, 64, 64}));
+            decoder.set_input("image_embeddings", encoded.at("image_embeddings"), dims({1, 256, 64, 64}));
+            if (convention == sam::Convention::kSam2) {
+                decoder.set_input("high_res_feats_0", encoded.at("high_res_feats_0"), dims({1, 32, 256, 256}));
+                decoder.set_input("high_res_feats_1", encoded.at("high_res_feats_1"), dims({1, 64, 128, 128}));
+            }
             decoder.set_input("point_coords", coords, dims({count, points, 2}));
             decoder.set_input("point_labels", labels, dims({count, points}));
             decoder.set_input("mask_input", std::vector<float>(group.size() * plane, 0.0f),
@@ -178,7 +194,7 @@ int main(int argc, char** argv) {
                     const std::string name = out + "/mask-" + std::to_string(group[row]) +
                                              (masks > 1 ? "-" + std::to_string(m) : "") + ".png";
                     sam::write_mask_png(name, sam::upscale_mask(std::vector<float>(first, first + plane), image.height,
-                                                                image.width), image.height, image.width);
+                                                                image.width, convention), image.height, image.width);
                 }
         }
         cudaStreamDestroy(stream);
