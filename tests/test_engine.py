@@ -162,7 +162,7 @@ def test_run_without_tensorrt_still_delivers_the_onnx_models(tmp_path, capsys, m
     out = tmp_path / "run"
     argv = ["--model-type", "test_vit_t", "--out", str(out), "--data", str(SAMPLES), "--search-images", "2",
             "--holdout-images", "2", "--targets", "0-2", "--sources", "3-4", "--overlays", "0", "--no-progress",
-            "--cache-dir", str(tmp_path / "cache"), "--verify-images", "1", "--ship-anyway"]
+            "--cache-dir", str(tmp_path / "cache"), "--verify-images", "1", "--ship-anyway", "--strategy", "fast"]
     assert main(argv) == 0  # the tuned candidate ships (forced): its engines would be due
     assert "engines skipped: TensorRT engines need TensorRT or TensorRT-RTX: pip install 'sam-reuse[trt]'" in \
         capsys.readouterr().out

@@ -225,7 +225,8 @@ def test_interrupted_training_resumes_to_the_same_adapters(planted, tmp_path, mo
     assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("model_type,method", [(f, m) for f in FAMILIES for m in METHODS])
+# Each method once, on alternating families: every method's merge and every family's export are covered.
+@pytest.mark.parametrize("model_type,method", [(FAMILIES[i % 2], m) for i, m in enumerate(METHODS)])
 def test_merged_export_matches_the_unmerged_torch_model(model_type, method, sample_records, tmp_path, image):
     sam = build_sam(model_type)
     config = _config(model_type, method)

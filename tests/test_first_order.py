@@ -130,7 +130,7 @@ def test_fast_on_a_shortlist_skips_screening_and_finds_the_planted_pairs(tmp_pat
 def test_tune_first_order_end_to_end_and_its_refusals(scorer_export, tmp_path, capsys):
     argv = ["tune", "--out", str(scorer_export), "--data", str(SAMPLES), "--strategy", "first-order",
             "--search-images", "3", "--holdout-images", "3", "--top-pairs", "2", "--no-progress",
-            "--cache-dir", str(tmp_path / "cache")]
+            "--evidence", "given", "--cache-dir", str(tmp_path / "cache")]
     assert main(argv) in (0, 3)
     report = json.loads((scorer_export / "report.json").read_text())
     assert report["settings"]["strategy"] == "first-order" and len(report["strategy_details"]["shortlist"]) == 48
