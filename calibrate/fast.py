@@ -12,8 +12,6 @@ Why each stage (measured on real MobileSAM, see benchmarks/README.md):
 3. **Greedy path.** From the best pairs with distinct targets, add at each
    step the pair that raises search-split mIoU most, until none does. The
    whole path is the "naive" map: it trusts any rise of the search-split mean.
-   Each step is raced too: every map it could take is scored on the race
-   images, and only the ``greedy_keep`` leaders on the rest.
 4. **Guarded choice.** A rise of the mean over 50 images is often carried by
    a few images and does not transfer. Along the path, keep the prefix whose
    per-image gain over the original has the highest lower 90% bootstrap
@@ -59,7 +57,6 @@ class FastPlan:
     pair_keep: int = 48  # pairs scored on every image after the race
     top_n: int = 10  # greedy candidates: the best pairs with distinct targets
     max_pairs: int = 10  # longest greedy path
-    greedy_keep: int = 3  # maps of each greedy step scored on every image after the race
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
@@ -71,9 +68,8 @@ class FastPlan:
         rest = images - race
         pairs = self.channels_paired * self.channels_paired if shortlist is None else shortlist
         screening = 0 if shortlist is not None else channels * race + min(2 * self.screen_keep, channels) * rest
-        steps = [max(self.top_n - step, 0) for step in range(1, self.max_pairs)]
-        greedy = sum(maps * race + min(maps, self.greedy_keep) * rest for maps in steps)
-        return images + screening + pairs * race + min(self.pair_keep, pairs) * rest + greedy
+        greedy = sum(max(self.top_n - step, 0) for step in range(1, self.max_pairs))
+        return images + screening + pairs * race + min(self.pair_keep, pairs) * rest + greedy * images
 
 
 def guarded_prefix(baseline: np.ndarray, path_ious: Sequence[np.ndarray]) -> tuple[int, list[float]]:
@@ -124,14 +120,12 @@ def _screen(scorer: Scorer, targets: Sequence[int], sources: Sequence[int], base
 
 
 def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], single: dict[Pair, np.ndarray],
-                 max_pairs: int, rows: np.ndarray | None = None, race: tuple[range, range, int] | None = None
+                 max_pairs: int, rows: np.ndarray | None = None
                  ) -> tuple[list[Pair], list[tuple[tuple[Pair, ...], np.ndarray]]]:
     """Add the pair that raises mIoU on ``rows`` (None: all) most until none does.
 
-    ``race`` (race rows, the rest, how many to keep): after the first step, the maps a step could take are
-    scored on the race rows and only the leaders on the rest; the step takes the best of those. Returns the
-    path and every map scored on all rows, with its IoUs. Maps are always scored on every search image, so
-    paths of different folds share their work.
+    Returns the path and every map tried, with its IoUs. Maps are always scored on every search image,
+    so paths of different folds share their work.
     """
     rows = np.arange(len(baseline)) if rows is None else rows
 
@@ -140,21 +134,15 @@ def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], s
     tried: list[tuple[tuple[Pair, ...], np.ndarray]] = []
     while len(path) < max_pairs:
         used = {t for t, _ in path}
-        steps = {pair: tuple(sorted(path + [pair])) for pair in candidates if pair[0] not in used}
-        if not steps:
+        trials = []
+        for pair in (p for p in candidates if p[0] not in used):
+            subset = tuple(sorted(path + [pair]))
+            ious = single[pair] if not path else scorer.pairs(subset)
+            trials.append((pair, subset, ious))
+            tried.append((subset, ious))
+        if not trials:
             break
-        if not path:
-            trials = [(pair, single[pair]) for pair in steps]
-        elif race is None:
-            trials = [(pair, scorer.pairs(subset)) for pair, subset in steps.items()]
-        else:
-            keys = {map_key(subset): pair for pair, subset in steps.items()}
-            raced = _race(scorer, "subset", {key: reuse_index(scorer.channels, steps[pair])
-                                             for key, pair in keys.items()}, baseline, race[0], race[1],
-                          lambda change: _top(change, list(keys), race[2], rising=True))
-            trials = [(pair, raced[key]) for key, pair in keys.items() if key in raced]
-        tried.extend((steps[pair], ious) for pair, ious in trials)
-        pair, ious = max(trials, key=lambda trial: trial[1][rows].mean())  # max keeps the first of equals
+        pair, _, ious = max(trials, key=lambda trial: trial[2][rows].mean())  # max keeps the first of equals
         if ious[rows].mean() <= current[rows].mean():
             break
         path.append(pair)
@@ -236,8 +224,7 @@ def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Seq
         candidates = top_distinct_targets(scored, plan.top_n)
 
         bar.set_description("fast search: greedy")
-        path, tried = _greedy_path(scorer, baseline, candidates, single, plan.max_pairs,
-                                   race=(race, rest, plan.greedy_keep))
+        path, tried = _greedy_path(scorer, baseline, candidates, single, plan.max_pairs)
         if cv_folds:
             bar.set_description("fast search: cross-validation")
             bar.total += cv_folds * (bar.total - bar.n)  # a rough bound: folds mostly retrace the path
