@@ -7,7 +7,8 @@ prompt (batch b of the embeddings goes with batch b of the prompts, so a
 search can decode many images at once) and returning only mask token 0, the
 mask ``SamPredictor.predict(multimask_output=False)`` returns. It has no
 ``orig_im_size`` input and no OneHot: upscaling lives in
-``sam_reuse.base.imaging.upscale_logits``. ``PromptsDecoder`` is the decoder
+``sam_reuse.base.imaging.upscale_logits``. Its attention and output upscaling
+compute SAM's values in a cheaper order (``_two_way_transformer``). ``PromptsDecoder`` is the decoder
 for apps: one embedding, K prompts, single mask or SAM's multimask output.
 ``FirstOrderScorer`` is the search's gradient pass (the first-order effect of
 every channel reuse at once).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 
 class ImageEncoder(nn.Module):
@@ -91,26 +93,14 @@ class SingleMaskDecoder(PromptEmbedding):
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
         src = image_embeddings + dense
-        pos_src = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)
-        height, width = self.embedding_hw
-
-        hs, src = decoder.transformer(src, pos_src, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 + outputs.start:1 + outputs.stop, :]
-
-        src = src.transpose(1, 2).reshape(batch, self.channels, height, width)
-        upscaled = self._upscale(src)
-        hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[:, j, :])
-                                for j, i in enumerate(range(outputs.start, outputs.stop))], dim=1)
-        count = outputs.stop - outputs.start
-        masks = (hyper_in @ upscaled.flatten(2)).reshape(batch, count, 4 * height, 4 * width)
+        image_pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
+        queries, keys = _two_way_transformer(decoder.transformer, src.flatten(2).transpose(1, 2), image_pe, tokens)
+        iou_token_out = queries[:, 0, :]
+        hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i, :])
+                                for i in range(outputs.start, outputs.stop)], dim=1)
+        masks = _upscaled_masks(decoder.output_upscaling, keys, hyper_in, self.embedding_hw)
         iou_pred = decoder.iou_prediction_head(iou_token_out)[:, outputs]
         return masks, iou_pred
-
-
-    def _upscale(self, src: torch.Tensor) -> torch.Tensor:
-        """The decoder's output upscaling: two stride-2 transposed convolutions, 64x64 -> 256x256."""
-        return self.mask_decoder.output_upscaling(src)
 
 
 class PromptsDecoder(SingleMaskDecoder):
@@ -132,13 +122,6 @@ class PromptsDecoder(SingleMaskDecoder):
         return self._decode(shared, point_coords, point_labels, mask_input, has_mask_input, self.outputs)
 
 
-def _stride_two_transposed(conv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """A kernel-2, stride-2 transposed convolution as one einsum: every input pixel writes its own 2x2 block."""
-    batch, _, height, width = x.shape
-    blocks = torch.einsum("bchw,codk->bohdwk", x, conv.weight)
-    return blocks.reshape(batch, conv.weight.shape[1], 2 * height, 2 * width) + conv.bias.reshape(1, -1, 1, 1)
-
-
 class FirstOrderScorer(SingleMaskDecoder):
     """What the first-order search needs from one search prompt, in one forward and one backward pass.
 
@@ -148,14 +131,7 @@ class FirstOrderScorer(SingleMaskDecoder):
     single mask's logits against ``target``) and ``channel_products`` M = G X^T (1x256x256), G = d soft_iou /
     d X: to first order, replacing channel t by channel s changes soft_iou by M[t, s] - M[t, t], and zeroing
     channel t by -M[t, t] (``calibrate.first_order``).
-
-    Output upscaling's transposed convolutions are written as einsums (the same values): the ONNX exporter
-    has no gradient of ConvTranspose.
     """
-
-    def _upscale(self, src: torch.Tensor) -> torch.Tensor:
-        first, norm, activation, second, last_activation = self.mask_decoder.output_upscaling
-        return last_activation(_stride_two_transposed(second, activation(norm(_stride_two_transposed(first, src)))))
 
     def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
                 target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +146,113 @@ class FirstOrderScorer(SingleMaskDecoder):
         flat = image_embeddings.reshape(1, self.channels, -1)
         products = gradient.reshape(1, self.channels, -1) @ flat.transpose(1, 2)
         return products, soft_iou.reshape(1)
+
+
+# The decoder's 4096 image tokens dominate its cost. SAM's attention projects all of them (k, v or q, out
+# projections of 256 x 128) to meet a handful of prompt tokens; reassociating the products lets them meet small
+# per-prompt matrices instead, and the transposed convolutions of the output upscaling (kernel 2, stride 2: every
+# input pixel writes its own 2x2 block) become per-token linears on the token layout, with no NCHW transposes of
+# 256 channels. The values are SAM's up to float rounding (benchmarks/README.md: about 1.9x faster on ONNX Runtime
+# CPU); ``tests/test_export.py`` checks the modules against SAM's own.
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """B x N x C -> B x heads x N x C/heads."""
+    batch, tokens, channels = x.shape
+    return x.reshape(batch, tokens, heads, channels // heads).transpose(1, 2)
+
+
+def _per_head(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """A projection's weight (internal x D) -> heads x internal/heads x D."""
+    return weight.reshape(heads, weight.shape[0] // heads, weight.shape[1])
+
+
+def _tokens_attend_to_image(attention: nn.Module, queries: torch.Tensor, image_keys: torch.Tensor,
+                            image_values: torch.Tensor) -> torch.Tensor:
+    """SAM's ``Attention(q=queries, k=image_keys, v=image_values)`` with few queries and many image tokens.
+
+    Per head, scores = q_h (K W_k,h^T + b_k,h)^T = (q_h W_k,h) K^T + q_h b_k,h^T, whose last term is the same
+    for every image token of a query, which softmax ignores; and softmax(scores) (V W_v,h^T + b_v,h) =
+    (P_h V) W_v,h^T + b_v,h, as each row of P sums to 1. The image tokens meet heads x queries rows instead of a
+    256 x 128 projection.
+    """
+    heads = attention.num_heads
+    batch, count = queries.shape[:2]
+    scale = (attention.internal_dim // heads) ** -0.5
+    q = _split_heads(attention.q_proj(queries), heads)  # B h n c
+    projected = (q @ _per_head(attention.k_proj.weight, heads)) * scale  # B h n D
+    scores = (projected.reshape(batch, heads * count, -1) @ image_keys.transpose(1, 2))
+    weights = torch.softmax(scores.reshape(batch, heads, count, -1), dim=-1)
+    mixed = (weights.reshape(batch, heads * count, -1) @ image_values).reshape(batch, heads, count, -1)
+    values = mixed @ _per_head(attention.v_proj.weight, heads).transpose(1, 2)  # B h n c
+    values = values + attention.v_proj.bias.reshape(heads, 1, -1)
+    return attention.out_proj(values.transpose(1, 2).reshape(batch, count, -1))
+
+
+def _image_attends_to_tokens(attention: nn.Module, image_queries: torch.Tensor, keys: torch.Tensor,
+                             values: torch.Tensor) -> torch.Tensor:
+    """SAM's ``Attention(q=image_queries, k=keys, v=values)`` with many image queries and few keys.
+
+    Per head, scores = (X W_q,h^T + b_q,h) k_h^T = X (W_q,h^T k_h^T) + b_q,h k_h^T, and the output projection
+    distributes over the heads: out = sum_h P_h (v_h W_o,h^T) + b_o. The image tokens meet a D x (heads x keys)
+    and a (heads x keys) x D matrix instead of two 256 x 128 projections.
+    """
+    heads = attention.num_heads
+    batch, count = keys.shape[:2]
+    scale = (attention.internal_dim // heads) ** -0.5
+    k = _split_heads(attention.k_proj(keys), heads) * scale  # B h n c
+    query_weight = _per_head(attention.q_proj.weight, heads)  # h c D
+    into_keys = (k @ query_weight).reshape(batch, heads * count, -1)  # B (h n) D
+    key_bias = (k @ attention.q_proj.bias.reshape(heads, -1, 1)).reshape(batch, 1, heads * count)
+    scores = (image_queries @ into_keys.transpose(1, 2) + key_bias).reshape(batch, -1, heads, count)
+    weights = torch.softmax(scores, dim=-1).reshape(batch, -1, heads * count)
+    v = _split_heads(attention.v_proj(values), heads)  # B h n c
+    out_weight = attention.out_proj.weight.reshape(-1, heads, v.shape[-1]).permute(1, 2, 0)  # h c D
+    return weights @ (v @ out_weight).reshape(batch, heads * count, -1) + attention.out_proj.bias
+
+
+def _two_way_transformer(transformer: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's ``TwoWayTransformer`` on image tokens (B x HW x D) with the cross attentions reassociated."""
+    queries, keys = tokens, image
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            with_pe = queries + tokens
+            queries = queries + layer.self_attn(q=with_pe, k=with_pe, v=queries)
+        queries = layer.norm1(queries)
+        queries = layer.norm2(queries + _tokens_attend_to_image(layer.cross_attn_token_to_image, queries + tokens,
+                                                                keys + image_pe, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + _image_attends_to_tokens(layer.cross_attn_image_to_token, keys + image_pe,
+                                                           queries + tokens, queries))
+    queries = transformer.norm_final_attn(queries + _tokens_attend_to_image(
+        transformer.final_attn_token_to_image, queries + tokens, keys + image_pe, keys))
+    return queries, keys
+
+
+def _as_linear(conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """A kernel-2, stride-2 transposed convolution's weight (in x out x 2 x 2) as in x (2 * 2 * out), ordered by
+    the output pixel's (row, column) within its 2x2 block, then channel."""
+    return conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
+
+
+def _upscaled_masks(upscaling: nn.Sequential, image: torch.Tensor, hyper_in: torch.Tensor,
+                    embedding_hw: tuple[int, int]) -> torch.Tensor:
+    """SAM's output upscaling (two transposed convolutions with a LayerNorm2d and GELUs) and the masks
+    ``hyper_in @ upscaled``, computed on tokens: B x HW x D image tokens, B x K x C hypernetwork outputs ->
+    B x K x 4H x 4W logits."""
+    first, norm, activation, second, last_activation = upscaling
+    height, width = embedding_hw
+    batch, count = hyper_in.shape[:2]
+    blocks = (image @ _as_linear(first)).reshape(batch, height * width * 4, -1) + first.bias
+    blocks = activation(functional.layer_norm(blocks, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
+    pixels = last_activation((blocks @ _as_linear(second)).reshape(batch, height * width * 16, -1) + second.bias)
+    masks = (pixels @ hyper_in.transpose(1, 2)).transpose(1, 2)  # B x K x (i, j, a, b, c, d)
+    # pixel (i, j) of the embedding, (a, b) of the first block, (c, d) of the second: row 4i + 2a + c,
+    # column 4j + 2b + d
+    masks = masks.reshape(-1, height, width, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    return masks.reshape(batch, count, 4 * height, 4 * width)
 
 
 def example_decoder_inputs(batch: int = 1, num_points: int = 2) -> tuple[torch.Tensor, ...]:

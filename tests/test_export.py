@@ -68,6 +68,40 @@ def test_single_mask_equals_sam_predictor(tiny_exports, sample_records, model_ty
     assert imaging.binary_iou(ours, theirs, empty=1.0) >= MIN_MASK_IOU
 
 
+@pytest.mark.parametrize("model_type", ["test_vit_t", "test_vit_b"])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_decoder_modules_equal_sams_mask_decoder(model_type, multimask):
+    """The exported decoders' reassociated attention and token-layout upscaling give SAM's own values, with and
+    without a mask input, for the single mask and SAM's three."""
+    from sam_reuse.exporter.wrappers import PromptsDecoder
+
+    sam = build_sam(model_type).eval()
+    generator = torch.Generator().manual_seed(1)
+    embedding = torch.randn(1, 256, 64, 64, generator=generator)
+    points = torch.rand(3, 2, 2, generator=generator) * 1024
+    box = torch.tensor([[200.0, 150.0, 800.0, 900.0]])
+    # SAM's prompt encoder pads point prompts itself and embeds a box as two corners after the points
+    sam_prompts = [dict(points=(points[:1], torch.tensor([[1.0, 0.0]])), boxes=None),
+                   dict(points=(points[1:2, :1], torch.tensor([[1.0]])), boxes=box),
+                   dict(points=(points[2:], torch.tensor([[1.0, 1.0]])), boxes=None)]
+    coords = torch.stack([torch.cat([points[0], torch.zeros(1, 2)]), torch.cat([points[1, :1], box.reshape(2, 2)]),
+                          torch.cat([points[2], torch.zeros(1, 2)])])
+    labels = torch.tensor([[1.0, 0.0, -1.0], [1.0, 2.0, 3.0], [1.0, 1.0, -1.0]])
+    mask_input = torch.randn(3, 1, 256, 256, generator=generator) * 4
+    for has_mask in (0.0, 1.0):
+        with torch.no_grad():
+            ours, our_iou = PromptsDecoder(sam, multimask)(embedding, coords, labels, mask_input,
+                                                           torch.full((3,), has_mask))
+            for k, prompt in enumerate(sam_prompts):
+                sparse, dense = sam.prompt_encoder(**prompt, masks=mask_input[k:k + 1] if has_mask else None)
+                theirs, their_iou = sam.mask_decoder(image_embeddings=embedding,
+                                                     image_pe=sam.prompt_encoder.get_dense_pe(),
+                                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                                     multimask_output=multimask)
+                assert float((ours[k] - theirs[0]).abs().max()) < 1e-5 * max(float(theirs.abs().max()), 1.0)
+                assert torch.allclose(our_iou[k], their_iou[0], atol=1e-5)
+
+
 def test_decoder_pairs_embeddings_with_prompts_in_a_batch(tiny_exports, sample_records):
     """Batch b of the embeddings is decoded with batch b of the prompts, and nothing else."""
     export = tiny_exports["test_vit_t"]
