@@ -29,8 +29,10 @@ weights: $(STAMP)
 demo: weights
 	$(VENV)/bin/export-and-tune run --model-type vit_t --out $(OUT) --evidence given || test $$? -eq 3
 
+# One pytest worker per core, at most 4 (tests/conftest.py shares the cores' threads among them); a test file stays
+# whole on one worker, so its module fixtures are built once.
 test: weights
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $$($(PY) -c 'import os; print(min(4, os.cpu_count() or 1))') --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import warnings
 from pathlib import Path
@@ -34,11 +35,22 @@ def mobilesam_checkpoint() -> Path:
     return path
 
 
-def _export(tmp_path_factory, model_type: str, records, checkpoint=None, exporter="legacy"):
-    from sam_reuse.exporter.onnx_export import export_model
+def _session_root(tmp_path_factory) -> Path:
+    """This test run's temporary folder, shared by all xdist workers (each has its own basetemp below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
-    out = tmp_path_factory.mktemp(f"{model_type}-{exporter}")
-    return export_model(model_type, out, checkpoint, records[:1], exporter=exporter)
+
+def _export(tmp_path_factory, model_type: str, records, checkpoint=None, exporter="legacy"):
+    """One export per test run: the first worker to ask writes it, the others wait on its lock and reuse it."""
+    from sam_reuse.exporter.onnx_export import existing_export, export_model
+
+    root = _session_root(tmp_path_factory)
+    out = root / f"export-{model_type}-{exporter}"
+    with open(root / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return (existing_export(out, model_type, checkpoint, exporter)
+                or export_model(model_type, out, checkpoint, records[:1], exporter=exporter))
 
 
 @pytest.fixture(scope="session")
@@ -59,4 +71,12 @@ def mobilesam_export(tmp_path_factory, sample_records, mobilesam_checkpoint):
 
 
 def pytest_configure(config):
-    os.environ.setdefault("SAM_REUSE_THREADS", "2")
+    """Pin ONNX Runtime's and torch's threads: 2, or with xdist the cores shared out among the workers (ONNX
+    Runtime's threads spin while they wait, so more threads than cores slows every worker down)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, min(2, (os.cpu_count() or 2) // workers))
+    os.environ.setdefault("SAM_REUSE_THREADS", str(threads))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(threads)
