@@ -16,8 +16,8 @@ encoder's suffix after the site) and fed to the decoder unchanged.
 
 Each mask is scored the way ``SamPredictor.predict(multimask_output=False)``
 is: mask token 0, low-resolution logits upscaled to the image's own size
-(``sam_reuse.base.imaging.upscale_matrices``), thresholded at 0, IoU against the
-ground truth (``sam_reuse.base.imaging.binary_iou``). A SAM 2 decoder also
+(``sam_reuse.base.imaging.Upscaling``, only where a positive logit reaches),
+thresholded at 0, IoU against the ground truth. A SAM 2 decoder also
 reads the encoder's high-resolution features (``features``, cached per image
 like the embeddings and left alone by reuse at the embedding), and its prompts
 and masks follow ``SAM2ImagePredictor`` (``convention``).
@@ -31,15 +31,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnx
 
-from sam_reuse.base.contract import EMBEDDING, decoder_feeds
-from sam_reuse.base.imaging import (
-    SAM1,
-    binary_iou,
-    groups_by_point_count,
-    logits_to_mask,
-    prompt_arrays,
-    upscale_matrices,
-)
+from sam_reuse.base.contract import EMBEDDING, HIGH_RES_FEATURES, decoder_feeds
+from sam_reuse.base.imaging import SAM1, Upscaling, groups_by_point_count, logits_to_mask, prompt_arrays
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import ort_session
 from sam_reuse.graphops.probe import index_input_name, with_index_input
@@ -87,7 +80,7 @@ class MaskEvaluator:
         self.prompts = [prompt_arrays(s.prompt, s.hw, convention=convention) for s in self.samples]
         self.batch_size = batch_size
         self._batches: dict[tuple[int, ...], list[list[int]]] = {}
-        self._upscale: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._upscaling: dict[tuple[int, int], Upscaling] = {}
         self.evaluations = 0  # decoder runs, one per image per evaluated index
 
     @property
@@ -125,27 +118,28 @@ class MaskEvaluator:
                 features = dict(zip(self.features, values))
                 decoder_index = np.arange(self.embedding_channels, dtype=np.int64)
             feeds = decoder_feeds(embeddings, np.concatenate([self.prompts[i][0] for i in batch]),
-                                  np.concatenate([self.prompts[i][1] for i in batch]))
+                                  np.concatenate([self.prompts[i][1] for i in batch]),
+                                  high_res=[features[name] for name in HIGH_RES_FEATURES if name in features])
             feeds[index_input_name(EMBEDDING)] = decoder_index
-            feeds.update(features)
             masks = self.session.run(["low_res_masks"], feeds)[0]
             for row, i in enumerate(batch):
                 logits[i] = masks[row, 0]
         self.evaluations += len(rows)
         return [logits[r] for r in rows]
 
+    def _upscaling_of(self, sample_index: int) -> Upscaling:
+        hw = self.samples[sample_index].hw
+        if hw not in self._upscaling:
+            self._upscaling[hw] = Upscaling(hw, convention=self.convention)
+        return self._upscaling[hw]
+
     def predicted_mask(self, logits: np.ndarray, sample_index: int) -> np.ndarray:
         """Binary mask at the image's resolution, as SamPredictor would return it."""
-        hw = self.samples[sample_index].hw
-        if hw not in self._upscale:
-            self._upscale[hw] = upscale_matrices(hw, convention=self.convention)
-        rows, cols = self._upscale[hw]
-        return logits_to_mask(rows @ logits @ cols)
+        return logits_to_mask(self._upscaling_of(sample_index).logits(logits))
 
     def ious_of(self, logits: list[np.ndarray], rows: Sequence[int] | None = None) -> np.ndarray:
         """IoU (float64) of ``low_res_logits(index, rows)`` output, one per row."""
-        return np.array([binary_iou(self.predicted_mask(l, r), self.samples[r].mask)
-                         for l, r in zip(logits, self._rows(rows))])
+        return np.array([self._upscaling_of(r).iou(l, self.samples[r].mask) for l, r in zip(logits, self._rows(rows))])
 
     def ious(self, index: np.ndarray | None = None, rows: Sequence[int] | None = None) -> np.ndarray:
         """IoU (float64) for ``index`` on ``rows`` (None: every sample)."""

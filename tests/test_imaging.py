@@ -62,6 +62,27 @@ def test_upscale_logits_matches_postprocess_masks(sam, hw):
     assert (imaging.logits_to_mask(ours) == (expected > 0)).mean() > 0.9999
 
 
+@pytest.mark.parametrize("convention", [imaging.SAM1, imaging.SAM2])
+@pytest.mark.parametrize("hw", [(1024, 1024), (713, 963), (300, 500), (1500, 400)])
+def test_iou_on_the_positive_rectangle_equals_the_iou_of_the_whole_mask(hw, convention):
+    """Upscaling.iou upscales only where a positive logit reaches; the IoU is the full mask's, for small, large,
+    border-touching, empty and everywhere-positive masks."""
+    upscaling = imaging.Upscaling(hw, convention=convention)
+    rng = np.random.default_rng(sum(hw))
+    yy, xx = np.mgrid[:256, :256]
+    truth = rng.random(hw) < 0.3
+    truth[hw[0] // 4:hw[0] // 2, hw[1] // 3:hw[1] // 2] = True
+    cases = {"blob": 20 - np.hypot(yy - 90, xx - 120), "corner": 30 - np.hypot(yy, xx),
+             "far corner": 40 - np.hypot(yy - 255, xx - 255), "speckle": rng.normal(-2, 1, (256, 256)),
+             "nothing": -np.ones((256, 256)), "everything": np.ones((256, 256)),
+             "one logit": np.where((yy == 17) & (xx == 201), 5.0, -5.0)}
+    for name, logits in cases.items():
+        logits = logits.astype(np.float32)
+        whole = imaging.binary_iou(imaging.logits_to_mask(upscaling.logits(logits)), truth)
+        assert upscaling.iou(logits, truth) == pytest.approx(whole, abs=1e-6), name
+    assert upscaling.iou(cases["nothing"].astype(np.float32), truth) == 0.0
+
+
 def test_prompt_arrays_add_padding_point_like_prompt_encoder(sam):
     from segment_anything.utils.transforms import ResizeLongestSide
 
