@@ -62,8 +62,8 @@ def main() -> None:
         decoder = ort_session(folder / "decoder.onnx", threads=args.threads)
         outputs = dict(zip([o.name for o in encoder.get_outputs()], encoder.run(None, {"image": x})))
         coords, labels = imaging.prompt_arrays(record.prompt, image.shape[:2], convention=convention)
-        feeds = {**decoder_feeds(outputs[EMBEDDING], coords, labels),
-                 **{name: outputs[name] for name in HIGH_RES_FEATURES if name in outputs}}
+        feeds = decoder_feeds(outputs[EMBEDDING], coords, labels,
+                              high_res=[outputs[name] for name in HIGH_RES_FEATURES if name in outputs])
         runs[f"{folder.name}/encoder"] = lambda s=encoder, x=x: s.run(None, {"image": x})
         runs[f"{folder.name}/decoder"] = lambda s=decoder, f=feeds: s.run(None, f)
     times = interleaved_times(runs, args.repeats)

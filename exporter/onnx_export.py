@@ -39,7 +39,6 @@ from sam_reuse.base.contract import (
     FIRST_ORDER_OUTPUTS,
     FIRST_ORDER_POINTS,
     FIRST_ORDER_SCORER,
-    SAM2_ENCODER_OUTPUTS,
     decoder_feeds,
 )
 from sam_reuse.base.errors import SamReuseError
@@ -260,6 +259,8 @@ def verify_prompts_decoder(module, encoder, path: Path, records: Sequence[Record
     image, the image encoded by the torch ``encoder`` (SAM's embedding, or SAM 2's three outputs)."""
     import torch
 
+    from sam_reuse.exporter.wrappers import as_output_tuple
+
     session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
     images = [imaging.load_image_rgb(r.image) for r in records]
@@ -269,12 +270,11 @@ def verify_prompts_decoder(module, encoder, path: Path, records: Sequence[Record
     with torch.no_grad():
         for image in images:
             outputs = encoder(torch.from_numpy(imaging.preprocess(image, convention=convention)))
-            features = [o.numpy() for o in (outputs if isinstance(outputs, tuple) else (outputs,))]
+            embedding, *high_res = [o.numpy() for o in as_output_tuple(outputs)]
             for group in imaging.groups_by_point_count(prompts):
                 coords = np.concatenate([prompts[k][0] for k in group])
                 labels = np.concatenate([prompts[k][1] for k in group])
-                feeds = {**decoder_feeds(features[0], coords, labels),
-                         **dict(zip(SAM2_ENCODER_OUTPUTS[1:], features[1:]))}
+                feeds = decoder_feeds(embedding, coords, labels, high_res=high_res)
                 onnx_logits = session.run(None, {name: feeds[name] for name in names})[0]
                 torch_logits = module(*(torch.from_numpy(feeds[name]) for name in names))[0].numpy()
                 worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))

@@ -102,14 +102,6 @@ def export_sam2_prompts_decoder(sam2, path: Path, multimask: bool, exporter: str
                      CONVENTION)
 
 
-def sam2_decoder_feeds(features: Sequence[np.ndarray], coords: np.ndarray, labels: np.ndarray,
-                       mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """SAM 2 decoder inputs: the encoder's three outputs (in ``SAM2_ENCODER_OUTPUTS`` order) and a prompt."""
-    feeds = decoder_feeds(features[0], coords, labels, mask_input)
-    return {**feeds, **{name: np.asarray(value, dtype=np.float32)
-                        for name, value in zip(SAM2_ENCODER_OUTPUTS[1:], features[1:])}}
-
-
 def verify_sam2_export(sam2, encoder_path: Path, decoder_path: Path, records: Sequence[Record]) -> dict[str, Any]:
     """The parity figures of ``exporter.onnx_export.verify_export``, against the SAM 2 wrappers and
     ``SAM2ImagePredictor.predict(multimask_output=False)``; raises ``SamReuseError`` outside the limits."""
@@ -133,7 +125,7 @@ def verify_sam2_export(sam2, encoder_path: Path, decoder_path: Path, records: Se
             torch_features = [value.numpy() for value in torch_encoder(torch.from_numpy(x))]
         onnx_features = encoder.run(list(SAM2_ENCODER_OUTPUTS), {"image": x})
         coords, labels = imaging.prompt_arrays(record.prompt, image.shape[:2], convention=imaging.SAM2)
-        feeds = sam2_decoder_feeds(torch_features, coords, labels)
+        feeds = decoder_feeds(torch_features[0], coords, labels, high_res=torch_features[1:])
         onnx_logits = decoder.run(None, feeds)[0]
         with torch.no_grad():
             torch_logits = torch_decoder(*(torch.from_numpy(feeds[name]) for name in SAM2_DECODER_INPUTS))[0]
@@ -142,9 +134,9 @@ def verify_sam2_export(sam2, encoder_path: Path, decoder_path: Path, records: Se
             predictor.set_image(image)
             masks, _, _ = predictor.predict(record.points, record.labels, record.box, multimask_output=False,
                                             return_logits=True)
-        onnx_path_logits = imaging.upscale_logits(decoder.run(None, sam2_decoder_feeds(onnx_features, coords,
-                                                                                       labels))[0],
-                                                  image.shape[:2], convention=imaging.SAM2)[0, 0]
+        onnx_path_low_res = decoder.run(None, decoder_feeds(onnx_features[0], coords, labels,
+                                                              high_res=onnx_features[1:]))[0]
+        onnx_path_logits = imaging.upscale_logits(onnx_path_low_res, image.shape[:2], convention=imaging.SAM2)[0, 0]
         figures["images"] += 1
         figures["encoder_max_abs_diff"] = max(figures["encoder_max_abs_diff"], *(
             float(np.abs(o - t).max()) for o, t in zip(onnx_features, torch_features)))

@@ -255,6 +255,11 @@ def _upscaled_masks(upscaling: nn.Sequential, image: torch.Tensor, hyper_in: tor
     return masks.reshape(batch, count, 4 * height, 4 * width)
 
 
+def as_output_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """An encoder's outputs as a tuple: SAM's encoder returns the embedding alone, SAM 2's also two high-res maps."""
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
 def example_decoder_inputs(batch: int = 1, num_points: int = 2) -> tuple[torch.Tensor, ...]:
     """Dummy inputs with the decoder's shapes, used for tracing."""
     generator = torch.Generator().manual_seed(0)

@@ -28,6 +28,7 @@ from sam_reuse.exporter.onnx_export import (
     export_sam,
 )
 from sam_reuse.exporter.sam2_export import export_sam2
+from sam_reuse.exporter.wrappers import as_output_tuple
 from sam_reuse.finetune.blocks import encoder_steps, run_steps
 from sam_reuse.finetune.checkpoint import read_adapters
 from sam_reuse.finetune.methods import attach, load_adapter_state, merge_adapters, trainable_count
@@ -56,7 +57,7 @@ def merge_difference(merged, unmerged, records: Sequence[Record]) -> float:
     for record in records:
         x = torch.from_numpy(imaging.preprocess(imaging.load_image_rgb(record.image), convention=convention))
         outputs = (run_steps(encoder_steps(model), x) for model in (merged, unmerged))
-        for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in outputs)):
+        for a, b in zip(*(as_output_tuple(o) for o in outputs)):
             worst = max(worst, float((a - b).abs().max()))
     return worst
 

@@ -31,7 +31,7 @@ from sam_reuse.base.records import Sample
 from sam_reuse.calibrate.data import load_calibration
 from sam_reuse.exporter.models import build_sam
 from sam_reuse.exporter.sam2_wrappers import Sam2SingleMaskDecoder
-from sam_reuse.exporter.wrappers import SingleMaskDecoder
+from sam_reuse.exporter.wrappers import SingleMaskDecoder, as_output_tuple
 from sam_reuse.finetune.adapters import BottleneckAdapter, SparseDeltaLinear
 from sam_reuse.finetune.blocks import State, encoder_family, encoder_steps, run_steps, select_blocks, split_steps
 from sam_reuse.finetune.checkpoint import FINAL, PARTIAL, load_checkpoint, remove_partial, save_checkpoint
@@ -174,8 +174,7 @@ class Trainer:
         return max(1, self.settings.epochs // 2)
 
     def loss_of(self, example: Example) -> torch.Tensor:
-        outputs = run_steps(self.suffix, example.prefix)
-        features = outputs if isinstance(outputs, tuple) else (outputs,)  # SAM 2: the two high-res maps too
+        features = as_output_tuple(run_steps(self.suffix, example.prefix))  # SAM 2: the two high-res maps too
         zeros = torch.zeros(1, 1, imaging.LOW_RES_SIZE, imaging.LOW_RES_SIZE, device=example.target.device)
         logits, _ = self.decoder(*features, example.coords, example.labels, zeros, zeros.new_zeros(1))
         return segmentation_loss(logits, example.target)

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from sam_reuse.base import imaging
-from sam_reuse.base.contract import CONVENTION_PROPERTY, EMBEDDING, SAM2_DECODER_INPUTS, SAM2_ENCODER_OUTPUTS
+from sam_reuse.base.contract import (
+    CONVENTION_PROPERTY,
+    EMBEDDING,
+    SAM2_DECODER_INPUTS,
+    SAM2_ENCODER_OUTPUTS,
+    decoder_feeds,
+)
 from sam_reuse.base.runtime import ort_session
 from sam_reuse.calibrate.activations import encode_tensors
 from sam_reuse.calibrate.data import load_calibration
@@ -21,7 +27,7 @@ from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
 from sam_reuse.cli import main
 from sam_reuse.exporter.models import build_sam
 from sam_reuse.exporter.onnx_export import export_identity
-from sam_reuse.exporter.sam2_export import export_sam2, sam2_decoder_feeds
+from sam_reuse.exporter.sam2_export import export_sam2
 from sam_reuse.exporter.sam2_models import image_path_keys
 from sam_reuse.exporter.sam2_wrappers import Sam2SingleMaskDecoder
 from sam_reuse.graphops.graph import fingerprint, load_graph
@@ -96,7 +102,7 @@ def test_single_mask_equals_sam2_image_predictor(sam2_exports, sample_records):
                 masks, scores, _ = predictor.predict(prompt.points, prompt.labels, prompt.box,
                                                      multimask_output=False, return_logits=True)
                 coords, labels = imaging.prompt_arrays(prompt, image.shape[:2], convention=imaging.SAM2)
-                logits, iou = decoder.run(None, sam2_decoder_feeds(features, coords, labels))
+                logits, iou = decoder.run(None, decoder_feeds(features[0], coords, labels, high_res=features[1:]))
                 ours = imaging.upscale_logits(logits, image.shape[:2], convention=imaging.SAM2)[0, 0]
                 assert np.abs(ours - masks[0]).max() < 1e-4
                 assert imaging.binary_iou(ours > 0, masks[0] > 0, empty=1.0) > 0.9999
@@ -251,8 +257,8 @@ def test_the_evaluator_gives_each_prompt_its_own_image_features(tmp_path):
         coords, labels = imaging.prompt_arrays(sample.prompt, sample.hw, convention=imaging.SAM2)
         own = [values[name][row][None] for name in SAM2_ENCODER_OUTPUTS]
         other = [own[0], *(values[name][(row + 1) % len(samples)][None] for name in SAM2_ENCODER_OUTPUTS[1:])]
-        alone = session.run(["low_res_masks"], sam2_decoder_feeds(own, coords, labels))[0][0, 0]
-        swapped = session.run(["low_res_masks"], sam2_decoder_feeds(other, coords, labels))[0][0, 0]
+        alone = session.run(["low_res_masks"], decoder_feeds(own[0], coords, labels, high_res=own[1:]))[0][0, 0]
+        swapped = session.run(["low_res_masks"], decoder_feeds(other[0], coords, labels, high_res=other[1:]))[0][0, 0]
         np.testing.assert_array_equal(batched[row], alone)
         assert np.abs(swapped - alone).max() > 1.0
 

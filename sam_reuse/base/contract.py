@@ -8,6 +8,8 @@ not know.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 ENCODER_INPUTS = ("image",)
@@ -48,13 +50,14 @@ INT8_SIDECAR_FORMAT = "sam-reuse/int8@1"
 
 
 def decoder_feeds(embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray,
-                  mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  mask_input: np.ndarray | None = None, high_res: Sequence[np.ndarray] = ()) -> dict[str, np.ndarray]:
     """Decoder inputs: embeddings paired one-to-one with prompts, or one embedding shared by K prompts (the
-    app decoders, ``APP_DECODER_OUTPUTS``)."""
+    app decoders, ``APP_DECODER_OUTPUTS``); ``high_res``: a SAM 2 encoder's maps, in ``HIGH_RES_FEATURES`` order."""
     batch = coords.shape[0]
     has_mask = mask_input is not None
     return {
         EMBEDDING: embedding.astype(np.float32),
+        **{name: np.asarray(value, dtype=np.float32) for name, value in zip(HIGH_RES_FEATURES, high_res)},
         "point_coords": coords.astype(np.float32),
         "point_labels": labels.astype(np.float32),
         "mask_input": (mask_input if has_mask else np.zeros((batch, 1, 256, 256))).astype(np.float32),
