@@ -1,6 +1,7 @@
 """Score any reuse at the embedding site on cached embeddings, batched, on ONNX Runtime.
 
-The decoder is turned into a probe (``graphops.probe.with_index_input``): a
+The decoder is turned into a probe (``graphops.probe.with_index_input``, with
+no mask prompt: ``without_mask_prompt``): a
 Gather on its ``image_embeddings`` input whose indices are a runtime input,
 so one session evaluates every candidate map and the identity index is the
 unmodified model; index value ``channels`` reads an all-zero channel, so the
@@ -35,7 +36,7 @@ from sam_reuse.base.contract import EMBEDDING, HIGH_RES_FEATURES, decoder_feeds
 from sam_reuse.base.imaging import SAM1, Upscaling, groups_by_point_count, logits_to_mask, prompt_arrays
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import ort_session
-from sam_reuse.graphops.probe import index_input_name, with_index_input
+from sam_reuse.graphops.probe import index_input_name, with_index_input, without_mask_prompt
 
 DEFAULT_BATCH = 8
 
@@ -71,9 +72,10 @@ class MaskEvaluator:
         self.embedder = embedder
         self.embedding_channels = int(embeddings.shape[1])
         self.channels = embedder.channels if embedder is not None else self.embedding_channels
-        probe = with_index_input(model, EMBEDDING, axis=1, channels=self.embedding_channels,
+        probe = with_index_input(without_mask_prompt(model), EMBEDDING, axis=1, channels=self.embedding_channels,
                                  zero_channel=True)
         self.session = ort_session(probe.SerializeToString())
+        self._inputs = {i.name for i in self.session.get_inputs()}
         self.samples = list(samples)
         self.embeddings = embeddings
         self.convention = convention
@@ -121,7 +123,7 @@ class MaskEvaluator:
                                   np.concatenate([self.prompts[i][1] for i in batch]),
                                   high_res=[features[name] for name in HIGH_RES_FEATURES if name in features])
             feeds[index_input_name(EMBEDDING)] = decoder_index
-            masks = self.session.run(["low_res_masks"], feeds)[0]
+            masks = self.session.run(["low_res_masks"], {k: v for k, v in feeds.items() if k in self._inputs})[0]
             for row, i in enumerate(batch):
                 logits[i] = masks[row, 0]
         self.evaluations += len(rows)

@@ -5,6 +5,8 @@
   evaluates any map at that site - the identity index gives the original.
   With ``zero_channel`` the index may also name channel ``channels``, an
   all-zero channel, so the same session scores channel ablation.
+* ``without_mask_prompt``: a decoder whose mask-prompt inputs are constants
+  (no mask), so ONNX Runtime computes the mask branch once, at load.
 * ``expose``: the site tensor as an extra graph output, with its shape.
 * ``cut``: split a graph at a site into a prefix (inputs -> every tensor the
   rest still needs) and a suffix (those tensors -> outputs), so activations
@@ -67,6 +69,27 @@ def _with_zero_channel(graph: gs.Graph, tensor: gs.Variable, axis: int) -> gs.Va
         gs.Node("Concat", inputs=[tensor, zeros], outputs=[padded], attrs={"axis": axis}),
     ]
     return padded
+
+
+def without_mask_prompt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The decoder with ``mask_input`` and ``has_mask_input`` replaced by constants meaning "no mask prompt".
+
+    The search never gives a mask prompt, yet the decoder's mask branch (SAM's ``mask_downscaling``
+    convolutions, multiplied by ``has_mask_input`` = 0) ran on zeros at every call; as constants, ONNX
+    Runtime's constant folding computes the branch once when the session loads. Same values; the model's
+    other inputs are unchanged.
+    """
+    graph = load_graph(model)
+    for name in ("mask_input", "has_mask_input"):
+        tensor = graph.tensors().get(name)
+        if tensor is None or tensor not in graph.inputs:
+            raise SamReuseError(f"the decoder has no input named '{name}'")
+        shape = [1 if not isinstance(dim, int) else dim for dim in tensor.shape]  # the batch axis: one prompt
+        constant = gs.Constant(f"{name}/no_mask_prompt", np.zeros(shape, dtype=np.float32))
+        for node in list(tensor.outputs):
+            node.inputs = [constant if value is tensor else value for value in node.inputs]
+        graph.inputs.remove(tensor)
+    return finalize(graph)
 
 
 def expose(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:

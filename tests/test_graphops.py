@@ -14,7 +14,7 @@ from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.runtime import ort_session
 from sam_reuse.graphops import ReuseMap, SiteReuse, apply_reuse_map
 from sam_reuse.graphops.graph import fingerprint, load_graph
-from sam_reuse.graphops.probe import cut, expose, index_input_name, with_index_input
+from sam_reuse.graphops.probe import cut, expose, index_input_name, with_index_input, without_mask_prompt
 from sam_reuse.graphops.sites import find_sites, user_site
 from tests import graphs
 
@@ -325,3 +325,26 @@ def test_cli_sites_and_apply(tiny_exports, image, tmp_path, capsys):
     assert main(["apply", str(encoder), str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "missing.json: reuse map not found" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_decoder_without_mask_prompt_gives_the_decoder_s_values(tiny_exports, sam2_exports):
+    """The search's decoder: the mask-prompt inputs become constants (no mask); masks and IoUs are unchanged."""
+    from sam_reuse.base.contract import HIGH_RES_FEATURES, decoder_feeds
+
+    for export in (tiny_exports["test_vit_t"], sam2_exports["test_sam2"]):
+        model = onnx.load(str(export.decoder))
+        folded = without_mask_prompt(model)
+        assert [i.name for i in folded.graph.input] == [i.name for i in model.graph.input
+                                                         if i.name not in ("mask_input", "has_mask_input")]
+        rng = np.random.default_rng(0)
+        shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim][1:] for i in model.graph.input}
+        high_res = [rng.normal(size=(3, *shapes[name])) for name in HIGH_RES_FEATURES if name in shapes]
+        feeds = decoder_feeds(rng.normal(size=(3, 256, 64, 64)), rng.uniform(0, 1024, (3, 2, 2)),
+                              np.array([[1.0, -1.0], [1.0, 0.0], [2.0, 3.0]]), high_res=high_res)
+        expected = ort_session(model.SerializeToString()).run(None, feeds)
+        ours = ort_session(folded.SerializeToString()).run(None, {k: v for k, v in feeds.items() if k in shapes
+                                                                  and k not in ("mask_input", "has_mask_input")})
+        for got, want in zip(ours, expected):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    with pytest.raises(SamReuseError, match="the decoder has no input named 'mask_input'"):
+        without_mask_prompt(onnx.load(str(tiny_exports["test_vit_t"].encoder)))
