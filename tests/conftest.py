@@ -80,3 +80,14 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(threads)
+
+
+# The slowest test files, slowest first (`pytest --durations`, 2026-12-03). xdist's loadfile hands files to the
+# workers in collection order, so starting these first keeps one long file from running alone at the end.
+SLOWEST_FIRST = ("test_finetune.py", "test_quantize.py", "test_tune.py", "test_first_order.py", "test_sam2.py",
+                 "test_graphops.py", "test_engine.py", "test_export.py", "test_package.py", "test_app_decoder.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
