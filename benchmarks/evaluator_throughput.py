@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sam_reuse.base.imaging import binary_iou, load_image_rgb
-from sam_reuse.base.runtime import DEFAULT_THREADS
+from sam_reuse.base.runtime import default_threads
 from sam_reuse.calibrate.activations import encode
 from sam_reuse.calibrate.data import load_sample, read_manifest
 from sam_reuse.calibrate.evaluator import MaskEvaluator
@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--maps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(DEFAULT_THREADS)
+    threads = default_threads()  # ONNX Runtime uses this many; torch gets the same
+    torch.set_num_threads(threads)
 
     samples = [load_sample(r) for r in read_manifest(SAMPLES)[: args.images]]
     embeddings = encode(args.export / "encoder.onnx", samples, progress=False)
@@ -83,7 +84,7 @@ def main() -> None:
             agreement.append(ious)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     max_iou_diff = max(abs(a - b) for a, b in zip(agreement[0], agreement[1]))
-    print(f"{work} image-map evaluations per round, {args.repeats} rounds, {DEFAULT_THREADS} threads")
+    print(f"{work} image-map evaluations per round, {args.repeats} rounds, {threads} threads")
     for name, value in medians.items():
         print(f"{name:>18}: {value:6.2f} evaluations/s (median; rounds: {', '.join(f'{v:.2f}' for v in rates[name])})")
     print(f"ratio ours / SamPredictor loop: {medians['ours'] / medians['sampredictor_loop']:.2f}x; "
