@@ -32,7 +32,7 @@ demo: weights
 # One pytest worker per core, at most 4 (tests/conftest.py shares the cores' threads among them); a test file stays
 # whole on one worker, so its module fixtures are built once.
 test: weights
-	$(PY) -m pytest -q -n $$($(PY) -c 'import os; print(min(4, os.cpu_count() or 1))') --dist loadfile tests
+	$(PY) -m pytest -q -n $$($(PY) -c 'import os; print(min(4, os.cpu_count() or 1))') --dist loadfile --durations=20 tests
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

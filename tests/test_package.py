@@ -58,7 +58,7 @@ def test_run_without_data_tunes_on_the_bundled_images(installed, tmp_path):
     out = tmp_path / "out"
     result = _run(installed, "-m", "sam_reuse.cli", "run", "--model-type", "test_vit_t", "--out", str(out),
                   "--search-images", "2", "--holdout-images", "2", "--targets", "0-2", "--sources", "3-4",
-                  "--top-pairs", "2", "--evidence", "given", "--engines", "none", "--no-progress",
+                  "--top-pairs", "2", "--evidence", "given", "--strategy", "fast", "--engines", "none", "--no-progress",
                   "--verify-images", "1", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
     assert result.returncode in (0, 3), result.stderr
     report = json.loads((out / "report.json").read_text())
