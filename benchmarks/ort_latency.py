@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from sam_reuse.base import imaging
-from sam_reuse.base.contract import EMBEDDING, HIGH_RES_FEATURES, decoder_feeds
+from sam_reuse.base.contract import EMBEDDING, decoder_feeds, high_res_maps
 from sam_reuse.base.runtime import load_model, model_convention, ort_session
 from sam_reuse.base.timing import interleaved_times
 from sam_reuse.calibrate.data import read_manifest
@@ -62,8 +62,7 @@ def main() -> None:
         decoder = ort_session(folder / "decoder.onnx", threads=args.threads)
         outputs = dict(zip([o.name for o in encoder.get_outputs()], encoder.run(None, {"image": x})))
         coords, labels = imaging.prompt_arrays(record.prompt, image.shape[:2], convention=convention)
-        feeds = decoder_feeds(outputs[EMBEDDING], coords, labels,
-                              high_res=[outputs[name] for name in HIGH_RES_FEATURES if name in outputs])
+        feeds = decoder_feeds(outputs[EMBEDDING], coords, labels, high_res=high_res_maps(outputs))
         runs[f"{folder.name}/encoder"] = lambda s=encoder, x=x: s.run(None, {"image": x})
         runs[f"{folder.name}/decoder"] = lambda s=decoder, f=feeds: s.run(None, f)
     times = interleaved_times(runs, args.repeats)

@@ -32,7 +32,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnx
 
-from sam_reuse.base.contract import EMBEDDING, HIGH_RES_FEATURES, decoder_feeds
+from sam_reuse.base.contract import EMBEDDING, decoder_feeds, high_res_maps
 from sam_reuse.base.imaging import SAM1, Upscaling, groups_by_point_count, logits_to_mask, prompt_arrays
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import ort_session
@@ -121,7 +121,7 @@ class MaskEvaluator:
                 decoder_index = np.arange(self.embedding_channels, dtype=np.int64)
             feeds = decoder_feeds(embeddings, np.concatenate([self.prompts[i][0] for i in batch]),
                                   np.concatenate([self.prompts[i][1] for i in batch]),
-                                  high_res=[features[name] for name in HIGH_RES_FEATURES if name in features])
+                                  high_res=high_res_maps(features))
             feeds[index_input_name(EMBEDDING)] = decoder_index
             masks = self.session.run(["low_res_masks"], {k: v for k, v in feeds.items() if k in self._inputs})[0]
             for row, i in enumerate(batch):

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sam_reuse.base.contract import EMBEDDING, HIGH_RES_FEATURES, SAM2_ENCODER_OUTPUTS, decoder_feeds
+from sam_reuse.base.contract import EMBEDDING, SAM2_ENCODER_OUTPUTS, decoder_feeds, high_res_maps
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.imaging import (
     SAM1,
@@ -141,8 +141,7 @@ class SamModel:
         for group in groups_by_point_count(arrays, None if self.shared_embedding else 1):
             coords = np.concatenate([arrays[k][0] for k in group])
             labels = np.concatenate([arrays[k][1] for k in group])
-            outputs = self.decoder(decoder_feeds(features[EMBEDDING], coords, labels, high_res=[
-                features[name] for name in HIGH_RES_FEATURES if name in features]))
+            outputs = self.decoder(decoder_feeds(features[EMBEDDING], coords, labels, high_res=high_res_maps(features)))
             masks, scores = outputs["low_res_masks"], outputs["iou_predictions"]
             for row, k in enumerate(group):
                 results[k] = [Prediction(mask=logits_to_mask(upscale_logits(low_res, hw, self.convention)),

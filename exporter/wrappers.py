@@ -152,8 +152,8 @@ class FirstOrderScorer(SingleMaskDecoder):
 # projections of 256 x 128) to meet a handful of prompt tokens; reassociating the products lets them meet small
 # per-prompt matrices instead, and the transposed convolutions of the output upscaling (kernel 2, stride 2: every
 # input pixel writes its own 2x2 block) become per-token linears on the token layout, with no NCHW transposes of
-# 256 channels. The values are SAM's up to float rounding (benchmarks/README.md: about 1.9x faster on ONNX Runtime
-# CPU); ``tests/test_export.py`` checks the modules against SAM's own.
+# 256 channels. The values are SAM's up to float rounding (benchmarks/README.md: 1.4x faster per prompt on ONNX
+# Runtime CPU); ``tests/test_export.py`` checks the modules against SAM's own.
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """B x N x C -> B x heads x N x C/heads."""

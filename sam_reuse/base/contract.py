@@ -8,7 +8,7 @@ not know.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -47,6 +47,11 @@ REUSE_MAP_PROPERTY = "sam_reuse.reuse_map"  # metadata key of a rewritten model:
 REPORT_FORMAT = "sam-reuse/report@2"
 ENGINE_SIDECAR_FORMAT = "sam-reuse/engine@1"
 INT8_SIDECAR_FORMAT = "sam-reuse/int8@1"
+
+
+def high_res_maps(outputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The SAM 2 high-resolution maps among encoder outputs named as the decoder's inputs (none for SAM)."""
+    return [outputs[name] for name in HIGH_RES_FEATURES if name in outputs]
 
 
 def decoder_feeds(embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray,

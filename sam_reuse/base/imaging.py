@@ -267,12 +267,12 @@ class Upscaling:
     def iou(self, low_res_logits: np.ndarray, truth: np.ndarray) -> float:
         """``binary_iou(logits_to_mask(self.logits(low_res_logits)), truth)``, computed on the rectangle."""
         positive = low_res_logits > MASK_THRESHOLD
-        rows = self._span(np.flatnonzero(positive.any(axis=1)), self._row_readers, self._row_reads) \
-            if positive.any() else None
-        cols = self._span(np.flatnonzero(positive.any(axis=0)), self._col_readers, self._col_reads) \
-            if rows is not None else None
-        if rows is None or cols is None:
-            return binary_iou(np.zeros(truth.shape, dtype=bool), truth)
+        if not positive.any():
+            return 0.0  # an empty prediction: binary_iou's 0, also when the truth is empty
+        rows = self._span(np.flatnonzero(positive.any(axis=1)), self._row_readers, self._row_reads)
+        cols = self._span(np.flatnonzero(positive.any(axis=0)), self._col_readers, self._col_reads)
+        if rows is None or cols is None:  # the positive logits lie on the padding, which no pixel reads
+            return 0.0
         (out_rows, in_rows), (out_cols, in_cols) = rows, cols
         mask = logits_to_mask(self.rows[out_rows, in_rows] @ low_res_logits[in_rows, in_cols]
                               @ self.cols[in_cols, out_cols])
