@@ -127,7 +127,7 @@ def test_fast_on_a_shortlist_skips_screening_and_finds_the_planted_pairs(tmp_pat
     assert task.rows_scored.count(8) == len(shortlist)  # every pair raced, no zeroing
 
 
-def test_tune_first_order_end_to_end_and_its_refusals(scorer_export, tmp_path, capsys):
+def test_tune_first_order_end_to_end_and_its_refusals(scorer_export, tiny_exports, tmp_path, capsys):
     argv = ["tune", "--out", str(scorer_export), "--data", str(SAMPLES), "--strategy", "first-order",
             "--search-images", "3", "--holdout-images", "3", "--top-pairs", "2", "--no-progress",
             "--evidence", "given", "--cache-dir", str(tmp_path / "cache")]
@@ -136,20 +136,19 @@ def test_tune_first_order_end_to_end_and_its_refusals(scorer_export, tmp_path, c
     assert report["settings"]["strategy"] == "first-order" and len(report["strategy_details"]["shortlist"]) == 48
     assert report["search"]["pairs_scored"] == 24  # FIRST_ORDER_PLAN's pair_keep
     capsys.readouterr()
-    plain = tmp_path / "plain"
-    assert main(["export", "--model-type", "test_vit_t", "--out", str(plain), "--verify-images", "1",
-                 "--no-first-order"]) == 0
+    plain = tiny_exports["test_vit_t"].decoder.parent  # the shared export has no scorer
     assert not (plain / FIRST_ORDER_SCORER).exists()
-    capsys.readouterr()
-    assert main([*argv[:2], str(plain), *argv[3:]]) == 2
+    pair = ["--encoder", str(plain / "encoder.onnx"), "--decoder", str(plain / "decoder.onnx")]
+    assert main([*argv[:2], str(tmp_path / "plain"), *pair, *argv[3:]]) == 2
     assert f"--strategy first-order: no {plain / FIRST_ORDER_SCORER} (export with --first-order" in \
         capsys.readouterr().err
     # Without --strategy: first-order where the scorer is, fast (and one line saying why) where it is not.
     default = [arg for arg in argv if arg not in ("--strategy", "first-order")]
     assert main(default) in (0, 3) and capsys.readouterr().out.count(FIRST_ORDER_SCORER) == 0
     assert json.loads((scorer_export / "report.json").read_text())["settings"]["strategy"] == "first-order"
-    assert main([*default[:2], str(plain), *default[3:], "--targets", "0-3", "--sources", "4-7"]) in (0, 3)
+    assert main([*default[:2], str(tmp_path / "plain"), *pair, *default[3:], "--targets", "0-3",
+                 "--sources", "4-7"]) in (0, 3)
     assert f"no {FIRST_ORDER_SCORER} beside {plain / 'decoder.onnx'}" in capsys.readouterr().out
-    assert json.loads((plain / "report.json").read_text())["settings"]["strategy"] == "fast"
+    assert json.loads((tmp_path / "plain" / "report.json").read_text())["settings"]["strategy"] == "fast"
     assert main([*argv, "--site", "mlp.0"]) == 2
     assert "--strategy first-order scores reuse at the image embedding only" in capsys.readouterr().err
