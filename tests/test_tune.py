@@ -151,8 +151,10 @@ def test_without_a_held_out_split_the_report_gives_a_cross_validated_estimate(ta
     assert (tmp_path / "miou_vs_pairs.png").stat().st_size > 0
     args = ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]), "--data", str(task["data"]),
             "--holdout-images", "0", "--cache-dir", str(task["cache"]), "--no-progress"]
-    assert "needs a held-out split" in _cli_error(capsys, args + ["--strategy", "exhaustive", "--out", str(tmp_path / "x")])
-    assert "cannot make 20 cross-validation folds" in _cli_error(capsys, args + ["--cv-folds", "20", "--out", str(tmp_path / "y")])
+    exhaustive = args + ["--strategy", "exhaustive", "--out", str(tmp_path / "x")]
+    assert "needs a held-out split" in _cli_error(capsys, exhaustive)
+    too_many_folds = args + ["--cv-folds", "20", "--out", str(tmp_path / "y")]
+    assert "cannot make 20 cross-validation folds" in _cli_error(capsys, too_many_folds)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
