@@ -113,7 +113,7 @@ class MaskEvaluator:
         logits: dict[int, np.ndarray] = {}
         for batch in self.batches(rows):
             if self.embedder is None:
-                embeddings, decoder_index = np.ascontiguousarray(self.embeddings[batch]), index
+                embeddings, decoder_index = self._embeddings_of(batch), index
                 features = {name: np.stack([values[i] for i in batch]) for name, values in self.features.items()}
             else:
                 embeddings, *values = self.embedder.outputs(index, batch).values()
@@ -128,6 +128,14 @@ class MaskEvaluator:
                 logits[i] = masks[row, 0]
         self.evaluations += len(rows)
         return [logits[r] for r in rows]
+
+    def _embeddings_of(self, batch: list[int]) -> np.ndarray:
+        """The batch's cached embeddings: a view when its rows are consecutive (batches usually are), so the
+        decoder reads them without a copy of 4 MB per image."""
+        first, last = batch[0], batch[-1]
+        if batch == list(range(first, last + 1)):
+            return np.ascontiguousarray(self.embeddings[first:last + 1])
+        return np.ascontiguousarray(self.embeddings[batch])
 
     def _upscaling_of(self, sample_index: int) -> Upscaling:
         hw = self.samples[sample_index].hw

@@ -207,7 +207,9 @@ def _image_attends_to_tokens(attention: nn.Module, image_queries: torch.Tensor, 
     weights = torch.softmax(scores, dim=-1).reshape(batch, -1, heads * count)
     v = _split_heads(attention.v_proj(values), heads)  # B h n c
     out_weight = attention.out_proj.weight.reshape(-1, heads, v.shape[-1]).permute(1, 2, 0)  # h c D
-    return weights @ (v @ out_weight).reshape(batch, heads * count, -1) + attention.out_proj.bias
+    # each head's weights sum to 1 over its keys, so a row of `weights` sums to `heads`: the output bias rides
+    # in the small matrix instead of a pass over the image tokens
+    return weights @ ((v @ out_weight).reshape(batch, heads * count, -1) + attention.out_proj.bias / heads)
 
 
 def _two_way_transformer(transformer: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
@@ -237,6 +239,13 @@ def _as_linear(conv: nn.ConvTranspose2d) -> torch.Tensor:
     return conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)
 
 
+def _per_token_linear(tokens: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """``conv`` (kernel 2, stride 2) on B x N x in tokens -> B x N x (2 * 2 * out), as one 2-D product with its
+    bias (ONNX Runtime runs a 2-D MatMul and Add as one Gemm, the bias written with the product)."""
+    flat = tokens.reshape(-1, tokens.shape[-1]) @ _as_linear(conv) + conv.bias.repeat(4)
+    return flat.reshape(tokens.shape[0], tokens.shape[1], -1)
+
+
 def _upscaled_masks(upscaling: nn.Sequential, image: torch.Tensor, hyper_in: torch.Tensor,
                     embedding_hw: tuple[int, int]) -> torch.Tensor:
     """SAM's output upscaling (two transposed convolutions with a LayerNorm2d and GELUs) and the masks
@@ -245,9 +254,9 @@ def _upscaled_masks(upscaling: nn.Sequential, image: torch.Tensor, hyper_in: tor
     first, norm, activation, second, last_activation = upscaling
     height, width = embedding_hw
     batch, count = hyper_in.shape[:2]
-    blocks = (image @ _as_linear(first)).reshape(batch, height * width * 4, -1) + first.bias
+    blocks = _per_token_linear(image, first).reshape(batch, height * width * 4, -1)
     blocks = activation(functional.layer_norm(blocks, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
-    pixels = last_activation((blocks @ _as_linear(second)).reshape(batch, height * width * 16, -1) + second.bias)
+    pixels = last_activation(_per_token_linear(blocks, second).reshape(batch, height * width * 16, -1))
     masks = (pixels @ hyper_in.transpose(1, 2)).transpose(1, 2)  # B x K x (i, j, a, b, c, d)
     # pixel (i, j) of the embedding, (a, b) of the first block, (c, d) of the second: row 4i + 2a + c,
     # column 4j + 2b + d

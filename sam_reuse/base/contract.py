@@ -60,11 +60,12 @@ def decoder_feeds(embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray,
     app decoders, ``APP_DECODER_OUTPUTS``); ``high_res``: a SAM 2 encoder's maps, in ``HIGH_RES_FEATURES`` order."""
     batch = coords.shape[0]
     has_mask = mask_input is not None
-    return {
-        EMBEDDING: embedding.astype(np.float32),
+    return {  # no copies of arrays that are float32 already (a search feeds a batch of embeddings per call)
+        EMBEDDING: np.asarray(embedding, dtype=np.float32),
         **{name: np.asarray(value, dtype=np.float32) for name, value in zip(HIGH_RES_FEATURES, high_res)},
-        "point_coords": coords.astype(np.float32),
-        "point_labels": labels.astype(np.float32),
-        "mask_input": (mask_input if has_mask else np.zeros((batch, 1, 256, 256))).astype(np.float32),
+        "point_coords": np.asarray(coords, dtype=np.float32),
+        "point_labels": np.asarray(labels, dtype=np.float32),
+        "mask_input": np.asarray(mask_input, dtype=np.float32) if has_mask else np.zeros((batch, 1, 256, 256),
+                                                                                          np.float32),
         "has_mask_input": np.full((batch,), float(has_mask), dtype=np.float32),
     }
