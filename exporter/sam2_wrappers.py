@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sam_reuse.exporter.wrappers import PromptEmbedding
+from sam_reuse.exporter.wrappers import PromptEmbedding, two_way_transformer
 
 
 class Sam2ImageEncoder(nn.Module):
@@ -89,9 +89,10 @@ class Sam2SingleMaskDecoder(PromptEmbedding):
                                    decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
         source = image_embeddings + self._embed_masks(mask_input, has_mask_input)
-        position = self.prompt_encoder.get_dense_pe().expand(batch, -1, -1, -1)
+        position = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
         height, width = self.embedding_hw
-        hidden, source = decoder.transformer(source, position, tokens)
+        # SAM 2's TwoWayTransformer is SAM's, in the reassociated order SAM's export uses (exporter/wrappers.py)
+        hidden, source = two_way_transformer(decoder.transformer, source.flatten(2).transpose(1, 2), position, tokens)
         mask_tokens = hidden[:, 2:2 + decoder.num_mask_tokens, :]
         source = source.transpose(1, 2).reshape(batch, self.channels, height, width)
         up1, norm1, act1, up2, act2 = decoder.output_upscaling

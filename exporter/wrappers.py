@@ -8,7 +8,7 @@ search can decode many images at once) and returning only mask token 0, the
 mask ``SamPredictor.predict(multimask_output=False)`` returns. It has no
 ``orig_im_size`` input and no OneHot: upscaling lives in
 ``sam_reuse.base.imaging.upscale_logits``. Its attention and output upscaling
-compute SAM's values in a cheaper order (``_two_way_transformer``). ``PromptsDecoder`` is the decoder
+compute SAM's values in a cheaper order (``two_way_transformer``). ``PromptsDecoder`` is the decoder
 for apps: one embedding, K prompts, single mask or SAM's multimask output.
 ``FirstOrderScorer`` is the search's gradient pass (the first-order effect of
 every channel reuse at once).
@@ -94,7 +94,7 @@ class SingleMaskDecoder(PromptEmbedding):
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
         src = image_embeddings + dense
         image_pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
-        queries, keys = _two_way_transformer(decoder.transformer, src.flatten(2).transpose(1, 2), image_pe, tokens)
+        queries, keys = two_way_transformer(decoder.transformer, src.flatten(2).transpose(1, 2), image_pe, tokens)
         iou_token_out = queries[:, 0, :]
         hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i, :])
                                 for i in range(outputs.start, outputs.stop)], dim=1)
@@ -212,9 +212,10 @@ def _image_attends_to_tokens(attention: nn.Module, image_queries: torch.Tensor, 
     return weights @ ((v @ out_weight).reshape(batch, heads * count, -1) + attention.out_proj.bias / heads)
 
 
-def _two_way_transformer(transformer: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's ``TwoWayTransformer`` on image tokens (B x HW x D) with the cross attentions reassociated."""
+def two_way_transformer(transformer: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's ``TwoWayTransformer`` (SAM 2's has the same layers) on image tokens (B x HW x D) with the cross
+    attentions reassociated."""
     queries, keys = tokens, image
     for layer in transformer.layers:
         if layer.skip_first_layer_pe:
