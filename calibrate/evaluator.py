@@ -133,9 +133,8 @@ class MaskEvaluator:
         """The batch's cached embeddings: a view when its rows are consecutive (batches usually are), so the
         decoder reads them without a copy of 4 MB per image."""
         first, last = batch[0], batch[-1]
-        if batch == list(range(first, last + 1)):
-            return np.ascontiguousarray(self.embeddings[first:last + 1])
-        return np.ascontiguousarray(self.embeddings[batch])
+        rows = slice(first, last + 1) if batch == list(range(first, last + 1)) else batch
+        return np.ascontiguousarray(self.embeddings[rows])
 
     def _upscaling_of(self, sample_index: int) -> Upscaling:
         hw = self.samples[sample_index].hw

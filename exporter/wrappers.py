@@ -241,10 +241,9 @@ def _as_linear(conv: nn.ConvTranspose2d) -> torch.Tensor:
 
 
 def _per_token_linear(tokens: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """``conv`` (kernel 2, stride 2) on B x N x in tokens -> B x N x (2 * 2 * out), as one 2-D product with its
-    bias (ONNX Runtime runs a 2-D MatMul and Add as one Gemm, the bias written with the product)."""
-    flat = tokens.reshape(-1, tokens.shape[-1]) @ _as_linear(conv) + conv.bias.repeat(4)
-    return flat.reshape(tokens.shape[0], tokens.shape[1], -1)
+    """``conv`` (kernel 2, stride 2) on B x N x in tokens -> (B * N) x (2 * 2 * out), as one 2-D product with
+    its bias (ONNX Runtime runs a 2-D MatMul and Add as one Gemm, the bias written with the product)."""
+    return tokens.reshape(-1, tokens.shape[-1]) @ _as_linear(conv) + conv.bias.repeat(4)
 
 
 def _upscaled_masks(upscaling: nn.Sequential, image: torch.Tensor, hyper_in: torch.Tensor,
