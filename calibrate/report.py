@@ -187,7 +187,7 @@ def plot_curve(curve: list[dict[str, Any]], chosen: int, path: Path) -> None:
     if all(p["held_out_miou"] is not None for p in curve):
         ax.plot(sizes, [p["held_out_miou"] for p in curve], "s-", label="held-out split")
     ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen: {chosen} pair(s)")
-    ax.set_xlabel("number of pairs (exhaustive: best subset of that size; fast: greedy path)")
+    ax.set_xlabel("number of pairs (exhaustive: best subset per size; others: greedy path)")
     ax.set_ylabel("mIoU (%)")
     ax.set_xticks(sizes)
     ax.grid(alpha=0.3)
