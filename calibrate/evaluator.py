@@ -17,7 +17,7 @@ encoder's suffix after the site) and fed to the decoder unchanged.
 
 Each mask is scored the way ``SamPredictor.predict(multimask_output=False)``
 is: mask token 0, low-resolution logits upscaled to the image's own size
-(``sam_reuse.base.imaging.Upscaling``, only where a positive logit reaches),
+(``sam_reuse.base.imaging.Upscaling``, only on the mask's border),
 thresholded at 0, IoU against the ground truth. A SAM 2 decoder also
 reads the encoder's high-resolution features (``features``, cached per image
 like the embeddings and left alone by reuse at the embedding), and its prompts
@@ -33,7 +33,14 @@ import numpy as np
 import onnx
 
 from sam_reuse.base.contract import EMBEDDING, decoder_feeds, high_res_maps
-from sam_reuse.base.imaging import SAM1, Upscaling, groups_by_point_count, logits_to_mask, prompt_arrays
+from sam_reuse.base.imaging import (
+    SAM1,
+    MaskTarget,
+    Upscaling,
+    groups_by_point_count,
+    logits_to_mask,
+    prompt_arrays,
+)
 from sam_reuse.base.records import Sample
 from sam_reuse.base.runtime import ort_session
 from sam_reuse.graphops.probe import index_input_name, with_index_input, without_mask_prompt
@@ -83,6 +90,7 @@ class MaskEvaluator:
         self.batch_size = batch_size
         self._batches: dict[tuple[int, ...], list[list[int]]] = {}
         self._upscaling: dict[tuple[int, int], Upscaling] = {}
+        self._targets: dict[int, MaskTarget] = {}  # sample index -> its mask, counted per upscaling cell
         self.evaluations = 0  # decoder runs, one per image per evaluated index
 
     @property
@@ -142,13 +150,18 @@ class MaskEvaluator:
             self._upscaling[hw] = Upscaling(hw, convention=self.convention)
         return self._upscaling[hw]
 
+    def _target_of(self, sample_index: int) -> MaskTarget:
+        if sample_index not in self._targets:
+            self._targets[sample_index] = self._upscaling_of(sample_index).target(self.samples[sample_index].mask)
+        return self._targets[sample_index]
+
     def predicted_mask(self, logits: np.ndarray, sample_index: int) -> np.ndarray:
         """Binary mask at the image's resolution, as SamPredictor would return it."""
         return logits_to_mask(self._upscaling_of(sample_index).logits(logits))
 
     def ious_of(self, logits: list[np.ndarray], rows: Sequence[int] | None = None) -> np.ndarray:
         """IoU (float64) of ``low_res_logits(index, rows)`` output, one per row."""
-        return np.array([self._upscaling_of(r).iou(l, self.samples[r].mask) for l, r in zip(logits, self._rows(rows))])
+        return np.array([self._upscaling_of(r).iou(l, self._target_of(r)) for l, r in zip(logits, self._rows(rows))])
 
     def ious(self, index: np.ndarray | None = None, rows: Sequence[int] | None = None) -> np.ndarray:
         """IoU (float64) for ``index`` on ``rows`` (None: every sample)."""

@@ -64,9 +64,9 @@ def test_upscale_logits_matches_postprocess_masks(sam, hw):
 
 @pytest.mark.parametrize("convention", [imaging.SAM1, imaging.SAM2])
 @pytest.mark.parametrize("hw", [(1024, 1024), (713, 963), (300, 500), (1500, 400)])
-def test_iou_on_the_positive_rectangle_equals_the_iou_of_the_whole_mask(hw, convention):
-    """Upscaling.iou upscales only where a positive logit reaches; the IoU is the full mask's, for small, large,
-    border-touching, empty and everywhere-positive masks."""
+def test_iou_by_cells_equals_the_iou_of_the_whole_mask(hw, convention):
+    """Upscaling.iou counts whole cells and upscales only the mask's border; the IoU is the full mask's, for
+    small, large, border-touching, speckled, empty and everywhere-positive masks."""
     upscaling = imaging.Upscaling(hw, convention=convention)
     rng = np.random.default_rng(sum(hw))
     yy, xx = np.mgrid[:256, :256]
@@ -79,8 +79,8 @@ def test_iou_on_the_positive_rectangle_equals_the_iou_of_the_whole_mask(hw, conv
     for name, logits in cases.items():
         logits = logits.astype(np.float32)
         whole = imaging.binary_iou(imaging.logits_to_mask(upscaling.logits(logits)), truth)
-        assert upscaling.iou(logits, truth) == pytest.approx(whole, abs=1e-6), name
-    assert upscaling.iou(cases["nothing"].astype(np.float32), truth) == 0.0
+        assert upscaling.iou(logits, upscaling.target(truth)) == pytest.approx(whole, abs=1e-6), name
+    assert upscaling.iou(cases["nothing"].astype(np.float32), upscaling.target(truth)) == 0.0
 
 
 def test_prompt_arrays_add_padding_point_like_prompt_encoder(sam):
