@@ -4,8 +4,10 @@ The decoder is turned into a probe (``graphops.probe.with_index_input``, with
 no mask prompt: ``without_mask_prompt``): a
 Gather on its ``image_embeddings`` input whose indices are a runtime input,
 so one session evaluates every candidate map and the identity index is the
-unmodified model; index value ``channels`` reads an all-zero channel, so the
-same session scores channel ablation. Any subset of the images can be
+unmodified model; index value ``channels`` reads an all-zero channel, so a
+second session, made when an index first asks for it, scores channel
+ablation (the zero channel is a copy of every embedding, which reuse alone
+does not pay for). Any subset of the images can be
 scored (the fast search races candidates on a few images first). Images
 are batched (one map per batch); images whose prompts have different
 lengths go in different batches, because padding a prompt would change
@@ -31,6 +33,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from sam_reuse.base.contract import EMBEDDING, decoder_feeds, high_res_maps
 from sam_reuse.base.imaging import (
@@ -79,10 +82,9 @@ class MaskEvaluator:
         self.embedder = embedder
         self.embedding_channels = int(embeddings.shape[1])
         self.channels = embedder.channels if embedder is not None else self.embedding_channels
-        probe = with_index_input(without_mask_prompt(model), EMBEDDING, axis=1, channels=self.embedding_channels,
-                                 zero_channel=True)
-        self.session = ort_session(probe.SerializeToString())
-        self._inputs = {i.name for i in self.session.get_inputs()}
+        self._decoder = without_mask_prompt(model)
+        self._sessions: dict[bool, ort.InferenceSession] = {}  # with the zero channel or not -> its probe
+        self._inputs = {i.name for i in self._session(zero_channel=False).get_inputs()}
         self.samples = list(samples)
         self.embeddings = embeddings
         self.convention = convention
@@ -97,6 +99,13 @@ class MaskEvaluator:
     def zero(self) -> int:
         """The index value that reads an all-zero channel."""
         return self.channels
+
+    def _session(self, zero_channel: bool) -> ort.InferenceSession:
+        if zero_channel not in self._sessions:
+            probe = with_index_input(self._decoder, EMBEDDING, axis=1, channels=self.embedding_channels,
+                                     zero_channel=zero_channel)
+            self._sessions[zero_channel] = ort_session(probe.SerializeToString())
+        return self._sessions[zero_channel]
 
     def identity(self) -> np.ndarray:
         return np.arange(self.channels, dtype=np.int64)
@@ -119,6 +128,7 @@ class MaskEvaluator:
         index = self.identity() if index is None else np.asarray(index, dtype=np.int64)
         rows = self._rows(rows)
         logits: dict[int, np.ndarray] = {}
+        session = self._session(zero_channel=self.embedder is None and bool((index == self.zero).any()))
         for batch in self.batches(rows):
             if self.embedder is None:
                 embeddings, decoder_index = self._embeddings_of(batch), index
@@ -131,7 +141,7 @@ class MaskEvaluator:
                                   np.concatenate([self.prompts[i][1] for i in batch]),
                                   high_res=high_res_maps(features))
             feeds[index_input_name(EMBEDDING)] = decoder_index
-            masks = self.session.run(["low_res_masks"], {k: v for k, v in feeds.items() if k in self._inputs})[0]
+            masks = session.run(["low_res_masks"], {k: v for k, v in feeds.items() if k in self._inputs})[0]
             for row, i in enumerate(batch):
                 logits[i] = masks[row, 0]
         self.evaluations += len(rows)
