@@ -76,7 +76,11 @@ class MeanOverPrompts:
     def evaluations(self) -> int:
         return self.evaluator.evaluations
 
-    def ious(self, index: np.ndarray | None = None, rows: Sequence[int] | None = None) -> np.ndarray:
+    def ious(self, index: np.ndarray | None = None, rows: Sequence[int] | None = None,
+             prompts: slice = slice(None)) -> np.ndarray:
+        """Per image of ``rows`` (None: all), the mean IoU over its ``prompts`` (a slice of its prompts, in
+        ``evidence_samples`` order: its own first)."""
         images = range(len(self.evaluator.samples) // self.per_image) if rows is None else rows
-        expanded = [image * self.per_image + k for image in images for k in range(self.per_image)]
-        return self.evaluator.ious(index, expanded).reshape(-1, self.per_image).mean(axis=1)
+        chosen = range(self.per_image)[prompts]
+        expanded = [image * self.per_image + k for image in images for k in chosen]
+        return self.evaluator.ious(index, expanded).reshape(-1, len(chosen)).mean(axis=1)

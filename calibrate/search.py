@@ -116,7 +116,11 @@ class SearchResult:
         return next(ious for p, ious in self.subsets if p == pairs)
 
 
-Evaluate = Callable[[np.ndarray, Sequence[int]], np.ndarray]  # (gather index, image rows) -> IoU per row
+# (gather index, image rows[, which of each image's prompts]) -> IoU per row, the mean over those prompts
+Evaluate = Callable[..., np.ndarray]
+# Parts of each image's prompts a unit of work may cover instead of all: the first (the image's own prompt), or the
+# others (spread points, altered copies). The whole is their mean weighted by prompts (``Scorer.whole``).
+PARTS = {"first": slice(0, 1), "others": slice(1, None)}
 
 
 def map_key(pairs: Sequence[Pair]) -> str:
@@ -127,14 +131,15 @@ def map_key(pairs: Sequence[Pair]) -> str:
 class Scorer:
     """Per-image search-split IoUs of maps, each measured once.
 
-    A unit of work is one map on a range of image rows; it is read back from
-    the journal when a previous run finished it, else evaluated and recorded.
-    ``evaluations`` counts decoder runs done here (one per image and map),
-    ``reused`` the units an earlier run left in the journal.
+    A unit of work is one map on a range of image rows, with every prompt of those images or one ``PARTS``
+    of them; it is read back from the journal when a previous run finished it, else evaluated and recorded.
+    ``evaluations`` counts decoder runs done here (one per prompt and map), ``reused`` the units an earlier
+    run left in the journal.
     """
 
-    def __init__(self, evaluate: Evaluate, channels: int, images: int, journal: Journal, bar: tqdm):
-        self.evaluate, self.channels, self.images = evaluate, channels, images
+    def __init__(self, evaluate: Evaluate, channels: int, images: int, journal: Journal, bar: tqdm,
+                 per_image: int = 1):
+        self.evaluate, self.channels, self.images, self.per_image = evaluate, channels, images, per_image
         self.journal, self.bar = journal, bar
         self.evaluations = 0
         self._measured: set[tuple[str, str]] = set()
@@ -144,36 +149,45 @@ class Scorer:
     def reused(self) -> int:
         return len(self._read_back)
 
-    def measure(self, kind: str, key: str, index: np.ndarray, rows: range | None = None) -> np.ndarray:
-        """IoUs of the map ``(kind, key)`` (gather ``index``) on ``rows`` (None: every image)."""
+    def measure(self, kind: str, key: str, index: np.ndarray, rows: range | None = None, part: str | None = None
+                ) -> np.ndarray:
+        """IoUs of the map ``(kind, key)`` (gather ``index``) on ``rows`` (None: every image), over ``part`` of
+        each image's prompts (None: all)."""
         rows = range(self.images) if rows is None else rows
         if not len(rows):
             return np.empty(0, dtype=np.float64)
-        unit = key if len(rows) == self.images else f"{key}@{rows.start}:{rows.stop}"
+        unit = (key if len(rows) == self.images else f"{key}@{rows.start}:{rows.stop}") + (f"#{part}" if part else "")
+        runs = len(rows) * (self.per_image if part is None else len(range(self.per_image)[PARTS[part]]))
         entry = self.journal.get(kind, unit)
         if entry is None:
-            entry = self.journal.add(kind, unit, ious=[float(v) for v in self.evaluate(index, rows)])
-            self.evaluations += len(rows)
+            ious = self.evaluate(index, rows) if part is None else self.evaluate(index, rows, PARTS[part])
+            entry = self.journal.add(kind, unit, ious=[float(v) for v in ious])
+            self.evaluations += runs
             self._measured.add((kind, unit))
-            self.bar.update(len(rows))
+            self.bar.update(runs)
         elif (kind, unit) not in self._measured and (kind, unit) not in self._read_back:
             self._read_back.add((kind, unit))
-            self.bar.update(len(rows))
+            self.bar.update(runs)
         return np.asarray(entry["ious"], dtype=np.float64)
+
+    def whole(self, first: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """Per-image IoUs over every prompt from those over the ``first`` and the ``others`` part."""
+        return (first + (self.per_image - 1) * others) / self.per_image
 
     def pairs(self, pairs: Sequence[Pair], rows: range | None = None, kind: str = "subset") -> np.ndarray:
         return self.measure(kind, map_key(pairs), reuse_index(self.channels, pairs), rows)
 
 
 def exhaustive(evaluate: Evaluate, channels: int, pairs: Sequence[Pair], top_n: int, journal: Journal,
-               images: int, progress: bool = True) -> SearchResult:
-    """Run the exhaustive strategy; ``evaluate(index, rows)`` returns per-image IoUs on the search split."""
+               images: int, progress: bool = True, per_image: int = 1) -> SearchResult:
+    """Run the exhaustive strategy; ``evaluate(index, rows)`` returns per-image IoUs on the search split (the
+    mean over ``per_image`` prompts each)."""
     if top_n < 1:
         raise ValueError("top N must be at least 1")
     n_subsets = planned_subsets(pairs, top_n)
-    with tqdm(total=(1 + len(pairs) + n_subsets) * images, desc="exhaustive search", unit="run",
+    with tqdm(total=(1 + len(pairs) + n_subsets) * images * per_image, desc="exhaustive search", unit="run",
               disable=not progress, dynamic_ncols=True) as bar:
-        scorer = Scorer(evaluate, channels, images, journal, bar)
+        scorer = Scorer(evaluate, channels, images, journal, bar, per_image)
         baseline = scorer.pairs((), kind="baseline")
         scored = []
         for pair in pairs:
@@ -181,7 +195,7 @@ def exhaustive(evaluate: Evaluate, channels: int, pairs: Sequence[Pair], top_n: 
             scored.append((pair, float(delta)))
             bar.set_postfix(best=f"{max(d for _, d in scored) * 100:+.2f}")
         candidates = top_distinct_targets(scored, top_n)
-        bar.total = (1 + len(pairs) + 2 ** len(candidates) - 1) * images
+        bar.total = (1 + len(pairs) + 2 ** len(candidates) - 1) * images * per_image
         subsets = []
         for size in range(1, len(candidates) + 1):
             for subset in itertools.combinations(candidates, size):

@@ -453,11 +453,11 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
         if shortlist is not None:
             work = (f"{len(shortlist)} pairs nominated by first-order scores ({scores.prompts} prompts scored, "
                     f"{scores.left_out} left out), then a greedy path: at most "
-                    f"{plan.planned_runs(0, images, len(shortlist)) * per_image:,} decoder runs")
+                    f"{plan.planned_runs(0, images, len(shortlist), per_image):,} decoder runs")
         elif settings.strategy == "fast":
             screened = len(set(targets) | set(sources))
             work = (f"screening {screened} channels, then pairs and a greedy path: "
-                    f"at most {plan.planned_runs(screened, images) * per_image:,} decoder runs")
+                    f"at most {plan.planned_runs(screened, images, per_image=per_image):,} decoder runs")
         else:
             work = (f"{len(pairs):,} pairs + up to {planned_subsets(pairs, settings.top_n):,} subsets, "
                     f"each scored on {images} search images" + (f" x {per_image} prompts" if per_image > 1 else ""))
@@ -467,10 +467,10 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
         search_selection = "guarded" if settings.selection == "validated" else settings.selection
         result = fast(scorer.ious, site.channels, targets, sources, journal, images, plan, search_selection,
                       cv_folds=0 if inputs.calibration.held_out else settings.cv_folds, progress=settings.progress,
-                      shortlist=shortlist)
+                      shortlist=shortlist, per_image=per_image)
     else:
         result = exhaustive(scorer.ious, site.channels, pairs, settings.top_n, journal, images,
-                            progress=settings.progress)
+                            progress=settings.progress, per_image=per_image)
     return _Search(target_spec, source_spec, targets, sources, salience, result)
 
 

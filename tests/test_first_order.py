@@ -118,13 +118,15 @@ def test_fast_on_a_shortlist_skips_screening_and_finds_the_planted_pairs(tmp_pat
 
     task = ScreeningTask()
     shortlist = [(1, 4), (6, 2), (9, 10), (3, 5), (0, 7), (8, 11)]
-    result = fast(task, task.channels, range(task.channels), range(task.channels), Journal(tmp_path / "j.jsonl", {}),
-                  task.images, PLAN, "guarded", progress=False, shortlist=shortlist)
+    journal = Journal(tmp_path / "j.jsonl", {})
+    result = fast(task, task.channels, range(task.channels), range(task.channels), journal, task.images, PLAN,
+                  "guarded", progress=False, shortlist=shortlist)
     assert "screening" not in result.details and result.details["shortlist"] == [list(p) for p in shortlist]
     assert result.best == ((1, 4), (6, 2))
     assert all(pair in shortlist for pair, _ in result.pair_scores) and len(result.pair_scores) == PLAN.pair_keep
     assert result.evaluations <= PLAN.planned_runs(0, task.images, len(shortlist))
-    assert task.rows_scored.count(8) == len(shortlist)  # every pair raced, no zeroing
+    assert task.rows_scored[1:1 + len(shortlist)] == [8] * len(shortlist)  # every pair raced ...
+    assert {kind for kind, _ in journal.entries} == {"baseline", "pair", "subset"}  # ... and nothing zeroed
 
 
 def test_tune_first_order_end_to_end_and_its_refusals(scorer_export, tiny_exports, tmp_path, capsys):

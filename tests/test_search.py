@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -213,7 +214,19 @@ class ScreeningTask:
         return score[rows]
 
 
-PLAN = FastPlan(race_images=8, screen_keep=4, channels_paired=4, pair_keep=6, top_n=4, max_pairs=4)
+class TwoPromptTask(ScreeningTask):
+    """``ScreeningTask`` with two prompts per image, whose mean is the task's IoU. The decoy (1 <- 4, 3 <- 5)
+    looks best on each image's first prompt (+0.2) and is worse on its second by as much."""
+
+    def __call__(self, index: np.ndarray, rows, prompts: slice = slice(None)) -> np.ndarray:
+        present = {(t, int(s)) for t, s in enumerate(index) if s != t}
+        decoy = 0.2 * ({(1, 4), (3, 5)} <= present)
+        per_prompt = super().__call__(index, rows)[:, None] + np.array([decoy, -decoy])
+        self.rows_scored[-1] *= len(range(2)[prompts])  # count decoder runs: prompts, not images
+        return per_prompt[:, prompts].mean(axis=1)
+
+
+PLAN = FastPlan(race_images=8, screen_keep=4, channels_paired=4, pair_keep=6, top_n=4, max_pairs=4, path_keep=2)
 
 
 def _fast(tmp_path, task, selection="guarded", name="j.jsonl"):
@@ -231,13 +244,37 @@ def test_fast_screens_races_and_guards_against_a_fluke(tmp_path):
     assert guarded.best == ((1, 4), (6, 2))  # ... the guarded choice does not
     assert guarded.curve == [(), ((1, 4),), ((1, 4), (6, 2)), ((1, 4), (6, 2), (9, 10))]
     np.testing.assert_allclose(guarded.ious_of(guarded.best) - task.base, 0.08)
-    # Racing: 16 zeroings and 16 pairs on 8 images; only 8 channels and 6 pairs on the other 12.
+    # Racing: 16 zeroings and 16 pairs on 8 images; only 8 channels and 6 pairs on the other 12. With one
+    # prompt per image the greedy steps score every extension (3, 2 and 1) on every image.
     assert task.rows_scored.count(8) == 16 + 16 and task.rows_scored.count(12) == 8 + 6
+    assert task.rows_scored.count(20) == 1 + 3 + 2 + 1
     assert guarded.evaluations == sum(task.rows_scored)
     exhaustive_runs = (1 + 16 * 15 + 2 ** 4 - 1) * 20
     assert guarded.evaluations < exhaustive_runs / 2
     naive = _fast(tmp_path, ScreeningTask(), "naive", "naive.jsonl")
     assert naive.best == ((1, 4), (6, 2), (9, 10)) and naive.curve == guarded.curve
+
+
+def test_greedy_steps_race_extensions_on_first_prompts_and_choose_on_all(tmp_path):
+    task = TwoPromptTask()
+    journal = Journal(tmp_path / "j.jsonl", {})
+    result = fast(task, task.channels, range(task.channels), range(task.channels), journal, task.images, PLAN,
+                  progress=False, per_image=2)
+    # Step 2 (after (1, 4)) races (6, 2), the fluke (9, 10) and the decoy (3, 5) on the first prompts: the decoy
+    # and (6, 2) lead and go on to the second prompts, where the decoy falls back; the fluke is raced out.
+    assert result.details["path"] == [[1, 4], [6, 2], [9, 10]] and result.best == ((1, 4), (6, 2))
+    scored_everywhere = dict(result.subsets)
+    assert ((1, 4), (3, 5)) in scored_everywhere and ((1, 4), (9, 10)) not in scored_everywhere
+    np.testing.assert_allclose(scored_everywhere[((1, 4), (3, 5))] - task.base, 0.05 + 0.02 - 0.04)
+    assert {key for kind, key in journal.entries if kind == "subset"} == {
+        "1<-4;6<-2#first", "1<-4;9<-10#first", "1<-4;3<-5#first", "1<-4;6<-2#others", "1<-4;3<-5#others",
+        "1<-4;6<-2;9<-10#first", "1<-4;3<-5;6<-2#first", "1<-4;6<-2;9<-10#others", "1<-4;3<-5;6<-2#others",
+        "1<-4;3<-5;6<-2;9<-10#first", "1<-4;3<-5;6<-2;9<-10#others"}
+    # counted in decoder runs (2 per image, 1 for a part); the path ran to its longest, as planned
+    assert result.evaluations == sum(task.rows_scored) == PLAN.planned_runs(16, task.images, per_image=2)
+    again = fast(TwoPromptTask(), task.channels, range(task.channels), range(task.channels), journal, task.images,
+                 PLAN, progress=False, per_image=2)
+    assert again.evaluations == 0 and again.best == result.best and again.details == result.details
 
 
 def test_guard_returns_the_empty_map_when_only_a_fluke_helps(tmp_path):
@@ -277,3 +314,6 @@ def test_cross_validation_scores_each_image_by_a_map_chosen_without_it(tmp_path)
     assert naive["gain"] == pytest.approx((16 * 7.5 + 4 * 8.0) / 20)
     with pytest.raises(ValueError, match="2 to 20 folds"):
         fast(ScreeningTask(), 16, range(16), range(16), Journal(tmp_path / "x.jsonl", {}), 20, PLAN, cv_folds=1)
+    with pytest.raises(ValueError, match="at least one extension"):
+        fast(ScreeningTask(), 16, range(16), range(16), Journal(tmp_path / "x.jsonl", {}), 20,
+             dataclasses.replace(PLAN, path_keep=0))
