@@ -81,6 +81,8 @@ def test_iou_by_cells_equals_the_iou_of_the_whole_mask(hw, convention):
         whole = imaging.binary_iou(imaging.logits_to_mask(upscaling.logits(logits)), truth)
         assert upscaling.iou(logits, upscaling.target(truth)) == pytest.approx(whole, abs=1e-6), name
     assert upscaling.iou(cases["nothing"].astype(np.float32), upscaling.target(truth)) == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        upscaling.target(truth[1:])
 
 
 def test_prompt_arrays_add_padding_point_like_prompt_encoder(sam):
