@@ -15,14 +15,12 @@ Why each stage (measured on real MobileSAM, see benchmarks/README.md):
    When each image has several prompts (the default evidence), each step
    after the first races its extensions on every image's first prompt (its
    own): only the ``path_keep`` best go on to the other prompts, and the
-   step picks among them. On seven searches (the three shared sets' fixed
-   splits and four shifted ones) this walked the unraced greedy's path in
-   all seven with 30-42% fewer of its decoder runs; where the path went on,
-   the best extension stood at most third in the race, so a search now and
-   then takes another path. Racing every prompt of the first
-   ``race_images`` images instead, at the same cost for the same keep, kept
-   the path in five of the seven (benchmarks/README.md, "Racing the greedy
-   path on each image's own prompt").
+   step picks among them. On twelve searches (the three shared sets' fixed
+   splits, shifted and random ones) this walked the unraced greedy's path in
+   ten with 27-42% fewer of its decoder runs; racing every prompt of the
+   first ``race_images`` images instead, at the same cost for the same keep,
+   in seven (benchmarks/README.md, "Racing the greedy path on each image's
+   own prompt").
 4. **Guarded choice.** A rise of the mean over 50 images is often carried by
    a few images and does not transfer. Along the path, keep the prefix whose
    per-image gain over the original has the highest lower 90% bootstrap
