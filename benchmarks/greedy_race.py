@@ -16,7 +16,10 @@ on the others). The path is walked again under two races:
   best on the other images (the race the pairs run).
 
 Reports whether each walks the unraced path, its greedy decoder runs against the unraced walk, and the
-race rank of each step's best extension (by mean over every prompt). Writes
+race rank of each step's best extension (by mean over every prompt). The replay stops where a race leaves the
+journal, so it cannot say where such a path ends; ``--raced RACED`` names a folder of default (raced) tunes
+of the same sets and splits, and the held-out IoUs of their shipped candidates are set against the unraced
+ones image by image (paired difference, 90% bootstrap interval). Writes
 benchmarks/results/greedy_race.{json,md}.
 """
 
@@ -30,6 +33,7 @@ import numpy as np
 
 from sam_reuse.base.files import write_json
 from sam_reuse.calibrate.fast import FastPlan
+from sam_reuse.calibrate.metrics import bootstrap_interval
 from sam_reuse.calibrate.search import Pair, map_key, top_distinct_targets
 from sam_reuse.calibrate.tune import TuneSettings, _encode, _prepare
 from sam_reuse.graphops.reuse_map import reuse_index
@@ -145,6 +149,20 @@ def measure(export: Path, work: Path, name: str) -> dict:
     return row
 
 
+def held_out_effect(unraced: Path, raced: Path) -> dict:
+    """The raced tune's candidate against the unraced one's on the same held-out images (mIoU points)."""
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (unraced, raced)]
+    tuned = [{p["key"]: p["tuned"] for p in report["held_out"]["per_image"]} for report in reports]
+    differences = np.array([tuned[1][key] - tuned[0][key] for key in tuned[0]])
+    return {"same_map": reports[0]["reuse_map"]["sites"] == reports[1]["reuse_map"]["sites"],
+            "maps": [report["reuse_map"]["sites"]["embedding"]["pairs"] for report in reports],
+            "held_out_gains": [report["held_out"]["gain"] for report in reports],
+            "verdicts": [report["verdict"] for report in reports],
+            "paired_difference": float(differences.mean()),
+            "interval_90": list(bootstrap_interval(differences)),
+            "better_worse": [int((differences > 0).sum()), int((differences < 0).sum())]}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["# Racing the greedy path: each image's own prompt, or the first images", "",
              "Greedy decoder runs after the first step, and over the unraced walk's; ranks: where each step's "
@@ -158,6 +176,20 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {row['set']} | {race} | {keep} | {'yes' if result['same_path'] else 'no'} | "
                          f"{result['runs']:,} | {result['runs_over_unraced']:.2f} | "
                          f"{', '.join(map(str, result['best_extension_ranks']))} |")
+    compared = [row for row in rows if "held_out_effect" in row]
+    if compared:
+        lines += ["", "## Where the default (raced) tune ends, against the unraced one", "",
+                  "Held-out gain of each tune's candidate over the original encoder, and the paired difference "
+                  "raced - unraced over the 50 held-out images (90% bootstrap interval; better / worse images).",
+                  "", "| set | same map | unraced map | raced map | held-out gain unraced / raced | "
+                  "raced - unraced | better / worse |", "|---|---|---|---|---|---|---|"]
+        for row in compared:
+            effect = row["held_out_effect"]
+            low, high = effect["interval_90"]
+            lines.append(f"| {row['set']} | {'yes' if effect['same_map'] else 'no'} | {effect['maps'][0]} | "
+                         f"{effect['maps'][1]} | {effect['held_out_gains'][0]:+.2f} / "
+                         f"{effect['held_out_gains'][1]:+.2f} | {effect['paired_difference']:+.2f} "
+                         f"[{low:+.2f}, {high:+.2f}] | {effect['better_worse'][0]} / {effect['better_worse'][1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,8 +198,12 @@ def main() -> None:
     parser.add_argument("export", type=Path)
     parser.add_argument("work", type=Path)
     parser.add_argument("--sets", nargs="+", default=["isic2016", "kvasir-seg", "camo"])
+    parser.add_argument("--raced", type=Path, help="folder of default tunes of the same sets and splits, by set")
     args = parser.parse_args()
     rows = [measure(args.export, args.work, name) for name in args.sets]
+    for row in rows:
+        if args.raced is not None and (args.raced / row["set"] / "report.json").is_file():
+            row["held_out_effect"] = held_out_effect(args.work / row["set"], args.raced / row["set"])
     write_json(RESULTS / "greedy_race.json", {"rows": rows})
     (RESULTS / "greedy_race.md").write_text(markdown(rows))
     print(markdown(rows))
