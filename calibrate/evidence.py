@@ -32,15 +32,26 @@ EVIDENCE = {"given": 0, "points": 2}  # name -> extra points per search image
 
 
 def spread_points(mask: np.ndarray, placed: Sequence[tuple[float, float]], count: int) -> list[tuple[float, float]]:
-    """``count`` (x, y) points inside ``mask``, each far from the border and from the points before it."""
-    score = border_distance(mask)
-    rows, cols = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    """``count`` (x, y) points inside ``mask``, each far from the border and from the points before it.
+
+    Only the mask's bounding box is scored (a lesion is often a small part of a photograph of millions of
+    pixels): every pixel outside it is background, so the distances inside are those of the whole image.
+    Background pixels never win; a foreground pixel that sits on a placed point can (score 0), when no other
+    is left.
+    """
+    rows_with, cols_with = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if not len(rows_with):
+        return [(0.0, 0.0)] * count  # nothing to spread over; the evaluator scores such a mask as it is
+    box = (slice(rows_with[0], rows_with[-1] + 1), slice(cols_with[0], cols_with[-1] + 1))
+    window = mask[box]
+    score = np.where(window, border_distance(window), -1.0)  # the box's edges: background or the image's
+    rows, cols = np.mgrid[box]
     chosen: list[tuple[float, float]] = []
     for x, y in placed:
         score = np.minimum(score, np.hypot(cols - x, rows - y))
     for _ in range(count):
         best = int(np.argmax(score))  # the first maximum: row-major among ties
-        y, x = divmod(best, mask.shape[1])
+        y, x = rows.flat[best], cols.flat[best]
         chosen.append((float(x), float(y)))
         score = np.minimum(score, np.hypot(cols - x, rows - y))
     return chosen

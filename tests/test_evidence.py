@@ -46,6 +46,20 @@ def test_spread_points_match_a_brute_force_reference_and_stay_inside():
     assert spread_points(mask, given, 2) == points  # deterministic
 
 
+def test_spread_points_score_the_mask_box_as_the_whole_image():
+    # a mask in the image's corner, where the image edge bounds the box on two sides and background on two
+    mask = np.zeros((12, 20), dtype=bool)
+    mask[0:6, 11:20] = True
+    mask[0, 11] = False
+    given = [(19.0, 5.0)]
+    first = _brute_force_best(mask, given)
+    assert spread_points(mask, given, 2) == [first, _brute_force_best(mask, given + [first])]
+    # nothing left away from the placed points: a foreground pixel still, never the background
+    single = np.zeros((12, 20), dtype=bool)
+    single[7, 3] = True
+    assert spread_points(single, [(3.0, 7.0)], 2) == [(3.0, 7.0), (3.0, 7.0)]
+
+
 def test_evidence_samples_add_spread_points_and_keep_the_given_prompt(tmp_path):
     data = synthetic.write_dataset(tmp_path / "data", 4)
     samples = load_calibration(data, search_images=4, holdout_images=0).search
