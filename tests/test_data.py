@@ -62,6 +62,15 @@ def test_threshold_is_strictly_above_127():
     np.testing.assert_array_equal(binarize_mask(values), [[False, False, False, True, True]])
 
 
+def test_a_channel_above_the_threshold_makes_a_colour_mask_pixel_foreground():
+    values = np.zeros((1, 4, 3), dtype=np.uint8)
+    values[0, 1, 2] = 200  # blue only
+    values[0, 2] = (100, 127, 90)  # no channel above 127
+    values[0, 3, 0] = 255
+    np.testing.assert_array_equal(binarize_mask(values), [[False, True, False, True]])
+    np.testing.assert_array_equal(binarize_mask(values > 150), [[False, True, False, True]])  # boolean channels
+
+
 def test_shared_masks_have_faint_borders_that_the_rule_drops():
     path = SAMPLES / "10.png"
     if not path.exists():
