@@ -64,8 +64,10 @@ def merge_difference(merged, unmerged, records: Sequence[Record]) -> float:
 
 def export_finetuned(model_type: str, adapters: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None,
                      verify_records: Sequence[Record] = (), exporter: str = "legacy", opset: int = DEFAULT_OPSET,
-                     seed: int = 0) -> ExportResult:
-    """Export ``encoder.onnx``/``decoder.onnx``/``export.json`` of the base model plus ``adapters``."""
+                     seed: int = 0, first_order: bool = False) -> ExportResult:
+    """Export ``encoder.onnx``/``decoder.onnx``/``export.json`` of the base model plus ``adapters`` (with
+    ``first_order`` also the search's first-order scorer, as ``export_model`` writes it: a tune on the
+    fine-tuned model then searches first-order rather than fast, at a quarter of the decoder runs)."""
     check_export_request(model_type, exporter, verify_records, opset)
     unmerged, config, record = load_finetuned(model_type, checkpoint, adapters, seed)
     merged = copy.deepcopy(unmerged)
@@ -89,4 +91,4 @@ def export_finetuned(model_type: str, adapters: str | Path, out_dir: str | Path,
     }
     if spec_for(model_type).family == SAM2_FAMILY:
         return export_sam2(merged, out_dir, verify_records, info, reference=unmerged)
-    return export_sam(merged, out_dir, verify_records, info, reference=unmerged)
+    return export_sam(merged, out_dir, verify_records, info, reference=unmerged, first_order=first_order)

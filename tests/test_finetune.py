@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sam_reuse.base.contract import FIRST_ORDER_SCORER
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.cli import main
 from sam_reuse.exporter.models import build_sam
@@ -307,7 +308,9 @@ def test_cli_trains_and_exports_sam2_adapters(planted, tmp_path, capsys, sam2_im
     assert record["final_loss"] < 0.99 * record["initial_loss"], record["history"]
     assert main(["peft-export", str(tmp_path / "adapters" / FINAL), "--model-type", "test_sam2",
                  "--out", str(tmp_path / "export"), "--verify-images", "1"]) == 0
-    assert "merged 2 linears, 1 adapters stay" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "merged 2 linears, 1 adapters stay" in out and "first-order scorer not exported: SAM 2" in out
+    assert not (tmp_path / "export" / FIRST_ORDER_SCORER).exists()
     info = json.loads((tmp_path / "export" / "export.json").read_text())
     parity = info["parity"]
     assert parity["reference"] == "SAM2ImagePredictor" and parity["min_mask_iou"] > 0.999
@@ -332,9 +335,13 @@ def test_cli_trains_and_exports_and_reports_bad_options(planted, tmp_path, capsy
     assert "trainable parameters" in capsys.readouterr().out
     assert main(["peft-export", str(tmp_path / "adapters" / FINAL), "--model-type", "test_vit_t",
                  "--out", str(tmp_path / "export"), "--verify-images", "1"]) == 0
-    assert "merged 4 linears, 0 adapters stay" in capsys.readouterr().out  # qkv + proj of the last 2 blocks
+    out = capsys.readouterr().out
+    assert "merged 4 linears, 0 adapters stay" in out  # qkv + proj of the last 2 blocks
+    assert f"{tmp_path / 'export' / FIRST_ORDER_SCORER}" in out  # so a tune of it searches first-order
     info = json.loads((tmp_path / "export" / "export.json").read_text())
     assert info["peft"]["method"] == "cobot" and info["parity"]["min_mask_iou"] > 0.999
+    assert info["models"]["first_order"]["max_rel_diff_vs_torch"] < 1e-3
+    assert (tmp_path / "export" / FIRST_ORDER_SCORER).is_file()
     assert main(["peft-train", "--model-type", "test_vit_t", "--method", "lora", "--blocks", "last:9",
                  "--data", str(planted), "--out", str(tmp_path / "bad")]) == 2
     assert "--blocks" in capsys.readouterr().err and not (tmp_path / "bad" / FINAL).exists()

@@ -28,6 +28,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-images", type=int, default=2, help="number of images to verify on (default: 2)")
 
 
+def add_first_order_arg(parser: argparse.ArgumentParser) -> None:
+    """Whether an export also writes the first-order scorer (``export`` and ``peft-export``)."""
+    from sam_reuse.base.contract import FIRST_ORDER_SCORER
+
+    parser.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"write the first-order scorer {FIRST_ORDER_SCORER} (a gradient pass of the decoder) "
+                             "that tune's default strategy needs (default: yes; without it tune uses --strategy "
+                             "fast)")
+
+
 def add_data_args(parser: argparse.ArgumentParser, data_default: Path | None) -> None:
     """The labelled data and its split (dest names are ``TuneSettings`` fields)."""
     from sam_reuse.base.runtime import DEVICES

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from sam_reuse.base.contract import FIRST_ORDER_SCORER
-from sam_reuse.cli.common import add_model_args, resolve_checkpoint, verify_records
+from sam_reuse.cli.common import add_first_order_arg, add_model_args, resolve_checkpoint, verify_records
 
 
 def register(sub: argparse._SubParsersAction) -> dict:
@@ -21,10 +21,7 @@ def register(sub: argparse._SubParsersAction) -> dict:
                         help="also write decoders for apps (one embedding, K prompts per call): single "
                              "(decoder.prompts.onnx), multimask (decoder.prompts.multimask.onnx), or both, "
                              "comma-separated")
-    export.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=True,
-                        help=f"write the first-order scorer {FIRST_ORDER_SCORER} (a gradient pass of the decoder) "
-                             "that tune's default strategy needs (default: yes; without it tune uses --strategy "
-                             "fast)")
+    add_first_order_arg(export)
     return {"fetch-weights": _fetch, "export": _export}
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sam_reuse.base.contract import FIRST_ORDER_SCORER
 from sam_reuse.base.files import check_output_folder
-from sam_reuse.cli.common import add_model_args, resolve_checkpoint, verify_records
+from sam_reuse.cli.common import add_first_order_arg, add_model_args, resolve_checkpoint, verify_records
 from sam_reuse.samples import BUNDLED_DATA
 
 
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> dict:
     add_model_args(export)
     export.add_argument("adapters", type=Path, help="adapters.pt from peft-train or peft-import")
     export.add_argument("--out", type=Path, required=True, help="output folder (encoder.onnx, decoder.onnx, export.json)")
+    add_first_order_arg(export)
 
     imported = sub.add_parser("peft-import", help="convert an externally trained LoRA state dict into adapters.pt")
     imported.add_argument("source", type=Path, help="state dict with image_encoder.<block>.attn.<qkv|proj>.lora_A/B")
@@ -81,12 +83,15 @@ def _peft_export(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
     result = export_finetuned(args.model_type, args.adapters, args.out, checkpoint, verify_records(args),
-                              exporter=args.exporter, opset=args.opset, seed=args.seed)
+                              exporter=args.exporter, opset=args.opset, seed=args.seed, first_order=args.first_order)
     peft, parity = result.info["peft"], result.info["parity"]
-    print(f"wrote {result.encoder}, {result.decoder}, {result.sidecar}")
+    scorer = [str(args.out / FIRST_ORDER_SCORER)] if "first_order" in result.info["models"] else []
+    print(f"wrote {', '.join(map(str, [result.encoder, result.decoder, *scorer, result.sidecar]))}")
     print(f"{peft['method']}: merged {peft['merged_linears']} linears, {peft['graph_adapters']} adapters stay in "
           f"the graph; merged vs unmerged torch max|diff| {peft['merge_max_abs_diff']:.2e}; ONNX vs unmerged "
           f"torch: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, mask IoU {parity['min_mask_iou']:.6f}")
+    if isinstance(result.info.get("first_order"), str):
+        print(f"first-order scorer {result.info['first_order']}")
     return 0
 
 
