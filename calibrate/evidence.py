@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from sam_reuse.base.records import Prompt, Sample
-from sam_reuse.calibrate.data import border_distance
+from sam_reuse.calibrate.data import border_distance, bounding_box
 from sam_reuse.calibrate.evaluator import MaskEvaluator
 
 EVIDENCE = {"given": 0, "points": 2}  # name -> extra points per search image
@@ -39,10 +39,10 @@ def spread_points(mask: np.ndarray, placed: Sequence[tuple[float, float]], count
     Background pixels never win; a foreground pixel that sits on a placed point can (score 0), when no other
     is left.
     """
-    rows_with, cols_with = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-    if not len(rows_with):
+    if not mask.any():
         return [(0.0, 0.0)] * count  # nothing to spread over; the evaluator scores such a mask as it is
-    box = (slice(rows_with[0], rows_with[-1] + 1), slice(cols_with[0], cols_with[-1] + 1))
+    x0, y0, x1, y1 = map(int, bounding_box(mask))
+    box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
     window = mask[box]
     score = np.where(window, border_distance(window), -1.0)  # the box's edges: background or the image's
     rows, cols = np.mgrid[box]

@@ -38,6 +38,19 @@ def add_first_order_arg(parser: argparse.ArgumentParser) -> None:
                              "fast)")
 
 
+def first_order_files(info: dict) -> list[str]:
+    """The first-order scorer's file name when an export (its ``export.json`` info) wrote one, else nothing."""
+    from sam_reuse.base.contract import FIRST_ORDER_SCORER
+
+    return [FIRST_ORDER_SCORER] if "first_order" in info["models"] else []
+
+
+def print_why_no_first_order(info: dict) -> None:
+    """The export's reason for having no first-order scorer (SAM 2's), when it gives one."""
+    if isinstance(info.get("first_order"), str):
+        print(f"first-order scorer {info['first_order']}")
+
+
 def add_data_args(parser: argparse.ArgumentParser, data_default: Path | None) -> None:
     """The labelled data and its split (dest names are ``TuneSettings`` fields)."""
     from sam_reuse.base.runtime import DEVICES

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sam_reuse.base.contract import FIRST_ORDER_SCORER
-from sam_reuse.cli.common import add_first_order_arg, add_model_args, resolve_checkpoint, verify_records
+from sam_reuse.cli.common import (
+    add_first_order_arg,
+    add_model_args,
+    first_order_files,
+    print_why_no_first_order,
+    resolve_checkpoint,
+    verify_records,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> dict:
@@ -49,14 +55,13 @@ def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: 
     parity = result.info["parity"]
     names = ", ".join([path.name for path in (result.encoder, result.decoder, result.sidecar)]
                       + [result.info["models"][f"decoder.prompts.{kind}"]["file"] for kind in app_decoders]
-                      + ([FIRST_ORDER_SCORER] if "first_order" in result.info["models"] else []))
+                      + first_order_files(result.info))
     print(f"{'exported' if out != args.out else 'wrote'} {names} ({'to publish in ' if out != args.out else 'in '}"
           f"{args.out})")
     print(f"parity vs torch on {parity['images']} images: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, "
           f"decoder max|diff| {parity['decoder_max_abs_diff']:.2e}, "
           f"mask IoU vs {parity.get('reference', 'SamPredictor')} {parity['min_mask_iou']:.6f}")
-    if isinstance(result.info.get("first_order"), str):
-        print(f"first-order scorer {result.info['first_order']}")
+    print_why_no_first_order(result.info)
     return result
 
 

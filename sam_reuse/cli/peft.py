@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sam_reuse.base.contract import FIRST_ORDER_SCORER
 from sam_reuse.base.files import check_output_folder
-from sam_reuse.cli.common import add_first_order_arg, add_model_args, resolve_checkpoint, verify_records
+from sam_reuse.cli.common import (
+    add_first_order_arg,
+    add_model_args,
+    first_order_files,
+    print_why_no_first_order,
+    resolve_checkpoint,
+    verify_records,
+)
 from sam_reuse.samples import BUNDLED_DATA
 
 
@@ -85,13 +91,12 @@ def _peft_export(args: argparse.Namespace) -> int:
     result = export_finetuned(args.model_type, args.adapters, args.out, checkpoint, verify_records(args),
                               exporter=args.exporter, opset=args.opset, seed=args.seed, first_order=args.first_order)
     peft, parity = result.info["peft"], result.info["parity"]
-    scorer = [str(args.out / FIRST_ORDER_SCORER)] if "first_order" in result.info["models"] else []
+    scorer = [args.out / name for name in first_order_files(result.info)]
     print(f"wrote {', '.join(map(str, [result.encoder, result.decoder, *scorer, result.sidecar]))}")
     print(f"{peft['method']}: merged {peft['merged_linears']} linears, {peft['graph_adapters']} adapters stay in "
           f"the graph; merged vs unmerged torch max|diff| {peft['merge_max_abs_diff']:.2e}; ONNX vs unmerged "
           f"torch: encoder max|diff| {parity['encoder_max_abs_diff']:.2e}, mask IoU {parity['min_mask_iou']:.6f}")
-    if isinstance(result.info.get("first_order"), str):
-        print(f"first-order scorer {result.info['first_order']}")
+    print_why_no_first_order(result.info)
     return 0
 
 
