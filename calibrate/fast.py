@@ -55,6 +55,24 @@ from sam_reuse.calibrate.search import Evaluate, Pair, Scorer, SearchResult, map
 from sam_reuse.graphops.reuse_map import reuse_index
 
 SELECTIONS = ("guarded", "naive")
+TRIMMED_SHARE = 0.1  # the trimmed objective drops this share of images at each end of the per-image changes
+
+
+def _trimmed_mean(changes: np.ndarray) -> float:
+    """Mean of the per-image changes without the ``TRIMMED_SHARE`` largest and smallest (at least one image)."""
+    ordered = np.sort(changes)
+    cut = int(TRIMMED_SHARE * len(ordered))
+    return float(ordered[cut: len(ordered) - cut].mean())
+
+
+# How a greedy step compares maps on the search split: objective(ious, reference) is the figure to maximise, and
+# a step is taken only when it beats objective(reference, reference). "mean": the rise of the search-split mean
+# (a few images that flip between part and whole object can carry it); "trimmed": the mean change without the 10%
+# largest and smallest per-image changes, so flips at either end do not count and most images must move.
+OBJECTIVES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "mean": lambda ious, reference: float(ious.mean()),
+    "trimmed": lambda ious, reference: _trimmed_mean(ious - reference),
+}
 
 
 @dataclass(frozen=True)
@@ -147,9 +165,9 @@ def _scored_extensions(scorer: Scorer, path: list[Pair], extensions: dict[str, P
 
 
 def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], single: dict[Pair, np.ndarray],
-                 plan: FastPlan, rows: np.ndarray | None = None
+                 plan: FastPlan, rows: np.ndarray | None = None, objective: str = "mean"
                  ) -> tuple[list[Pair], list[tuple[tuple[Pair, ...], np.ndarray]]]:
-    """Add the pair that raises mIoU on ``rows`` (None: all) most until none does.
+    """Add the pair that raises ``objective`` on ``rows`` (None: all) most until none does.
 
     After the first step (single pairs, already scored on every prompt), a step compares the extensions
     ``_scored_extensions`` keeps. Returns the path and every map scored on every prompt, with its IoUs. Maps
@@ -169,8 +187,9 @@ def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], s
                     else {p: single[p] for p in extensions.values()})
         trials = [(p, measured[p]) for p in extensions.values() if p in measured]  # in candidate order
         tried += [(tuple(sorted(path + [p])), ious) for p, ious in trials]
-        pair, ious = max(trials, key=lambda trial: trial[1][rows].mean())  # max keeps the first of equals
-        if ious[rows].mean() <= current[rows].mean():
+        score = OBJECTIVES[objective]
+        pair, ious = max(trials, key=lambda trial: score(trial[1][rows], current[rows]))  # the first of equals
+        if score(ious[rows], current[rows]) <= score(current[rows], current[rows]):
             break
         path.append(pair)
         current = ious
@@ -186,21 +205,25 @@ def _choose(baseline: np.ndarray, path: list[Pair], tried: list[tuple[tuple[Pair
     return (guarded if selection == "guarded" else len(path)), bounds
 
 
-def _ranked_pairs(single: dict[Pair, np.ndarray], baseline: np.ndarray, rows: np.ndarray) -> list[tuple[Pair, float]]:
-    return sorted(((p, float(ious[rows].mean() - baseline[rows].mean())) for p, ious in single.items()),
+def _ranked_pairs(single: dict[Pair, np.ndarray], baseline: np.ndarray, rows: np.ndarray, objective: str = "mean"
+                  ) -> list[tuple[Pair, float]]:
+    """Pairs by their change of ``objective`` on ``rows`` over the original, best first (ties: the smaller pair)."""
+    score = OBJECTIVES[objective]
+    start = score(baseline[rows], baseline[rows])
+    return sorted(((p, score(ious[rows], baseline[rows]) - start) for p, ious in single.items()),
                   key=lambda item: (-item[1], item[0]))
 
 
 def _cross_validate(scorer: Scorer, baseline: np.ndarray, single: dict[Pair, np.ndarray], plan: FastPlan,
-                    selection: str, folds: int) -> dict:
+                    selection: str, folds: int, objective: str) -> dict:
     """Out-of-fold gain of stages 3-4: choose on K-1 folds (images i % K != k), score on fold k."""
     images = np.arange(len(baseline))
     gains = np.zeros(len(baseline))
     maps = []
     for fold in range(folds):
         train, valid = images[images % folds != fold], images[images % folds == fold]
-        candidates = top_distinct_targets(_ranked_pairs(single, baseline, train), plan.top_n)
-        path, tried = _greedy_path(scorer, baseline, candidates, single, plan, train)
+        candidates = top_distinct_targets(_ranked_pairs(single, baseline, train, objective), plan.top_n)
+        path, tried = _greedy_path(scorer, baseline, candidates, single, plan, train, objective)
         keep, _ = _choose(baseline, path, tried, selection, train)
         chosen = dict(tried)[tuple(sorted(path[:keep]))] if keep else baseline
         gains[valid] = (chosen[valid] - baseline[valid]) * 100
@@ -212,13 +235,16 @@ def _cross_validate(scorer: Scorer, baseline: np.ndarray, single: dict[Pair, np.
 
 def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Sequence[int], journal: Journal,
          images: int, plan: FastPlan = FastPlan(), selection: str = "guarded", cv_folds: int = 0,
-         progress: bool = True, shortlist: Sequence[Pair] | None = None, per_image: int = 1) -> SearchResult:
+         progress: bool = True, shortlist: Sequence[Pair] | None = None, per_image: int = 1,
+         objective: str = "mean") -> SearchResult:
     """Run the fast strategy; ``evaluate(index, rows[, prompts])`` returns per-image IoUs on the search split,
     each the mean over its ``per_image`` prompts (or the ``prompts`` slice of them).
 
     ``selection="naive"`` keeps the whole greedy path instead of the guarded prefix. ``cv_folds`` > 1
     adds a cross-validated estimate of the gain (``details["cross_validation"]``). ``shortlist``: race these
-    pairs instead of screening channels and pairing the best (the first-order strategy).
+    pairs instead of screening channels and pairing the best (the first-order strategy). ``objective``
+    (``OBJECTIVES``) ranks the pairs and compares a greedy step's maps; it changes no measurement, so searches
+    with different objectives share a journal's units.
     """
     if cv_folds == 1 or cv_folds > images:
         raise ValueError(f"cross-validation needs 2 to {images} folds, not {cv_folds}")
@@ -226,6 +252,8 @@ def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Seq
         raise ValueError(f"a greedy step must keep at least one extension, not {plan.path_keep}")
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection '{selection}' (choose from {', '.join(SELECTIONS)})")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{objective}' (choose from {', '.join(OBJECTIVES)})")
     race, rest = range(min(plan.race_images, images)), range(min(plan.race_images, images), images)
     screened = len(set(targets) | set(sources))
     planned = plan.planned_runs(screened, images, None if shortlist is None else len(shortlist), per_image)
@@ -250,22 +278,22 @@ def fast(evaluate: Evaluate, channels: int, targets: Sequence[int], sources: Seq
                       race, rest, pair_leaders)
         single = {pairs[k]: ious for k, ious in raced.items()}
         everything = np.arange(images)
-        scored = _ranked_pairs(single, baseline, everything)
+        scored = _ranked_pairs(single, baseline, everything, objective)
         candidates = top_distinct_targets(scored, plan.top_n)
 
         bar.set_description("fast search: greedy")
-        path, tried = _greedy_path(scorer, baseline, candidates, single, plan)
+        path, tried = _greedy_path(scorer, baseline, candidates, single, plan, objective=objective)
         if cv_folds:
             bar.set_description("fast search: cross-validation")
             bar.total += cv_folds * (bar.total - bar.n)  # a rough bound: folds mostly retrace the path
-            cross_validation = _cross_validate(scorer, baseline, single, plan, selection, cv_folds)
+            cross_validation = _cross_validate(scorer, baseline, single, plan, selection, cv_folds, objective)
         bar.total = bar.n  # the path may stop before its longest: end the bar full
     guarded, bounds = _choose(baseline, path, tried, "guarded", everything)
     chosen = guarded if selection == "guarded" else len(path)
     nominated = ({"screening": {"channels": screened, "targets": chosen_targets, "sources": chosen_sources,
                                 "rise_when_zeroed": {str(c): r * 100 for c, r in sorted(rise.items())}}}
                  if shortlist is None else {"shortlist": [list(p) for p in shortlist]})
-    details = {"plan": plan.to_json(), "selection": selection, **nominated,
+    details = {"plan": plan.to_json(), "selection": selection, "objective": objective, **nominated,
                "path": [list(p) for p in path], "path_lower_bounds_90": bounds,
                "guarded_pairs": guarded, "naive_pairs": len(path)}
     if cv_folds:

@@ -8,9 +8,9 @@ data, settings, site, curve, cost) stay plain JSON objects.
 
 All mIoU figures are percentages. What ships, and the verdict, come from
 ``sam_reuse.calibrate.shipping``: read off the paired 90% bootstrap interval
-of the gain on the held-out split's validation part (or, without a held-out
-split, of the cross-validated gain); the test part's gain is the figure to
-quote.
+of the held-out gain, cross-fitted over the whole held-out split by default
+(or on its validation part, or, without a held-out split, of the
+cross-validated gain); ``Shipping.reported`` is the figure to quote.
 """
 
 from __future__ import annotations
@@ -81,19 +81,22 @@ class Shipping:
     candidate_pairs: int
     basis: str
     decided_on: Gain | None
-    reported: Gain | None  # on images that decided nothing (the held-out test part)
+    reported: Gain | None  # the figure to quote: each image scored by a map chosen without it
     forced: bool
     exit_status: int
     verdict: str
     lower_bounds_90: list[float]
+    own_prompt: Gain | None = None  # ``reported`` on each held-out image's own prompt (when it has several)
+
+    _GAINS = ("decided_on", "reported", "own_prompt")
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "decided_on": None if self.decided_on is None else self.decided_on.to_json(),
-                "reported": None if self.reported is None else self.reported.to_json()}
+        return {**asdict(self), **{k: None if getattr(self, k) is None else getattr(self, k).to_json()
+                                   for k in self._GAINS}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Shipping:
-        gains = {k: None if data[k] is None else Gain.from_json(data[k]) for k in ("decided_on", "reported")}
+        gains = {k: None if data.get(k) is None else Gain.from_json(data[k]) for k in cls._GAINS}
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name not in gains}, **gains)
 
 
@@ -246,12 +249,28 @@ def _estimate_lines(report: TuneReport) -> list[str]:
                                   "every image)", shipping.decided_on), "",
                         "No held-out split: keep images back (`--holdout-images`) for a figure that took no part "
                         "in any choice."]
+    prompts = report.settings.get("evidence") == "points"
+    if report.settings["selection"] == "cross-fitted":
+        rows = [_gain_row("held-out, cross-fitted" + (", all prompts" if prompts else ""),
+                          "decided what ships; each image scored by the map chosen on the other half: the figure "
+                          "to quote", shipping.reported)]
+        own_role = "the same, on each image's own prompt alone"
+    else:
+        rows = [_gain_row("held-out, validation part", "decided what ships", shipping.decided_on),
+                _gain_row("held-out, test part", "decided nothing: the figure to quote", shipping.reported)]
+        own_role = "the test part on each image's own prompt alone"
+    if shipping.own_prompt is not None:
+        rows.append(_gain_row("held-out, own prompt", own_role, shipping.own_prompt))
+    needed = None if shipping.decided_on is None else shipping.decided_on.images_needed
     return lines + [
-        _gain_row("held-out, validation part", "decided what ships", shipping.decided_on),
-        _gain_row("held-out, test part", "decided nothing: the figure to quote", shipping.reported),
-        _gain_row("held-out, all", "both parts", None if shipping.decided_on is None else held.gain),
-        "", f"Held-out mIoU, original -> candidate: {held.baseline_miou:.2f} -> {held.tuned_miou:.2f}.", "",
-        f"**How far to trust it.** The test part's figure holds for images drawn like these {held.images} "
+        *rows,
+        _gain_row("held-out, all, own prompt", "the candidate on every held-out image (chose it)",
+                  None if shipping.decided_on is None else held.gain),
+        "", f"Held-out mIoU on each image's own prompt, original -> candidate: {held.baseline_miou:.2f} -> "
+            f"{held.tuned_miou:.2f}."
+        + (f" A gain of this size and spread needs about {needed} held-out images for its lower bound to clear "
+           "0." if needed is not None else ""), "",
+        f"**How far to trust it.** The quoted figure holds for images drawn like these {held.images} "
         "held-out images, and no further: this run was not tested against images unlike them (another device, "
         "site or scene type). On shifted splits of public sets the search's pairs have lost held-out mIoU "
         "while gaining on their own images (benchmarks/README.md, \"Do no harm\"); hold out images that look "
@@ -274,8 +293,8 @@ def markdown(report: TuneReport) -> str:
         f"- Model: `{report.model['encoder']}` (fingerprint {report.model['encoder_fingerprint'][:12]})",
         f"- Data: `{report.data['source']}`; prompts: {report.data['prompt']}; "
         f"{search.images} search / {held_images} held-out images"
-        + ("; search images also scored on 2 spread points (evidence: points)"
-           if settings.get("evidence", "given") == "points" else "")
+        + ("; every image also scored on 2 prompts of its own prompt's kind derived from its mask (evidence: "
+           "points)" if settings.get("evidence", "given") == "points" else "")
         + (f"; and on {settings['augment']} altered copies of each (--augment)" if settings.get("augment") else "")
         + (f"; {len(report.data['skipped'])} skipped" if report.data["skipped"] else ""),
         f"- Site: `{report.site['name']}` ({report.site['channels']} channels); strategy "
@@ -284,7 +303,7 @@ def markdown(report: TuneReport) -> str:
         f"(targets `{settings['targets']}`, sources `{settings['sources']}`)",
         f"- Candidate pairs (target <- source): {', '.join(f'{t} <- {s}' for t, s in report.candidate_pairs) or 'none'}"
         + (f" (the search's own choice: {search.search_choice_pairs} pair(s))"
-           if settings["selection"] == "validated" else ""),
+           if settings["selection"] in ("cross-fitted", "validated") else ""),
         "",
         *_estimate_lines(report),
         "",

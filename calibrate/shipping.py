@@ -6,18 +6,28 @@ splits whose halves come from different parts of a domain, the search split
 rose while the held-out split fell (benchmarks/README.md, "Do no harm"), so
 a search-split figure cannot decide what ships. The rule:
 
-* the held-out split is cut into a **validation** part (even positions) and a
-  **test** part (odd positions);
-* the **candidate** is, with ``selection="validated"`` (default), the map of
-  the search's curve (each prefix of the greedy path, or the best subset of
-  each size) whose per-image gain on the validation part has the highest
-  lower 90% bootstrap bound; with ``guarded``/``naive``, the map the search
-  itself chose;
-* it **ships** when that bound is above 0 on the validation part; otherwise
-  the original encoder ships and the candidate is kept under a name saying
-  it was not shipped (``--ship-anyway`` ships it regardless);
-* the **reported** gain is the test part's, which took no part in any choice,
-  so choosing on the validation part cannot inflate it.
+* the held-out split is cut into two interleaved parts, A (even positions)
+  and B (odd positions);
+* with ``selection="cross-fitted"`` (default), the map of the search's curve
+  (each prefix of the greedy path, or the best subset of each size) with the
+  highest lower 90% bootstrap bound of per-image gain is chosen on A and
+  scored on B, and chosen on B and scored on A: every held-out image gets a
+  gain from a map chosen without it. Those out-of-fold gains **decide**: the
+  **candidate**, the map with the highest bound on all held-out images,
+  ships when their lower 90% bound is above 0, and they are the **reported**
+  figure (they chose no map they score; they did decide the gate);
+* with ``selection="validated"`` (the default until 2026-12-07), A alone
+  chooses the candidate and decides, and B, which took no part in any
+  choice, is reported: half the images decide, so a real gain of a few
+  points rarely clears the bound (mask flips move single images by 60-95
+  points); ``guarded``/``naive`` take the search's own choice and decide on
+  A the same way;
+* otherwise the original encoder ships and the candidate is kept under a
+  name saying it was not shipped (``--ship-anyway`` ships it regardless).
+
+Each held-out image's IoU is the mean over its prompts (``calibrate.evidence``:
+its own and, by default, two more of the same kind), so one flipped mask
+weighs a third; the gain on each image's own prompt is reported beside it.
 
 Without a held-out split the cross-validated estimate of the search-chosen map
 decides, and is the figure reported (it leans optimistic: screening saw every
@@ -26,6 +36,7 @@ image).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -36,7 +47,8 @@ from sam_reuse.calibrate.metrics import bootstrap_interval
 
 TUNED_SHIPPED = 0
 ORIGINAL_SHIPPED = 3  # exit status of tune/run when the original encoder is the deliverable
-SELECTIONS = ("validated", "guarded", "naive")
+SELECTIONS = ("cross-fitted", "validated", "guarded", "naive")
+ONE_SIDED_95 = 1.645  # z of a lower 90% two-sided bound
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,17 @@ class Gain:
         low, high = self.interval
         return "improvement" if low > 0 else "harmful" if high < 0 else "no reliable improvement"
 
+    @property
+    def images_needed(self) -> int | None:
+        """About how many images a gain of this size and spread needs for its lower 90% bound to clear 0.
+
+        The interval's half width shrinks as one over the square root of the images; None for no gain.
+        """
+        low, high = self.interval
+        if not self.gain > 0 or not self.images:
+            return None
+        return max(1, math.ceil(self.images * ((high - low) / 2 / self.gain) ** 2))
+
     def describe(self) -> str:
         low, high = self.interval
         return (f"{self.gain:+.2f} mIoU, 90% CI [{low:+.2f}, {high:+.2f}] "
@@ -85,8 +108,9 @@ class Decision:
     candidate: int
     basis: str  # what decided, in the user's words
     decided: Gain | None  # the candidate's gain on what decided (None: no candidate)
-    reported: Gain | None  # its gain on images that decided nothing (None: no such images)
+    reported: Gain | None  # the figure to quote: on images whose map was chosen without them (None: none)
     forced: bool = False
+    own_prompt: Gain | None = None  # ``reported`` on each image's own prompt alone (several prompts per image)
     empty_reason: str = ""
     lower_bounds: list[float] = field(default_factory=list)  # per curve map 1..L, on what decided
 
@@ -103,6 +127,9 @@ class Decision:
         if self.ship_tuned:
             return head + ("; the tuned encoder ships anyway (--ship-anyway)" if self.forced
                            else "; the tuned encoder ships")
+        needed = self.decided.images_needed
+        if needed is not None:
+            head += f" (a gain of this size and spread needs about {needed} images to show)"
         return head + "; the original encoder ships"
 
 
@@ -115,29 +142,60 @@ def held_out_parts(count: int) -> tuple[np.ndarray, np.ndarray]:
     return rows[0::2], rows[1::2]
 
 
-def decide_on_held_out(curve_ious: Sequence[np.ndarray], search_choice: int, selection: str = "validated",
-                       force: bool = False, empty_reason: str = "no pair improved the search split") -> Decision:
-    """The rule on a held-out split; ``curve_ious[k]`` are the held-out IoUs of curve map k (0: original).
+def best_on(curve_ious: Sequence[np.ndarray], rows: np.ndarray) -> tuple[int, list[float]]:
+    """The curve map (1..L) with the highest lower 90% bound of per-image gain on ``rows``, and every map's bound.
+
+    Ties keep the shorter map; 0 only when the curve has no map at all.
+    """
+    _, bounds = guarded_prefix(curve_ious[0][rows], [ious[rows] for ious in curve_ious[1:]])
+    return (1 + int(np.argmax(bounds)) if bounds else 0), bounds
+
+
+def cross_fitted_gains(curve_ious: Sequence[np.ndarray], parts: Sequence[np.ndarray],
+                       *scored: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per image, the gain (points) of the map chosen on the other part, for each of ``scored`` (IoUs per curve
+    map, like ``curve_ious``, which chooses)."""
+    out = [np.zeros(len(curve_ious[0])) for _ in scored]
+    for chooser, scoree in ((parts[0], parts[1]), (parts[1], parts[0])):
+        chosen, _ = best_on(curve_ious, chooser)
+        for gains, ious in zip(out, scored):
+            gains[scoree] = (ious[chosen][scoree] - ious[0][scoree]) * 100
+    return out
+
+
+def decide_on_held_out(curve_ious: Sequence[np.ndarray], search_choice: int, selection: str = "cross-fitted",
+                       force: bool = False, empty_reason: str = "no pair improved the search split",
+                       own_prompt_ious: Sequence[np.ndarray] | None = None) -> Decision:
+    """The rule on a held-out split; ``curve_ious[k]`` are the held-out IoUs of curve map k (0: the original),
+    each image's the mean over its prompts, ``own_prompt_ious`` the same on each image's own prompt.
 
     ``search_choice`` is the curve index the search chose on its own split (used by guarded/naive).
     """
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection '{selection}' (choose from {', '.join(SELECTIONS)})")
-    validation, test = held_out_parts(len(curve_ious[0]))
-    _, bounds = guarded_prefix(curve_ious[0][validation], [ious[validation] for ious in curve_ious[1:]])
-    if selection == "validated":
-        # The highest bound; ties keep the shorter map. Index 0 only when the curve has no map at all.
-        candidate = 1 + int(np.argmax(bounds)) if bounds else 0
-    else:
+    count = len(curve_ious[0])
+    validation, test = held_out_parts(count)
+    every = np.arange(count)
+    candidate, bounds = best_on(curve_ious, every if selection == "cross-fitted" else validation)
+    if selection in ("guarded", "naive"):
         candidate = search_choice
     if candidate == 0:
         return Decision(False, 0, "", None, None, empty_reason=empty_reason, lower_bounds=bounds)
-    gains = (curve_ious[candidate] - curve_ious[0]) * 100
-    decided = Gain.of(gains[validation])
-    basis = f"validation part of the held-out split ({len(validation)} of {len(curve_ious[0])} images)"
+    own = curve_ious if own_prompt_ious is None else own_prompt_ious
+    if selection == "cross-fitted" and len(test):
+        gains, own_gains = cross_fitted_gains(curve_ious, (validation, test), curve_ious, own)
+        decided = Gain.of(gains)
+        basis = (f"held-out split, cross-fitted (each of {count} images scored with the map chosen on the other "
+                 "half)")
+        reported, own_reported = decided, Gain.of(own_gains)
+    else:
+        decided = Gain.of((curve_ious[candidate] - curve_ious[0])[validation] * 100)
+        basis = f"validation part of the held-out split ({len(validation)} of {count} images)"
+        reported = Gain.of((curve_ious[candidate] - curve_ious[0])[test] * 100) if len(test) else None
+        own_reported = Gain.of((own[candidate] - own[0])[test] * 100) if len(test) else None
     return Decision(ship_tuned=force or decided.interval[0] > 0, candidate=candidate, basis=basis, decided=decided,
-                    reported=Gain.of(gains[test]) if len(test) else None, forced=force and decided.interval[0] <= 0,
-                    lower_bounds=bounds)
+                    reported=reported, forced=force and decided.interval[0] <= 0, lower_bounds=bounds,
+                    own_prompt=own_reported if own_prompt_ious is not None else None)
 
 
 def decide_on_cross_validation(per_image_gain: np.ndarray, search_choice: int, folds: int, force: bool = False,

@@ -44,7 +44,8 @@ from sam_reuse.calibrate.augment import ALTERATIONS, with_altered_copies
 from sam_reuse.calibrate.data import MASK_RULE, CalibrationSet, load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
 from sam_reuse.calibrate.evidence import EVIDENCE, MeanOverPrompts, evidence_samples
-from sam_reuse.calibrate.fast import FastPlan, fast
+from sam_reuse.calibrate.fast import OBJECTIVES, FastPlan, fast
+from sam_reuse.calibrate.fast import SELECTIONS as FAST_SELECTIONS
 from sam_reuse.calibrate.first_order import first_order_scores
 from sam_reuse.calibrate.journal import Journal
 from sam_reuse.calibrate.report import (
@@ -88,15 +89,17 @@ class TuneSettings:
 
     site: str = "embedding"
     strategy: str | None = None  # None: first-order where its scorer is beside the decoder (embedding), else fast
-    # The candidate map: "validated" (chosen along the search's curve on the held-out validation part), or the
+    # The candidate map and what decides: "cross-fitted" (chosen along the search's curve on the held-out split, each
+    # half's choice scored on the other), "validated" (chosen and decided on the held-out validation part), or the
     # search's own choice, the "guarded" prefix of the greedy path or the "naive" whole path. See calibrate.shipping.
-    selection: str = "validated"
+    selection: str = "cross-fitted"
     ship_anyway: bool = False  # ship the candidate even when the evidence does not show an improvement
+    objective: str = "mean"  # how the fast and first-order searches compare maps (calibrate.fast.OBJECTIVES)
     top_n: int = 10
     targets: str | None = None  # None: "all" at the embedding, "unsalient:64" inside the encoder
     sources: str | None = None  # None: "all" at the embedding, "salient:64" inside the encoder
     prompt: str = "given"
-    evidence: str | None = None  # search split only; None: "points" at the embedding, "given" inside the encoder
+    evidence: str | None = None  # prompts per image; None: "points" at the embedding, "given" inside the encoder
     augment: int = 0  # altered copies of each search image scored beside it (calibrate.augment); 0: none
     masks: str | None = None
     search_images: int | None = None
@@ -208,6 +211,11 @@ def _check_settings(settings: TuneSettings) -> None:
         raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
     if settings.selection not in SHIP_SELECTIONS:
         raise SamReuseError(f"unknown selection '{settings.selection}' (choose from {', '.join(SHIP_SELECTIONS)})")
+    if settings.objective not in OBJECTIVES:
+        raise SamReuseError(f"unknown objective '{settings.objective}' (choose from {', '.join(OBJECTIVES)})")
+    if settings.objective != "mean" and settings.strategy == "exhaustive":
+        raise SamReuseError("--objective applies to the fast and first-order searches; exhaustive ranks subsets "
+                            "by their mean")
     if settings.evidence is not None and settings.evidence not in EVIDENCE:
         raise SamReuseError(f"unknown evidence '{settings.evidence}' (choose from {', '.join(EVIDENCE)})")
     if not 0 <= settings.augment <= len(ALTERATIONS):
@@ -261,28 +269,36 @@ def _curve_point(result: SearchResult, size: int, held_out: np.ndarray | None) -
             "held_out_miou": None if held_out is None else _pct(held_out)}
 
 
-def _held_out_curve(result: SearchResult, held_eval: MaskEvaluator
-                    ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Search and held-out mIoU of each map of ``result.curve`` (size 0: the original model).
+def _held_out_curve(result: SearchResult, held: MeanOverPrompts
+                    ) -> tuple[list[dict[str, Any]], list[np.ndarray], list[np.ndarray]]:
+    """Search and held-out mIoU of each map of ``result.curve`` (size 0: the original model), on each held-out
+    image's own prompt, with every prompt's IoU per image when there are several.
 
-    Also returns each map's per-image held-out IoUs, which the shipping rule reads.
+    Also returns each map's per-image held-out IoUs, the mean over each image's prompts and on its own prompt
+    alone, which the shipping rule reads.
     """
-    curve, held_ious = [], []
+    curve, mean_ious, own_ious = [], [], []
     for size, subset in enumerate(result.curve):
-        held_ious.append(held_eval.ious(reuse_index(held_eval.channels, subset)))
-        curve.append({**_curve_point(result, size, held_ious[-1]),
-                      "held_out_per_image": [float(v * 100) for v in held_ious[-1]]})
-    return curve, held_ious
+        per_prompt = held.per_prompt(reuse_index(held.evaluator.channels, subset))
+        mean_ious.append(per_prompt.mean(axis=1))
+        own_ious.append(per_prompt[:, 0])
+        curve.append({**_curve_point(result, size, own_ious[-1]),
+                      "held_out_per_image": [float(v * 100) for v in own_ious[-1]],
+                      **({"held_out_all_prompts_miou": _pct(mean_ious[-1]),
+                          "held_out_per_prompt": (per_prompt * 100).tolist()} if held.per_image > 1 else {})})
+    return curve, mean_ious, own_ious
 
 
-def _write_overlays(held_eval: MaskEvaluator, rows: list[int], index: np.ndarray, before_ious: np.ndarray,
+def _write_overlays(held: MeanOverPrompts, images: list[int], index: np.ndarray, before_ious: np.ndarray,
                     after_ious: np.ndarray, folder: Path) -> None:
-    """Ground truth / original / tuned masks of the held-out images at ``rows``."""
+    """Ground truth / original / tuned masks of the held-out ``images``, each on its own prompt."""
+    rows = [i * held.per_image for i in images]
+    held_eval = held.evaluator
     before, after = held_eval.low_res_logits(None, rows), held_eval.low_res_logits(index, rows)
-    for i, logits_before, logits_after in zip(rows, before, after):
-        sample = held_eval.samples[i]
-        overlay(sample.record.image, sample.mask, held_eval.predicted_mask(logits_before, i),
-                held_eval.predicted_mask(logits_after, i), before_ious[i] * 100, after_ious[i] * 100,
+    for i, row, logits_before, logits_after in zip(images, rows, before, after):
+        sample = held_eval.samples[row]
+        overlay(sample.record.image, sample.mask, held_eval.predicted_mask(logits_before, row),
+                held_eval.predicted_mask(logits_after, row), before_ious[i] * 100, after_ious[i] * 100,
                 folder / f"overlay-{sample.key}.png")
 
 
@@ -312,7 +328,7 @@ class _Scoring:
     search_eval: MaskEvaluator
     search_prompts: list[Sample]
     search_activations: list[np.ndarray] | np.ndarray
-    held_eval: MaskEvaluator | None
+    held: MeanOverPrompts | None  # the held-out images, each on its own prompt and the evidence's others
 
 
 @dataclass
@@ -413,10 +429,14 @@ def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
     search_prompts = evidence_samples(copies, evidence)
     search_eval, activations = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site,
                                                search_prompts, settings, "encode search split")
-    held_eval = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site, inputs.calibration.held_out,
-                                settings, "encode held-out split")[0] if inputs.calibration.held_out else None
+    held = None
+    if inputs.calibration.held_out:  # never altered: the held-out images stand for the images deployed on
+        held_eval = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site,
+                                    evidence_samples(inputs.calibration.held_out, evidence), settings,
+                                    "encode held-out split")[0]
+        held = MeanOverPrompts(held_eval, 1 + EVIDENCE[evidence])
     return _Scoring(evidence, (1 + settings.augment) * (1 + EVIDENCE[evidence]), search_eval, search_prompts,
-                    activations, held_eval)
+                    activations, held)
 
 
 def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir: Path) -> _Search:
@@ -464,10 +484,10 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
         print(f"{settings.strategy} search: {work} ({len(journal.entries):,} units already in {JOURNAL})")
     scorer = MeanOverPrompts(scoring.search_eval, per_image)
     if settings.strategy != "exhaustive":
-        search_selection = "guarded" if settings.selection == "validated" else settings.selection
+        search_selection = settings.selection if settings.selection in FAST_SELECTIONS else "guarded"
         result = fast(scorer.ious, site.channels, targets, sources, journal, images, plan, search_selection,
                       cv_folds=0 if inputs.calibration.held_out else settings.cv_folds, progress=settings.progress,
-                      shortlist=shortlist, per_image=per_image)
+                      shortlist=shortlist, per_image=per_image, objective=settings.objective)
     else:
         result = exhaustive(scorer.ious, site.channels, pairs, settings.top_n, journal, images,
                             progress=settings.progress, per_image=per_image)
@@ -477,12 +497,12 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
 def _assess(inputs: _Inputs, scoring: _Scoring, search: _Search, settings: TuneSettings) -> _Assessment:
     result, calibration, site = search.result, inputs.calibration, inputs.site
     if calibration.held_out:
-        curve, held_by_size = _held_out_curve(result, scoring.held_eval)
+        curve, held_by_size, own_by_size = _held_out_curve(result, scoring.held)
         decision = decide_on_held_out(held_by_size, len(result.best), settings.selection, settings.ship_anyway,
-                                      _empty_reason(result))
-        held_ious = (held_by_size[0], held_by_size[decision.candidate])
+                                      _empty_reason(result), own_by_size if scoring.held.per_image > 1 else None)
+        held_ious = (own_by_size[0], own_by_size[decision.candidate])
         gains = (held_ious[1] - held_ious[0]) * 100
-        check_samples, check_eval, check_stride = calibration.held_out, scoring.held_eval, 1
+        check_samples, check_eval, check_stride = calibration.held_out, scoring.held.evaluator, scoring.held.per_image
     else:  # the user keeps no images back: the cross-validated estimate decides
         curve = [_curve_point(result, size, None) for size in range(len(result.curve))]
         estimate = result.details["cross_validation"]
@@ -529,13 +549,14 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
                         candidate_files=list(shipped_names) if decision.candidate else [],
                         candidate_pairs=decision.candidate, basis=decision.basis, decided_on=decision.decided,
                         reported=reported, forced=decision.forced, exit_status=decision.exit_status,
+                        own_prompt=decision.own_prompt,
                         verdict=decision.verdict, lower_bounds_90=decision.lower_bounds)
     return TuneReport(
         verdict=decision.verdict,
         shipping=shipping,
         estimate=None if reported is None else {
-            "basis": ("test part of the held-out split (decided nothing)" if calibration.held_out
-                      else decision.basis),
+            "basis": ("test part of the held-out split (decided nothing)"
+                      if calibration.held_out and settings.selection != "cross-fitted" else decision.basis),
             "gain": reported.gain, "gain_interval_90": list(reported.interval)},
         model={"encoder": as_seen_from(out_dir, inputs.encoder), "decoder": as_seen_from(out_dir, inputs.decoder),
                "encoder_fingerprint": inputs.encoder_fp, "decoder_fingerprint": inputs.decoder_fp},
@@ -559,7 +580,7 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
         tuned_encoder_check=assessment.check,
         overlays=[f"overlay-{keys[i]}.png" for i in overlays],
         cost={"decoder_evaluations": {"search": scoring.search_eval.evaluations,
-                                      "held_out": scoring.held_eval.evaluations if scoring.held_eval else 0},
+                                      "held_out": scoring.held.evaluations if scoring.held else 0},
               "maps_reused_from_journal": result.reused,
               "encoded_images": len(calibration.search) + len(calibration.held_out),
               "execution_providers": active_providers(), "wall_s": wall},
@@ -611,7 +632,7 @@ def _tune_stages(encoder: Path, decoder: Path, data: Path, out_dir: Path, settin
                 assessment.reuse_map.save(staging / names[1])
             plot_curve(assessment.curve, decision.candidate, staging / "miou_vs_pairs.png")
             if overlays:
-                _write_overlays(scoring.held_eval, overlays, assessment.reuse_map.sites[settings.site].index(),
+                _write_overlays(scoring.held, overlays, assessment.reuse_map.sites[settings.site].index(),
                                 *assessment.held_ious, staging)
             wall["total"] = time.perf_counter() - started
             report = _report(inputs, scoring, search, assessment, settings, overlays, wall, out_dir)

@@ -11,7 +11,7 @@ from sam_reuse.base.contract import JOURNAL
 from sam_reuse.calibrate.activations import encode
 from sam_reuse.calibrate.data import load_calibration
 from sam_reuse.calibrate.evaluator import MaskEvaluator
-from sam_reuse.calibrate.evidence import MeanOverPrompts, evidence_samples, spread_points
+from sam_reuse.calibrate.evidence import MeanOverPrompts, evidence_samples, jittered_boxes, spread_points
 from sam_reuse.calibrate.tune import TuneSettings, tune
 from sam_reuse.graphops.reuse_map import reuse_index
 from tests import synthetic
@@ -78,6 +78,31 @@ def test_evidence_samples_add_spread_points_and_keep_the_given_prompt(tmp_path):
         evidence_samples(samples, "clicks")
 
 
+def test_jittered_boxes_grow_and_shrink_each_side_and_stay_in_the_image():
+    grown, shrunk = jittered_boxes(np.array([100, 200, 300, 600]), (1000, 1000), 2)
+    np.testing.assert_allclose(grown, [90, 180, 310, 620])
+    np.testing.assert_allclose(shrunk, [110, 220, 290, 580])
+    clipped, _ = jittered_boxes(np.array([0, 10, 999, 200]), (500, 1000), 2)
+    np.testing.assert_allclose(clipped, [0, 0.5, 1000, 209.5])
+    with pytest.raises(ValueError, match="at most 2 derived boxes"):
+        jittered_boxes(np.array([0, 0, 10, 10]), (20, 20), 3)
+
+
+def test_a_box_prompt_gets_derived_boxes_and_a_point_prompt_derived_points(tmp_path):
+    data = synthetic.write_dataset(tmp_path / "data", 2)
+
+    def expanded(mode: str) -> list:
+        return evidence_samples(load_calibration(data, prompt=mode, search_images=2, holdout_images=0).search,
+                                "points")
+
+    boxes, points = expanded("box"), expanded("point")
+    assert len(boxes) == len(points) == 6
+    own, *derived = boxes[:3]
+    for copy, expected in zip(derived, jittered_boxes(own.prompt.box, own.hw, 2)):
+        assert copy.prompt.points is None and copy.prompt.box.tolist() == expected.tolist()
+    assert all(copy.prompt.box is None and copy.prompt.points.shape == (1, 2) for copy in points)
+
+
 def test_mean_over_prompts_is_the_mean_of_each_images_prompt_ious(tmp_path):
     encoder, decoder = synthetic.write_models(tmp_path / "models")
     data = synthetic.write_dataset(tmp_path / "data", 5, seed=3)
@@ -103,7 +128,15 @@ def test_tune_with_points_evidence_finds_the_planted_pair_at_three_runs_per_imag
     assert points["reuse_map"]["sites"]["embedding"]["pairs"] == [[synthetic.TARGET, synthetic.HELPER]]
     assert points["cost"]["decoder_evaluations"]["search"] == 3 * given["cost"]["decoder_evaluations"]["search"]
     assert points["settings"]["evidence"] == "points"
-    assert "also scored on 2 spread points (evidence: points)" in (tmp_path / "out" / "report.md").read_text()
-    assert points["held_out"]["per_image"] == given["held_out"]["per_image"]  # held-out: the given prompt only
+    assert "also scored on 2 prompts of its own prompt's kind" in (tmp_path / "out" / "report.md").read_text()
+    # Held-out images are scored on the same 3 prompts; their own prompt's IoUs are what one prompt gives.
+    assert points["held_out"]["per_image"] == given["held_out"]["per_image"]
+    assert points["cost"]["decoder_evaluations"]["held_out"] == 3 * given["cost"]["decoder_evaluations"]["held_out"]
+    for point in points["curve"]:
+        per_prompt = np.asarray(point["held_out_per_prompt"])
+        assert per_prompt.shape == (6, 3) and per_prompt[:, 0].tolist() == point["held_out_per_image"]
+        assert point["held_out_all_prompts_miou"] == pytest.approx(per_prompt.mean())
+    assert "held_out_per_prompt" not in given["curve"][0]
+    assert points["shipping"]["own_prompt"] is not None and given["shipping"]["own_prompt"] is None
     header = json.loads((tmp_path / "out" / JOURNAL).read_text().splitlines()[0])
     assert len(header["config"]["images"]) == 18  # 6 search images x 3 prompts

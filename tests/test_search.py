@@ -317,3 +317,38 @@ def test_cross_validation_scores_each_image_by_a_map_chosen_without_it(tmp_path)
     with pytest.raises(ValueError, match="at least one extension"):
         fast(ScreeningTask(), 16, range(16), range(16), Journal(tmp_path / "x.jsonl", {}), 20,
              dataclasses.replace(PLAN, path_keep=0))
+
+
+class FlipsOrSteadyTask:
+    """Pair (0, 5) moves 45 of 50 images up 2 points and 5 down 1 (+1.7 on average); pair (1, 6) flips 5 images
+    up 45 points and 1 down 45 (+3.6 on average, carried by 6 images)."""
+
+    channels, images = 8, 50
+
+    def __init__(self):
+        self.base = np.full(self.images, 0.5)
+        self.steady = np.where(np.arange(self.images) % 10 == 0, -0.01, 0.02)
+        self.flips = np.zeros(self.images)
+        self.flips[[3, 17, 25, 30, 44]], self.flips[8] = 0.45, -0.45
+
+    def __call__(self, index, rows, prompts=slice(None)):
+        ious = self.base + self.steady * (index[0] == 5) + self.flips * (index[1] == 6)
+        return ious[list(rows)]
+
+
+def test_the_trimmed_objective_prefers_a_pair_that_helps_most_images_over_a_few_flips(tmp_path):
+    task = FlipsOrSteadyTask()
+    journal = tmp_path / "j.jsonl"
+
+    def search(objective: str):
+        return fast(task, task.channels, range(8), range(8), Journal(journal, {}), task.images, PLAN, "naive",
+                    progress=False, shortlist=[(0, 5), (1, 6)], objective=objective)
+
+    mean, trimmed = search("mean"), search("trimmed")
+    assert mean.details["path"] == [[1, 6], [0, 5]]  # the flips carry the mean
+    # Trimmed, the 5 largest and smallest changes do not count: the steady pair first, then the flips add 0.
+    assert trimmed.details["path"] == [[0, 5]] and trimmed.details["objective"] == "trimmed"
+    assert trimmed.pair_scores[0] == ((0, 5), pytest.approx(0.02)) and trimmed.pair_scores[1][1] == 0
+    assert trimmed.evaluations == 0  # every map it needed was in the mean search's journal
+    with pytest.raises(ValueError, match="unknown objective 'median'"):
+        search("median")

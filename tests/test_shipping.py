@@ -10,6 +10,8 @@ import pytest
 from sam_reuse.calibrate.shipping import (
     ORIGINAL_SHIPPED,
     TUNED_SHIPPED,
+    Gain,
+    cross_fitted_gains,
     decide_on_cross_validation,
     decide_on_held_out,
     held_out_parts,
@@ -34,7 +36,7 @@ def test_validated_selection_picks_the_map_the_validation_part_likes_and_reports
     # Validation rows (even) like map 1 a little, map 2 a lot; test rows (odd) tell another story for map 2.
     map1 = [0.02, 0.00, 0.03, 0.00, 0.02, 0.00, 0.03, 0.00]
     map2 = [0.20, -0.10, 0.25, -0.10, 0.20, -0.10, 0.25, -0.10]
-    decision = decide_on_held_out(_curve(map1, map2), search_choice=1)
+    decision = decide_on_held_out(_curve(map1, map2), search_choice=1, selection="validated")
     assert decision.candidate == 2 and decision.ship_tuned and decision.exit_status == TUNED_SHIPPED
     assert decision.decided.gain == pytest.approx(22.5) and decision.decided.images == 4
     assert decision.reported.gain == pytest.approx(-10.0) and decision.reported.label() == "harmful"
@@ -42,6 +44,69 @@ def test_validated_selection_picks_the_map_the_validation_part_likes_and_reports
     assert decision.verdict.endswith("; the tuned encoder ships")
     # guarded/naive keep the search's own choice; the validation part still decides whether it ships.
     assert decide_on_held_out(_curve(map1, map2), search_choice=1, selection="guarded").candidate == 1
+
+
+def test_cross_fitting_scores_each_half_with_the_map_the_other_half_chose():
+    # The even half likes map 2, the odd half map 1: odd images get map 2's gains, even images map 1's.
+    map1 = np.array([0.00, 0.10, 0.00, 0.12, 0.01, 0.11])
+    map2 = np.array([0.20, -0.30, 0.22, -0.20, 0.21, -0.25])
+    curve = _curve(map1, map2)
+    (gains,) = cross_fitted_gains(curve, held_out_parts(6), curve)
+    np.testing.assert_allclose(gains, [0.0, -30.0, 0.0, -20.0, 1.0, -25.0], atol=1e-9)
+    decision = decide_on_held_out(curve, search_choice=2)
+    assert decision.candidate == 1  # on all six images map 1 has the better bound
+    assert not decision.ship_tuned and decision.reported == decision.decided and decision.decided.gain < 0
+    assert decision.verdict.startswith("harmful: held-out split, cross-fitted (each of 6 images")
+
+
+def test_a_map_that_flips_a_few_images_a_lot_is_not_chosen_over_one_that_helps_most_a_little():
+    steady = np.full(50, 0.02)
+    steady[::10] = -0.01  # +2 points on 45 images, -1 on 5
+    flips = np.zeros(50)
+    flips[[3, 17, 30, 44]], flips[[8, 41]] = 0.9, -0.6  # +4.8 points on average, carried by 6 images
+    assert flips.mean() > steady.mean()
+    decision = decide_on_held_out(_curve(steady, flips), search_choice=2)
+    assert decision.candidate == 1 and decision.ship_tuned
+    assert decision.reported.gain == pytest.approx(1.7) and decision.reported.improved == 45
+
+
+def _planted_gains(mean: float, spread: float, seed: int) -> np.ndarray:
+    """50 per-image gains (IoU units) with exactly this mean and standard deviation, shaped by the seed."""
+    draws = np.random.default_rng(seed).normal(size=50)
+    return mean + spread * (draws - draws.mean()) / draws.std()
+
+
+def test_a_real_small_gain_on_50_images_ships_where_half_of_them_rarely_show_it():
+    # +3 points per image with a spread of 9 (flips smoothed over several prompts), 20 draws of its shape.
+    cross_fitted, validated = [], []
+    for seed in range(20):
+        curve = _curve(_planted_gains(0.03, 0.09, seed))
+        cross_fitted.append(decide_on_held_out(curve, search_choice=1))
+        validated.append(decide_on_held_out(curve, search_choice=1, selection="validated"))
+    assert all(d.ship_tuned and d.decided.images == 50 for d in cross_fitted)
+    assert sum(d.ship_tuned for d in validated) <= 10 and all(d.decided.images == 25 for d in validated)
+    unshipped = next(d for d in validated if not d.ship_tuned and d.decided.gain > 0)
+    assert f"needs about {unshipped.decided.images_needed} images to show" in unshipped.verdict
+
+
+def test_a_small_harmful_map_does_not_ship_on_50_images():
+    for seed in range(20):
+        decision = decide_on_held_out(_curve(_planted_gains(-0.02, 0.09, seed)), search_choice=1)
+        assert not decision.ship_tuned and decision.decided.gain < 0 and decision.decided.images_needed is None
+
+
+def test_images_needed_scales_the_interval_to_a_bound_of_zero():
+    gain = Gain(images=25, gain=2.0, interval=(-1.0, 5.0), improved=10, unchanged=5, worse=10)
+    assert gain.images_needed == 57  # 25 x (3 / 2)^2 = 56.25
+    assert Gain(25, -1.0, (-3.0, 1.0), 5, 5, 15).images_needed is None
+
+
+def test_the_own_prompt_figure_uses_the_same_choices_as_the_mean_over_prompts():
+    mean = _curve([0.05, 0.04, 0.06, 0.05])
+    own = _curve([0.10, -0.02, 0.00, 0.08])
+    decision = decide_on_held_out(mean, search_choice=1, own_prompt_ious=own)
+    assert decision.own_prompt.gain == pytest.approx(4.0) and decision.reported.gain == pytest.approx(5.0)
+    assert decide_on_held_out(mean, search_choice=1).own_prompt is None
 
 
 def test_a_harmful_map_does_not_ship_unless_forced():
@@ -103,7 +168,8 @@ def test_a_planted_harmful_map_is_kept_back_and_the_exit_status_says_so(shifted,
     # The search loved the pair; the validation part said harmful; the original ships.
     assert report["search"]["tuned_miou"] - report["search"]["baseline_miou"] > 80
     assert report["shipping"]["shipped"] == "original" and report["shipping"]["decided_on"]["label"] == "harmful"
-    assert report["verdict"].startswith("harmful: validation part of the held-out split (3 of 6 images)")
+    assert report["verdict"].startswith("harmful: held-out split, cross-fitted (each of 6 images scored with the "
+                                        "map chosen on the other half)")
     assert report["shipping"]["encoder"] == str(shifted["encoder"])
     assert f"shipped: the original encoder {shifted['encoder']} (exit status 3" in printed
     assert not (out / "encoder.tuned.onnx").exists() and not (out / "reuse_map.json").exists()

@@ -97,8 +97,8 @@ def test_default_evidence_depends_on_the_site(task, tmp_path):
     assert embedding["reuse_map"]["sites"]["embedding"]["pairs"] == [[synthetic.TARGET, synthetic.HELPER]]
     units = STRATEGY_WORK["fast"][0]
     assert embedding["cost"]["decoder_evaluations"]["search"] == units * 6 * 3
-    assert "also scored on 2 spread points" in (tmp_path / "embedding" / "report.md").read_text()
-    assert "spread points" not in (tmp_path / "mlp" / "report.md").read_text()
+    assert "also scored on 2 prompts of its own prompt's kind" in (tmp_path / "embedding" / "report.md").read_text()
+    assert "prompt's kind" not in (tmp_path / "mlp" / "report.md").read_text()
 
 
 def test_tune_inside_the_encoder_finds_the_planted_hidden_pair_and_prunes_it(task, tmp_path):

@@ -83,6 +83,7 @@ def add_data_args(parser: argparse.ArgumentParser, data_default: Path | None) ->
 def add_search_args(parser: argparse.ArgumentParser) -> None:
     """How pairs are searched and what ships (dest names are ``TuneSettings`` fields)."""
     from sam_reuse.calibrate.evidence import EVIDENCE
+    from sam_reuse.calibrate.fast import OBJECTIVES
     from sam_reuse.calibrate.shipping import SELECTIONS
     from sam_reuse.calibrate.tune import STRATEGIES, TuneSettings
 
@@ -95,15 +96,23 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                              "exhaustive: the reference method, every pair then 2^N-1 subsets, hours unless "
                              "restricted")
     search.add_argument("--selection", default=defaults.selection, choices=SELECTIONS,
-                        help="the candidate map: validated = the map along the search's curve with the best lower "
-                             "90%% bound of per-image gain on the held-out validation part (default); guarded = "
-                             "the greedy-path prefix with the best bound on the search split; naive = the whole "
-                             "path. It ships only if its validation bound is above 0 (see README, 'What ships')")
+                        help="the candidate map and what decides: cross-fitted = the map along the search's curve "
+                             "with the best lower 90%% bound of per-image gain on the held-out images, shipped if "
+                             "the maps chosen on each half gain on the other half with a bound above 0 (default); "
+                             "validated = chosen and decided on the held-out validation part alone; guarded = the "
+                             "greedy-path prefix with the best bound on the search split, naive = the whole path, "
+                             "each decided on the validation part (see README, 'What ships')")
+    search.add_argument("--objective", default=defaults.objective, choices=sorted(OBJECTIVES),
+                        help="how the fast and first-order searches rank pairs and take greedy steps: mean = the "
+                             "rise of search-split mIoU; trimmed = the mean per-image change without the 10%% "
+                             f"largest and smallest, which a few flipped masks cannot carry (default: "
+                             f"{defaults.objective})")
     search.add_argument("--ship-anyway", action="store_true",
                         help="ship the candidate even when the evidence shows no improvement (exit status 0)")
     search.add_argument("--evidence", default=defaults.evidence, choices=sorted(EVIDENCE),
-                        help="prompts per search image: points (its own prompt plus 2 points spread over the "
-                             "mask, IoU averaged: 3x the decoder runs; default at the embedding) or given (its own "
+                        help="prompts per search and held-out image: points (its own prompt plus 2 of the same "
+                             "kind derived from the mask: points spread over it, or the box grown and shrunk by "
+                             "5%%; IoU averaged, 3x the decoder runs; default at the embedding) or given (its own "
                              "prompt only; default inside the encoder); see README")
     search.add_argument("--augment", type=int, default=defaults.augment, metavar="K",
                         help="also score each search image on K altered copies (mirror, contrast, blur, colour "

@@ -60,7 +60,9 @@ def _print_report(report: TuneReport) -> None:
         print(f"held-out split ({held.images} images): mIoU {held.baseline_miou:.2f} -> {held.tuned_miou:.2f}")
     if held and shipping.reported:
         low, high = shipping.reported.interval
-        print(f"held-out test part ({shipping.reported.images} images, decided nothing): "
+        where = ("cross-fitted, each scored with the map chosen on the other half"
+                 if report.settings["selection"] == "cross-fitted" else "test part, decided nothing")
+        print(f"held-out gain ({shipping.reported.images} images, {where}): "
               f"{shipping.reported.gain:+.2f} mIoU, 90% CI [{low:+.2f}, {high:+.2f}]")
     print(f"verdict: {report.verdict}")
 
