@@ -514,8 +514,9 @@ def _assess(inputs: _Inputs, scoring: _Scoring, search: _Search, settings: TuneS
     reuse = SiteReuse(tensor=site.tensor, axis=site.axis, channels=site.channels,
                       pairs=tuple(result.curve[decision.candidate]))
     reuse_map = ReuseMap(model_fingerprint=inputs.encoder_fp, sites={settings.site: reuse},
-                         meta={"strategy": settings.strategy, "data": str(inputs.data),
-                               "search_images": [s.key for s in calibration.search], "shipped": decision.ship_tuned})
+                         # The map travels inside the shipped encoder: no local path or record id (report.json has them)
+                         meta={"strategy": settings.strategy, "search_images": len(calibration.search),
+                               "held_out_images": len(calibration.held_out), "shipped": decision.ship_tuned})
     tuned_model, applied = apply_reuse_map(inputs.encoder_model, reuse_map)
     row = int(np.argmax(np.abs(gains))) if len(gains) else 0  # the image the candidate changed most
     max_diff = _check_tuned_encoder(tuned_model, check_samples[row],

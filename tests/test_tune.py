@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sam_reuse.base.contract import FIRST_ORDER_SCORER
+from sam_reuse.base.contract import FIRST_ORDER_SCORER, REUSE_MAP_PROPERTY
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.calibrate.report import TuneReport
 from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
@@ -71,6 +71,12 @@ def test_tune_finds_the_planted_pair_and_reports_held_out_gain(task, tmp_path, s
         assert (tmp_path / name).stat().st_size > 0, name
     assert len(report["overlays"]) == 2
     assert ReuseMap.load(tmp_path / "reuse_map.json").sites["embedding"].pairs == pairs
+    # The map rides in the shipped encoder: its fingerprint and pairs, no local path and no record id.
+    shipped = onnx.load(str(tmp_path / "encoder.tuned.onnx"))
+    carried = next(p.value for p in shipped.metadata_props if p.key == REUSE_MAP_PROPERTY)
+    assert str(task["data"]) not in carried and str(tmp_path) not in carried
+    assert not any(key in carried for key in report["data"]["search"] + report["data"]["held_out"])
+    assert json.loads(carried)["meta"]["search_images"] == 6
     # The tuned encoder, run end to end, reproduces what the search measured through the probe.
     tuned = evaluate(tmp_path / "encoder.tuned.onnx", task["decoder"], task["data"], settings=_settings(task))
     assert tuned.miou == pytest.approx(held["tuned_miou"], abs=1e-9)
