@@ -220,6 +220,34 @@ def test_two_tunes_into_one_folder_one_is_refused_naming_the_other(task, tmp_pat
     assert not (tmp_path / "out" / ".sam-reuse.lock").exists()
 
 
+def test_a_symlink_planted_as_the_lock_file_is_refused_and_not_followed(task, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".sam-reuse.lock").symlink_to(victim)
+    message = _cli_error(capsys, ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]),
+                                  "--data", str(task["data"]), "--out", str(out), "--no-progress"])
+    assert message == (f"export-and-tune: error: {out / '.sam-reuse.lock'}: a symbolic link where the folder's lock file goes; "
+                       "remove it (not followed: Too many levels of symbolic links)")
+    assert victim.read_text() == "someone else's file"
+    assert sorted(p.name for p in out.iterdir()) == [".sam-reuse.lock"]
+
+
+def test_a_symlink_planted_as_the_run_work_folder_is_refused_and_its_target_left_alone(task, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "theirs.txt").write_text("not ours")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".run-work").symlink_to(elsewhere, target_is_directory=True)
+    message = _cli_error(capsys, ["run", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]),
+                                  "--data", str(task["data"]), "--out", str(out), "--no-progress", "--engines", "none"])
+    assert message.endswith(f"{out / '.run-work'}: not the folder an interrupted run leaves (a symbolic link or a "
+                            "file); remove it")
+    assert [p.name for p in elsewhere.iterdir()] == ["theirs.txt"] and (out / ".run-work").is_symlink()
+
+
 def _cli_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

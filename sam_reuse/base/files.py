@@ -137,7 +137,13 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     ensure_writable_dir(folder)
     path = folder / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link planted there: it would truncate the file it points to
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if not path.is_symlink():
+                raise
+            raise SamReuseError(f"{path}: a symbolic link where the folder's lock file goes; remove it "
+                                f"(not followed: {exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -235,6 +241,9 @@ def resumable_outputs(out_dir: str | os.PathLike, replacing: Sequence[str], link
     created = not out_dir.exists()
     ensure_writable_dir(out_dir)
     work = out_dir / WORK_NAME
+    if work.is_symlink() or (work.exists() and not work.is_dir()):  # a planted link would move another folder here
+        raise SamReuseError(f"{work}: not the folder an interrupted run leaves (a symbolic link or a file); "
+                            "remove it")
     work.mkdir(exist_ok=True)
     for names, share in ((linked, True), (copied, False)):
         for name in names:
