@@ -339,6 +339,8 @@ def verify_export(sam, encoder_path: Path, decoder_path: Path, records: Sequence
         predictor.set_image(image)
         masks, _, low_res = predictor.predict(record.points, record.labels, record.box, multimask_output=False)
         onnx_path_logits = decoder.run(None, decoder_feeds(onnx_embedding, coords, labels))[0]
+        require_finite({"image embedding": onnx_embedding, "mask logits": onnx_logits,
+                        "mask logits on its own embedding": onnx_path_logits}, record.image)
         onnx_mask = imaging.logits_to_mask(imaging.upscale_logits(onnx_path_logits, image.shape[:2]))[0, 0]
 
         figures["images"] += 1
@@ -351,6 +353,15 @@ def verify_export(sam, encoder_path: Path, decoder_path: Path, records: Sequence
         figures["min_mask_iou"] = min(figures["min_mask_iou"], imaging.binary_iou(onnx_mask, masks[0], empty=1.0))
     _check_limits(figures)
     return figures
+
+
+def require_finite(outputs: dict[str, np.ndarray], image: Path) -> None:
+    """Refuse ONNX outputs holding NaN or inf: differences between NaN outputs are NaN, which no limit catches
+    (a checkpoint with NaN weights exported 'with max|diff| 0' while every output was NaN)."""
+    bad = [name for name, values in outputs.items() if not np.isfinite(values).all()]
+    if bad:
+        raise SamReuseError(f"{image}: the exported model's {', '.join(bad)} hold NaN or inf values (are the "
+                            "checkpoint's weights finite?); nothing was written")
 
 
 def _check_limits(figures: dict[str, Any]) -> None:

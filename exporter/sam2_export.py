@@ -37,6 +37,7 @@ from sam_reuse.exporter.onnx_export import (
     _torch_export,
     add_app_decoders,
     check_app_decoders,
+    require_finite,
 )
 
 FEATURE_SHAPES = {"image_embeddings": [256, 64, 64], "high_res_feats_0": [32, 256, 256],
@@ -137,6 +138,8 @@ def verify_sam2_export(sam2, encoder_path: Path, decoder_path: Path, records: Se
         onnx_path_low_res = decoder.run(None, decoder_feeds(onnx_features[0], coords, labels,
                                                               high_res=onnx_features[1:]))[0]
         onnx_path_logits = imaging.upscale_logits(onnx_path_low_res, image.shape[:2], convention=imaging.SAM2)[0, 0]
+        require_finite({**dict(zip(SAM2_ENCODER_OUTPUTS, onnx_features)), "mask logits": onnx_logits,
+                        "mask logits on its own features": onnx_path_low_res}, record.image)
         figures["images"] += 1
         figures["encoder_max_abs_diff"] = max(figures["encoder_max_abs_diff"], *(
             float(np.abs(o - t).max()) for o, t in zip(onnx_features, torch_features)))

@@ -140,6 +140,27 @@ def test_verify_export_detects_a_wrong_model(tiny_exports, sample_records):
         verify_export(other, export.encoder, export.decoder, sample_records[:1])
 
 
+def test_verify_export_refuses_nan_outputs(tiny_exports, sample_records, tmp_path):
+    """NaN minus NaN is NaN, which no limit catches: an encoder whose weights hold a NaN must fail verification."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sam_reuse.base.errors import SamReuseError
+
+    export = tiny_exports["test_vit_b"]
+    model = onnx.load(str(export.encoder))
+    weight = next(w for w in model.graph.initializer if w.data_type == onnx.TensorProto.FLOAT and len(w.dims) > 1)
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[0] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    broken = tmp_path / "encoder.onnx"
+    onnx.save(model, str(broken))
+    record = sample_records[0]
+    with pytest.raises(SamReuseError, match=f"^{record.image}: the exported model's image embedding, mask logits on "
+                                            "its own embedding hold NaN or inf values"):
+        verify_export(build_sam("test_vit_b"), broken, export.decoder, [record])
+
+
 def test_real_mobilesam_parity(mobilesam_export, mobilesam_checkpoint, sample_records):
     info = mobilesam_export.info
     assert info["checkpoint_sha256"] == "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
