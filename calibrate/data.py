@@ -40,6 +40,7 @@ FOREGROUND_THRESHOLD = 127
 MASK_RULE = "foreground = largest channel value > 127 (masks with maximum 1: value 1); resize borders (1..5) are background"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PROMPT_MODES = ("given", "point", "box")
+POINT_LABELS = (0.0, 1.0)  # a manifest point is background (0) or foreground (1); a box has its own field
 DEFAULT_MIN_IMAGES = 2
 
 
@@ -102,6 +103,10 @@ def read_manifest(folder: str | Path) -> list[Record]:
             for name, values in (("points", points), ("labels", labels), ("box", box)):
                 if values is not None and not np.isfinite(values).all():
                     raise ValueError(f"'{name}' holds a value that is not a finite number")
+            if labels is not None and not np.isin(labels, POINT_LABELS).all():
+                raise ValueError(f"'labels' must be 1 (foreground) or 0 (background), not {labels.tolist()}")
+            if box is not None and not (box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(f"'box' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, not {box.tolist()}")
             key = _plain_name(entry.get("id", Path(image).stem), "id")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise SamReuseError(f"{manifest}:{line_no}: not a record with 'image' and 'mask' ({exc})") from None
@@ -150,6 +155,8 @@ def read_records(folder: str | Path, masks: str | Path | None = None) -> list[Re
     if masks is not None:
         if not Path(masks).is_dir():
             raise SamReuseError(f"--masks {masks}: not a folder (it pairs its masks with {folder}'s images by stem)")
+        if Path(masks).resolve() == folder.resolve():
+            raise SamReuseError(f"--masks {masks}: the images' own folder (each image would be its own mask)")
         return pair_folders(folder, masks)
     if (folder / MANIFEST).is_file():
         return read_manifest(folder)
@@ -263,11 +270,13 @@ def split_records(records: list[Record], search_images: int | None = None,
     Defaults: the first half (rounded down) and everything after it.
     """
     total = len(records)
+    for option, size in (("--search-images", search_images), ("--holdout-images", holdout_images)):
+        if size is not None and size < 0:
+            raise SamReuseError(f"{option} {size}: must not be negative")
+        if size is not None and size > total:
+            raise SamReuseError(f"{option} {size}: the data has {total} records")
     search = total // 2 if search_images is None else search_images
     held = total - search if holdout_images is None else holdout_images
-    for option, size in (("--search-images", search), ("--holdout-images", held)):
-        if size < 0:
-            raise SamReuseError(f"{option} {size}: must not be negative")
     if search + held > total:
         raise SamReuseError(f"split asks for {search} search + {held} held-out records, the data has {total}")
     return records[:search], records[total - held:]

@@ -154,6 +154,10 @@ def test_split_is_positional_and_configurable(tmp_path):
     assert [r.key for r in search] == ["r0", "r1"] and [r.key for r in held] == ["r4", "r5", "r6"]
     with pytest.raises(SamReuseError, match="5 search \\+ 3 held-out records, the data has 7"):
         split_records(records, search_images=5, holdout_images=3)
+    with pytest.raises(SamReuseError, match="^--search-images 100000: the data has 7 records$"):
+        split_records(records, search_images=100000)  # it was '--holdout-images -99993'
+    with pytest.raises(SamReuseError, match="^--holdout-images 8: the data has 7 records$"):
+        split_records(records, holdout_images=8)
 
 
 def test_image_and_mask_folders_pair_by_stem(tmp_path):
@@ -216,6 +220,11 @@ def test_prompt_outside_the_image_is_a_bad_record(tmp_path):
     ("not json\n", "manifest.jsonl:1: not a record"),
     ('{"image": "a.jpg", "mask": "a.png", "points": [[1, 2]], "labels": [1, 0]}\n', "1 points but 2 labels"),
     ("\n", "no records"),
+    ('{"image": "a.jpg", "mask": "a.png", "points": [[1, 2]], "labels": [7]}\n',
+     "manifest.jsonl:1: .*'labels' must be 1 \\(foreground\\) or 0 \\(background\\), not \\[7.0\\]"),
+    ('{"image": "a.jpg", "mask": "a.png", "points": [[1, 2], [3, 4]], "labels": [1, -5]}\n', "not \\[1.0, -5.0\\]"),
+    ('{"image": "a.jpg", "mask": "a.png", "box": [30, 2, 10, 20]}\n',
+     "'box' must be \\[x0, y0, x1, y1\\] with x0 < x1 and y0 < y1, not \\[30.0, 2.0, 10.0, 20.0\\]"),
 ])
 def test_broken_manifest_names_file_and_line(tmp_path, content, message):
     (tmp_path / "manifest.jsonl").write_text(content)
@@ -230,3 +239,5 @@ def test_missing_layouts_are_clear_errors(tmp_path):
         read_records(tmp_path)
     with pytest.raises(SamReuseError, match="--masks .*nope: not a folder"):
         read_records(tmp_path, masks=tmp_path / "nope")
+    with pytest.raises(SamReuseError, match="the images' own folder \\(each image would be its own mask\\)"):
+        read_records(tmp_path, masks=tmp_path / ".")
