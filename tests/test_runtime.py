@@ -17,11 +17,24 @@ def test_default_is_every_physical_core_and_the_variable_overrides_it(monkeypatc
     monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
     cores = runtime.physical_cores()
     assert 1 <= cores <= (os.cpu_count() or 1) and runtime.default_threads() == cores
-    monkeypatch.setenv(runtime.THREADS_VARIABLE, "3")
-    assert runtime.default_threads() == 3
+    monkeypatch.setenv(runtime.THREADS_VARIABLE, "1")
+    assert runtime.default_threads() == 1
     monkeypatch.setenv(runtime.THREADS_VARIABLE, "many")
     with pytest.raises(SamReuseError, match="SAM_REUSE_THREADS='many': expected a number of threads"):
         runtime.default_threads()
+
+
+def test_more_threads_than_cpus_run_as_many_as_there_are_cpus_with_one_warning(monkeypatch, tmp_path, capsys):
+    usable = len(os.sched_getaffinity(0))
+    monkeypatch.setenv(runtime.THREADS_VARIABLE, "5000")
+    with pytest.warns(runtime.ThreadsCappedWarning, match=f"SAM_REUSE_THREADS=5000 .*more threads than the {usable} "
+                                                          f"CPUs this process may use; {usable} run"):
+        assert runtime.default_threads() == usable
+    assert runtime.default_threads() == usable  # warned once
+    monkeypatch.setenv(runtime.THREADS_VARIABLE, str(10 ** 30))
+    main(["--threads", str(10 ** 30), "sites", str(tmp_path / "missing.onnx")])  # set before the file fails
+    with pytest.warns(runtime.ThreadsCappedWarning, match=f"={10 ** 30} "):
+        assert runtime.default_threads() == usable
 
 
 def test_threads_option_sets_the_sessions_thread_count(monkeypatch, capsys, tmp_path):

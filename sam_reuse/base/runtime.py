@@ -34,12 +34,20 @@ class DeviceFallbackWarning(UserWarning):
     """``--device cuda`` was asked for and this ONNX Runtime cannot do it: the CPU runs instead."""
 
 
+class ThreadsCappedWarning(UserWarning):
+    """More ONNX Runtime threads were asked for than this process has CPUs: the CPU count runs instead."""
+
+
+def _usable_cpus() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyperthread siblings counted once), from /proc/cpuinfo.
 
     ONNX Runtime's CPU kernels gain little from a core's second hardware thread, so this is the default.
     """
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    allowed = _usable_cpus()
     cores = set()
     try:
         for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
@@ -59,7 +67,17 @@ def default_threads() -> int:
         return physical_cores()
     if not value.isdigit() or int(value) < 1:
         raise SamReuseError(f"{THREADS_VARIABLE}={value!r}: expected a number of threads, 1 or more")
+    usable = len(_usable_cpus())
+    if int(value) > usable:  # spinning threads past the CPUs slow every run (64 threads on 2 CPUs: 20x)
+        if value not in _capped:
+            _capped.add(value)
+            warnings.warn(ThreadsCappedWarning(f"{THREADS_VARIABLE}={value} (or --threads): more threads than the "
+                                               f"{usable} CPUs this process may use; {usable} run"), stacklevel=2)
+        return usable
     return int(value)
+
+
+_capped: set[str] = set()  # thread counts already warned about
 
 
 def execution_providers(device: str) -> list[str]:
