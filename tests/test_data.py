@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -206,6 +207,16 @@ def test_too_few_usable_records_is_an_error(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             load_calibration(folder)
+
+
+def test_a_mask_that_is_a_fifo_is_a_bad_record_not_a_hang(tmp_path):
+    folder = _dataset(tmp_path / "d", 4)
+    mask = read_records(folder)[3].mask
+    mask.unlink()
+    os.mkfifo(mask)
+    with pytest.warns(SkippedRecordsWarning, match=f"{mask}: mask is not a regular file"):
+        calibration = load_calibration(folder, min_images=1)
+    assert list(calibration.skipped) == ["r3"]
 
 
 def test_prompt_outside_the_image_is_a_bad_record(tmp_path):

@@ -51,7 +51,9 @@ _HIGH_DEPTH_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 @contextlib.contextmanager
 def open_image(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
-    """``Image.open`` with one clear error per problem: missing, unreadable, or too large to decode."""
+    """``Image.open`` with one clear error per problem: missing, not a regular file, unreadable, or too large."""
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO or a device would block or never end
+        raise SamReuseError(f"{path}: {what} is not a regular file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
