@@ -40,6 +40,7 @@ FOREGROUND_THRESHOLD = 127
 MASK_RULE = "foreground = largest channel value > 127 (masks with maximum 1: value 1); resize borders (1..5) are background"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PROMPT_MODES = ("given", "point", "box")
+MAX_ID_BYTES = 200  # a record id names its overlay, overlay-<id>.png: file names hold at most 255 bytes
 POINT_LABELS = (0.0, 1.0)  # a manifest point is background (0) or foreground (1); a box has its own field
 DEFAULT_MIN_IMAGES = 2
 
@@ -65,6 +66,8 @@ def _plain_name(value: object, what: str) -> str:
         value = str(value)
     if not isinstance(value, str) or not value or value in (".", "..") or any(c in value for c in "/\\\0"):
         raise ValueError(f"{what} {value!r} is not a plain file name")
+    if len(value.encode()) > MAX_ID_BYTES:  # found only when its overlay is written, after the whole search
+        raise ValueError(f"{what} of {len(value.encode())} bytes is too long for a file name (at most {MAX_ID_BYTES})")
     return value
 
 

@@ -234,6 +234,8 @@ def test_prompt_outside_the_image_is_a_bad_record(tmp_path):
     ('{"image": "a.jpg", "mask": "a.png", "points": [[1, 2]], "labels": [7]}\n',
      "manifest.jsonl:1: .*'labels' must be 1 \\(foreground\\) or 0 \\(background\\), not \\[7.0\\]"),
     ('{"image": "a.jpg", "mask": "a.png", "points": [[1, 2], [3, 4]], "labels": [1, -5]}\n', "not \\[1.0, -5.0\\]"),
+    ('{"image": "a.jpg", "mask": "a.png", "id": "%s"}\n' % ("x" * 300),
+     "manifest.jsonl:1: .*id of 300 bytes is too long for a file name \\(at most 200\\)"),
     ('{"image": "a.jpg", "mask": "a.png", "box": [30, 2, 10, 20]}\n',
      "'box' must be \\[x0, y0, x1, y1\\] with x0 < x1 and y0 < y1, not \\[30.0, 2.0, 10.0, 20.0\\]"),
 ])
