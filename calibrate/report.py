@@ -251,20 +251,22 @@ def _estimate_lines(report: TuneReport) -> list[str]:
                         "in any choice."]
     prompts = report.settings.get("evidence") == "points"
     if report.settings["selection"] == "cross-fitted":
-        rows = [_gain_row("held-out, cross-fitted" + (", all prompts" if prompts else ""),
+        quoted = "held-out, cross-fitted"
+        rows = [_gain_row(quoted + (", all prompts" if prompts else ""),
                           "decided what ships; each image scored by the map chosen on the other half: the figure "
                           "to quote", shipping.reported)]
-        own_role = "the same, on each image's own prompt alone"
     else:
+        quoted = "held-out, test part"
         rows = [_gain_row("held-out, validation part", "decided what ships", shipping.decided_on),
-                _gain_row("held-out, test part", "decided nothing: the figure to quote", shipping.reported)]
-        own_role = "the test part on each image's own prompt alone"
+                _gain_row(quoted, "decided nothing: the figure to quote", shipping.reported)]
     if shipping.own_prompt is not None:
-        rows.append(_gain_row("held-out, own prompt", own_role, shipping.own_prompt))
-    needed = None if shipping.decided_on is None else shipping.decided_on.images_needed
+        rows.append(_gain_row(f"{quoted}, own prompt", "the same, on each image's own prompt alone",
+                              shipping.own_prompt))
+    decided = shipping.decided_on
+    needed = decided.images_needed if decided is not None and decided.interval[0] <= 0 else None
     return lines + [
         *rows,
-        _gain_row("held-out, all, own prompt", "the candidate on every held-out image (chose it)",
+        _gain_row("held-out, candidate, own prompt", "the candidate on every held-out image (they chose it)",
                   None if shipping.decided_on is None else held.gain),
         "", f"Held-out mIoU on each image's own prompt, original -> candidate: {held.baseline_miou:.2f} -> "
             f"{held.tuned_miou:.2f}."
@@ -279,6 +281,17 @@ def _estimate_lines(report: TuneReport) -> list[str]:
 
 def _miou(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _curve_table(curve: list[dict[str, Any]]) -> list[str]:
+    """Search and held-out mIoU of each map of the curve; held out also over every prompt when there are several."""
+    prompts = "held_out_all_prompts_miou" in curve[0]
+    lines = ["| pairs | map | search mIoU | held-out mIoU, own prompt |" + (" all prompts |" if prompts else ""),
+             "|---:|---|---:|---:|" + ("---:|" if prompts else "")]
+    for p in curve:
+        lines.append(f"| {p['pairs']} | {', '.join(f'{t}<-{s}' for t, s in p['map']) or '-'} | {p['search_miou']:.2f} "
+                     f"| {_miou(p['held_out_miou'])} |" + (f" {p['held_out_all_prompts_miou']:.2f} |" if prompts else ""))
+    return lines
 
 
 def markdown(report: TuneReport) -> str:
@@ -309,10 +322,7 @@ def markdown(report: TuneReport) -> str:
         "",
         "## mIoU against the number of pairs",
         "",
-        "| pairs | map | search mIoU | held-out mIoU |",
-        "|---:|---|---:|---:|",
-        *[f"| {p['pairs']} | {', '.join(f'{t}<-{s}' for t, s in p['map']) or '-'} | {p['search_miou']:.2f} "
-          f"| {_miou(p['held_out_miou'])} |" for p in report.curve],
+        *_curve_table(report.curve),
         "",
         "![mIoU against pairs](miou_vs_pairs.png)",
         "",
