@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sam_reuse.base.contract import FIRST_ORDER_SCORER, REUSE_MAP_PROPERTY
+from sam_reuse.base.contract import FIRST_ORDER_SCORER, JOURNAL, REUSE_MAP_PROPERTY
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.calibrate.report import TuneReport
 from sam_reuse.calibrate.tune import TuneSettings, evaluate, tune
@@ -246,6 +246,23 @@ def test_a_symlink_planted_as_the_run_work_folder_is_refused_and_its_target_left
     assert message.endswith(f"{out / '.run-work'}: not the folder an interrupted run leaves (a symbolic link or a "
                             "file); remove it")
     assert [p.name for p in elsewhere.iterdir()] == ["theirs.txt"] and (out / ".run-work").is_symlink()
+
+
+def test_a_folder_where_an_output_goes_stops_the_publish_before_any_file_moves(task, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]), "--data", str(task["data"]),
+            "--out", str(out), "--top-pairs", "2", "--cache-dir", str(task["cache"]), "--no-progress",
+            "--overlays", "0", "--evidence", "given"]
+    assert main(argv) == 0
+    (out / "miou_vs_pairs.png").unlink()
+    (out / "miou_vs_pairs.png").mkdir()
+    before = _hashes(out)
+    message = _cli_error(capsys, argv + ["--targets", "0-3"])  # another search: every output would change
+    assert message.endswith(f"{out / 'miou_vs_pairs.png'}: a folder where an output goes; nothing was published "
+                            "(move it away)")
+    after = _hashes(out)
+    assert after.pop(JOURNAL) != before.pop(JOURNAL)  # the journal is progress, written as the search goes
+    assert after == before
 
 
 def _cli_error(capsys, argv) -> str:

@@ -184,6 +184,10 @@ def _publish(staging: Path, out_dir: Path, replacing: Sequence[str]) -> None:
     Hidden entries (a lock, another stage's staging folder left by a kill) are work, not outputs: they stay.
     """
     fresh = {item.name for item in staging.iterdir() if not item.name.startswith(".")}
+    for name in sorted(fresh):  # every destination checked before the first file moves: all new or all old
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            raise SamReuseError(f"{target}: a folder where an output goes; nothing was published (move it away)")
     for pattern in replacing:
         for stale in out_dir.glob(pattern):
             if stale.name not in fresh and stale.is_file():
