@@ -28,6 +28,7 @@ import onnx
 
 from sam_reuse.base.contract import (
     EMBEDDING,
+    EVALUATION_FORMAT,
     FIRST_ORDER_POINTS,
     FIRST_ORDER_SCORER,
     JOURNAL,
@@ -652,7 +653,7 @@ class Evaluation:
         return _pct(self.ious)
 
     def to_json(self) -> dict[str, Any]:
-        return {"split": self.split, "images": len(self.keys), "miou": self.miou,
+        return {"format": EVALUATION_FORMAT, "split": self.split, "images": len(self.keys), "miou": self.miou,
                 "per_image": {k: float(v * 100) for k, v in zip(self.keys, self.ious)}}
 
 

@@ -35,6 +35,7 @@ from sam_reuse.base.contract import (
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     EXPORT_DERIVED_OUTPUTS,
+    EXPORT_FORMAT,
     FIRST_ORDER_INPUTS,
     FIRST_ORDER_OUTPUTS,
     FIRST_ORDER_POINTS,
@@ -474,7 +475,7 @@ def export_sam(sam, out_dir: str | Path, verify_records: Sequence[Record], info:
                                     f"value (> {FIRST_ORDER_MAX_REL_DIFF}); nothing was written")
             info["models"]["first_order"] = {"file": path.name, "sha256": sha256_file(path),
                                              "max_rel_diff_vs_torch": difference, **onnx_io_spec(path)}
-        write_json(staging / "export.json", info)
+        write_json(staging / "export.json", {"format": EXPORT_FORMAT, **info})
     return ExportResult(out_dir / "encoder.onnx", out_dir / "decoder.onnx", out_dir / "export.json", info)
 
 

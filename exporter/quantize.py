@@ -33,6 +33,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from sam_reuse.base.contract import INT8_SIDECAR_FORMAT
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import (
+    ENCODER_KIND,
     as_seen_from,
     check_output_file,
     refuse_overwriting,
@@ -138,9 +139,10 @@ def quantize_encoder(onnx_path: str | Path, records: Sequence[Record], out: str 
     if already:
         raise SamReuseError(f"{onnx_path}: already quantized (it has {', '.join(already)} nodes); "
                             "quantize the float encoder")
-    check_output_file(out, "--out")
     refuse_overwriting(out, onnx_path)
     refuse_overwriting(sidecar_path(out), onnx_path, option="--out (its sidecar)")
+    check_output_file(out, "--out", kind=ENCODER_KIND)  # never over a decoder or a record
+    check_output_file(sidecar_path(out), "--out (its sidecar)", kind=INT8_SIDECAR_FORMAT)
     if not records:
         raise SamReuseError("no calibration images: INT8 ranges come from the calibration split's images")
     kept = float_nodes(model)

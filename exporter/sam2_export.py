@@ -22,6 +22,7 @@ from sam_reuse.base.contract import (
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
     EXPORT_DERIVED_OUTPUTS,
+    EXPORT_FORMAT,
     FIRST_ORDER_SCORER,
     SAM2_DECODER_INPUTS,
     SAM2_ENCODER_OUTPUTS,
@@ -180,5 +181,5 @@ def export_sam2(sam2, out_dir: str | Path, verify_records: Sequence[Record], inf
                          lambda path, multimask: export_sam2_prompts_decoder(sam2, path, multimask, exporter, opset),
                          lambda multimask: Sam2PromptsDecoder(reference_model, multimask),
                          Sam2ImageEncoder(reference_model).eval(), verify_records, imaging.SAM2)
-        write_json(staging / "export.json", info)
+        write_json(staging / "export.json", {"format": EXPORT_FORMAT, **info})
     return ExportResult(out_dir / "encoder.onnx", out_dir / "decoder.onnx", out_dir / "export.json", info)

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from sam_reuse.base.contract import REUSE_MAP_PROPERTY
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import atomic_path, refuse_overwriting
+from sam_reuse.base.files import ENCODER_KIND, atomic_path, check_output_file, refuse_overwriting
 from sam_reuse.base.runtime import load_model
 from sam_reuse.graphops.chain import NotChannelwise, ProducerChain, linear_consumers, take, trace_producer
 from sam_reuse.graphops.graph import constant_value, finalize, fingerprint, load_graph
@@ -168,6 +168,7 @@ def apply_reuse_map_file(encoder: str | Path, reuse_map_path: str | Path, out: s
                          strategy: str = "auto") -> dict[str, str]:
     """``apply_reuse_map`` from files to a file, written atomically; returns the strategy per site."""
     refuse_overwriting(out, encoder, reuse_map_path)
+    check_output_file(out, "--out", kind=ENCODER_KIND)  # never over a decoder or a record
     model, applied = apply_reuse_map(load_model(encoder, "encoder ONNX"), ReuseMap.load(reuse_map_path), strategy)
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
@@ -119,6 +120,7 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
     garbage, empty, folder, nowhere = (str(root / n) for n in ("garbage.onnx", "empty.onnx", "data", "nowhere/x"))
     listed, fractional, tuned = (str(root / n) for n in ("list.json", "half.json", "tuned.onnx"))
     engine, bad_sidecar = str(root / "e.engine"), str(root / "bad.engine")
+    fifo, record = str(root / "fifo"), str(root / "export.json")
     quick = ["--no-progress", "--cache-dir", str(root / "cache")]
     tune = ["tune", "--encoder", enc, "--decoder", dec, "--data", data, "--out", str(root / "out"), *quick,
             "--evidence", "given", "--top-pairs", "2"]
@@ -153,6 +155,9 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "apply: over its encoder": (["apply", enc, rmap, "--out", enc], f"--out {enc}: is an input of this command"),
         "apply: over its map": (["apply", enc, rmap, "--out", rmap], f"--out {rmap}: is an input of this command"),
         "apply: into a folder": (["apply", enc, rmap, "--out", str(root)], f"--out {root}: is a folder, not a file"),
+        "apply: over the decoder": (["apply", enc, rmap, "--out", dec],
+                                    f"--out {dec}: holds a SAM decoder, not a SAM encoder; name another file"),
+        "apply: into a FIFO": (["apply", enc, rmap, "--out", fifo], f"--out {fifo}: is not a regular file"),
         "apply: into a missing folder": (["apply", enc, rmap, "--out", nowhere], "does not exist"),
         "apply: a map that is a list": (["apply", enc, listed, "--out", str(root / "x.onnx")], "a JSON list"),
         "apply: a fractional channel": (["apply", enc, fractional, "--out", str(root / "x.onnx")],
@@ -178,6 +183,10 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         # evaluate
         "evaluate: --json over the encoder": (evaluate + ["--json", enc], f"--json {enc}: is an input"),
         "evaluate: --json into a folder": (evaluate + ["--json", str(root)], f"--json {root}: is a folder"),
+        "evaluate: --json over an export record": (evaluate + ["--json", record],
+                                                   f"--json {record}: holds sam-reuse/export@1, not "
+                                                   "sam-reuse/evaluation@1"),
+        "evaluate: --json into a FIFO": (evaluate + ["--json", fifo], f"--json {fifo}: is not a regular file"),
         "evaluate: --json in a missing folder": (evaluate + ["--json", nowhere], "does not exist"),
         "evaluate: the decoder as encoder": (_with(evaluate, "--encoder", dec),
                                              "decoder.onnx: not a SAM encoder exported by export-and-tune"),
@@ -240,6 +249,10 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "quantize: no calibration images": (["quantize", enc, "--search-images", "0", "--data", data,
                                              "--out", str(root / "q.onnx"), "--no-progress"],
                                             "no calibration images"),
+        "quantize: --out over its --decoder": (["quantize", enc, "--decoder", dec, "--out", dec, "--data", data,
+                                                "--no-progress"], f"--out {dec}: holds a SAM decoder"),
+        "quantize: --out over a record": (["quantize", enc, "--out", record, "--data", data, "--no-progress"],
+                                          f"--out {record}: holds sam-reuse/export@1, not a SAM encoder"),
         "quantize: --decoder that is the encoder": (["quantize", enc, "--decoder", enc, "--data", data,
                                                      "--no-progress"], "not a SAM decoder"),
         # peft-train
@@ -286,6 +299,9 @@ def campaign_folder(tuned_folder):
     (root / "bad.engine.json").write_text("{not json")
     (root / "adapters.pt").write_bytes(b"not a checkpoint")
     (root / "cache").mkdir(exist_ok=True)
+    if not (root / "fifo").exists():
+        os.mkfifo(root / "fifo")
+    (root / "export.json").write_text('{"format": "sam-reuse/export@1", "model_type": "test_vit_t"}\n')
     int8 = onnx.load(str(root / "encoder.onnx"))
     int8.graph.node[0].op_type = "DequantizeLinear"  # what the refusal looks for; never run
     onnx.save(int8, str(root / "int8.onnx"))

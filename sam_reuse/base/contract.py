@@ -45,6 +45,8 @@ JOURNAL = "search.jsonl"  # a tune's progress, appended to as the search goes, s
 REUSE_MAP_FORMAT = "sam-reuse/reuse-map@1"
 REUSE_MAP_PROPERTY = "sam_reuse.reuse_map"  # metadata key of a rewritten model: the map it was rewritten by
 REPORT_FORMAT = "sam-reuse/report@2"
+EXPORT_FORMAT = "sam-reuse/export@1"  # export.json
+EVALUATION_FORMAT = "sam-reuse/evaluation@1"  # evaluate --json
 ENGINE_SIDECAR_FORMAT = "sam-reuse/engine@1"
 INT8_SIDECAR_FORMAT = "sam-reuse/int8@1"
 

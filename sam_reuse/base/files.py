@@ -91,14 +91,47 @@ def refuse_overwriting(output: str | os.PathLike, *inputs: str | os.PathLike, op
             raise SamReuseError(f"{option} {output}: is an input of this command; write the output elsewhere")
 
 
-def check_output_file(path: str | os.PathLike, option: str = "") -> Path:
-    """A file path that can be written: not a folder, in a folder that exists (checked before any work)."""
+def check_output_file(path: str | os.PathLike, option: str = "", kind: str | None = None) -> Path:
+    """A file path that can be written: not a folder, a device or a FIFO, in a folder that exists, and (with
+    ``kind``, what ``file_kind`` calls the file to write) not holding another kind of the project's files: an
+    encoder written over a decoder, an evaluation over export.json. Checked before any work."""
     path, named = Path(path), f"{option} {path}" if option else str(path)
     if path.is_dir():
         raise SamReuseError(f"{named}: is a folder, not a file to write")
     if not path.parent.is_dir():
         raise SamReuseError(f"{named}: its folder {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise SamReuseError(f"{named}: is not a regular file (a device or a FIFO); name a file to write")
+    found = file_kind(path) if kind is not None else None
+    if found is not None and found != kind:
+        raise SamReuseError(f"{named}: holds {found}, not {kind}; name another file (or remove it first)")
     return path
+
+
+ENCODER_KIND, DECODER_KIND = "a SAM encoder", "a SAM decoder"
+
+
+def file_kind(path: Path) -> str | None:
+    """What an existing file of the project is: 'a SAM encoder' or 'a SAM decoder' (ONNX, by its inputs), a
+    record's format (``sam-reuse/...`` JSON), or None for anything else."""
+    if not path.is_file():
+        return None
+    if path.suffix == ".onnx":
+        import onnx
+
+        try:
+            inputs = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+        except Exception:  # not ONNX after all: not one of ours
+            return None
+        return ENCODER_KIND if "image" in inputs else DECODER_KIND if "image_embeddings" in inputs else None
+    if path.suffix == ".json" and path.stat().st_size < 64 << 20:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        form = data.get("format") if isinstance(data, dict) else None
+        return form if isinstance(form, str) and form.startswith("sam-reuse/") else None
+    return None
 
 
 @contextlib.contextmanager

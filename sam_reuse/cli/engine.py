@@ -89,6 +89,7 @@ def _verify_engine(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> int:
+    from sam_reuse.base.contract import ENGINE_SIDECAR_FORMAT
     from sam_reuse.base.files import check_output_file, refuse_overwriting, sidecar_path
     from sam_reuse.exporter.engine import build_engine, engine_name, load_backend, parse_range
 
@@ -99,6 +100,7 @@ def _engine(args: argparse.Namespace) -> int:
         raise SamReuseError(f"--out {out}: an engine named {out.suffix} would pass for another kind of file; "
                             "name it .engine")
     refuse_overwriting(sidecar_path(out), args.onnx, option="--out (its sidecar)")
+    check_output_file(sidecar_path(out), "--out (its sidecar)", kind=ENGINE_SIDECAR_FORMAT)
     sidecar = build_engine(args.onnx, out, args.precision, parse_range(args.batch, "--batch"),
                            parse_range(args.points, "--points"), tuple(args.compute_capability),
                            load_backend(args.backend))

@@ -95,12 +95,13 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from sam_reuse.base.contract import EVALUATION_FORMAT
     from sam_reuse.base.files import check_output_file, refuse_overwriting, write_json
     from sam_reuse.calibrate.tune import evaluate
 
     if args.json:
-        check_output_file(args.json, "--json")
         refuse_overwriting(args.json, args.encoder, args.decoder, args.data / "manifest.jsonl", option="--json")
+        check_output_file(args.json, "--json", kind=EVALUATION_FORMAT)
     result = evaluate(args.encoder, args.decoder, args.data, args.split, tune_settings(args))
     print(f"{args.split} split ({len(result.keys)} images): mIoU {result.miou:.2f}")
     if args.json:
