@@ -17,7 +17,7 @@ serves both arms, which differ only in what ships:
 * ``search choice, always shipped`` (the default before the shipping rule):
   the guarded prefix of the greedy path, judged on the search split only,
   and always published;
-* ``validated, shipping rule`` (the default now): the prefix with the best
+* ``validated, shipping rule`` (the default from 2026-12-03 to 12-07): the prefix with the best
   lower 90% bound on the held-out validation part (even positions), shipped
   only when that bound is above 0, otherwise the original;
 * ``validated, always shipped``: the same prefix, shipped whatever the
@@ -118,8 +118,8 @@ def run_split(export: Path, work: Path, name: str, split: str, evidence: str, st
     features = pooled_embeddings(export / "encoder.onnx", source) if split in SHIFT_SPLITS else None
     data = work / "data" / f"{name}-{split}"
     write_split(source, split, data, features)
-    settings = TuneSettings(strategy=strategy, evidence=evidence, augment=augment, search_images=50,
-                            holdout_images=50, progress=False)
+    settings = TuneSettings(strategy=strategy, evidence=evidence, augment=augment, selection="validated",
+                            search_images=50, holdout_images=50, progress=False)
     report = tune(export / "encoder.onnx", export / "decoder.onnx", data, runs, settings).report
     return {"set": name, "split": split, **summarise(report)}
 

@@ -10,7 +10,9 @@ Why each stage (measured on real MobileSAM, see benchmarks/README.md):
    first ``race_images`` search images only; just the leaders are scored on
    the rest. Every later decision uses all search images.
 3. **Greedy path.** From the best pairs with distinct targets, add at each
-   step the pair that raises search-split mIoU most, until none does. The
+   step the pair that raises search-split mIoU most (or another
+   ``OBJECTIVES`` entry: ``trimmed`` leaves out the images that flip most
+   either way, and ranks the pairs that way too), until none does. The
    whole path is the "naive" map: it trusts any rise of the search-split mean.
    When each image has several prompts (the default evidence), each step
    after the first races its extensions on every image's first prompt (its
