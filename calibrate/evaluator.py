@@ -41,7 +41,6 @@ from sam_reuse.base.imaging import (
     MaskTarget,
     Upscaling,
     groups_by_point_count,
-    logits_to_mask,
     prompt_arrays,
 )
 from sam_reuse.base.records import Sample
@@ -167,7 +166,7 @@ class MaskEvaluator:
 
     def predicted_mask(self, logits: np.ndarray, sample_index: int) -> np.ndarray:
         """Binary mask at the image's resolution, as SamPredictor would return it."""
-        return logits_to_mask(self._upscaling_of(sample_index).logits(logits))
+        return self._upscaling_of(sample_index).mask(logits)
 
     def ious_of(self, logits: list[np.ndarray], rows: Sequence[int] | None = None) -> np.ndarray:
         """IoU (float64) of ``low_res_logits(index, rows)`` output, one per row."""

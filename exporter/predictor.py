@@ -30,11 +30,10 @@ from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.imaging import (
     SAM1,
     SAM2,
+    Upscaling,
     groups_by_point_count,
-    logits_to_mask,
     preprocess,
     prompt_arrays,
-    upscale_logits,
 )
 from sam_reuse.base.records import Prompt
 from sam_reuse.base.runtime import ort_session
@@ -96,6 +95,12 @@ class SamModel:
         self.encoder, self.decoder, self.shared_embedding = encoder, decoder, shared_embedding
         self.convention = convention
         self.features = SAM2_ENCODER_OUTPUTS if convention == SAM2 else (EMBEDDING,)
+        self._upscalings: dict[tuple[int, int], Upscaling] = {}  # per image size: its matrices, made once
+
+    def _upscaling(self, hw: tuple[int, int]) -> Upscaling:
+        if hw not in self._upscalings:
+            self._upscalings[hw] = Upscaling(hw, convention=self.convention)
+        return self._upscalings[hw]
 
     @classmethod
     def from_onnx(cls, encoder: str | Path, decoder: str | Path) -> SamModel:
@@ -144,7 +149,7 @@ class SamModel:
             outputs = self.decoder(decoder_feeds(features[EMBEDDING], coords, labels, high_res=high_res_maps(features)))
             masks, scores = outputs["low_res_masks"], outputs["iou_predictions"]
             for row, k in enumerate(group):
-                results[k] = [Prediction(mask=logits_to_mask(upscale_logits(low_res, hw, self.convention)),
+                results[k] = [Prediction(mask=self._upscaling(hw).mask(low_res),
                               low_res_logits=low_res, iou_prediction=float(score))
                               for low_res, score in zip(masks[row], scores[row])]
         return results

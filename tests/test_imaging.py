@@ -64,8 +64,8 @@ def test_upscale_logits_matches_postprocess_masks(sam, hw):
 
 @pytest.mark.parametrize("convention", [imaging.SAM1, imaging.SAM2])
 @pytest.mark.parametrize("hw", [(1024, 1024), (713, 963), (300, 500), (1500, 400)])
-def test_iou_by_cells_equals_the_iou_of_the_whole_mask(hw, convention):
-    """Upscaling.iou counts whole cells and upscales only the mask's border; the IoU is the full mask's, for
+def test_iou_and_mask_by_cells_equal_the_whole_masks(hw, convention):
+    """Upscaling.iou and .mask take whole cells and upscale only the mask's border; the IoU is the full mask's, for
     small, large, border-touching, speckled, empty and everywhere-positive masks."""
     upscaling = imaging.Upscaling(hw, convention=convention)
     rng = np.random.default_rng(sum(hw))
@@ -78,8 +78,11 @@ def test_iou_by_cells_equals_the_iou_of_the_whole_mask(hw, convention):
              "one logit": np.where((yy == 17) & (xx == 201), 5.0, -5.0)}
     for name, logits in cases.items():
         logits = logits.astype(np.float32)
-        whole = imaging.binary_iou(imaging.logits_to_mask(upscaling.logits(logits)), truth)
+        full_mask = imaging.logits_to_mask(upscaling.logits(logits))
+        whole = imaging.binary_iou(full_mask, truth)
         assert upscaling.iou(logits, upscaling.target(truth)) == pytest.approx(whole, abs=1e-6), name
+        # The mask itself, for SamModel and the overlays: the same pixels but where a logit rounds across 0
+        assert (upscaling.mask(logits) != full_mask).sum() <= 2, name
     assert upscaling.iou(cases["nothing"].astype(np.float32), upscaling.target(truth)) == 0.0
     with pytest.raises(ValueError, match="differ in shape"):
         upscaling.target(truth[1:])

@@ -296,27 +296,50 @@ class Upscaling:
         return MaskTarget(truth, np.add.reduceat(in_rows, self._col_cells.starts, axis=1),
                           int(np.count_nonzero(truth)))
 
+    def _cells_reached(self, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row cells x column cells: whose window holds only positive logits, and whose holds some but not all."""
+        rows, cols = self._row_cells, self._col_cells
+        whole = _over_windows(np.logical_and, _over_windows(np.logical_and, positive, rows.offsets).T,
+                              cols.offsets).T
+        reached = _over_windows(np.logical_or, _over_windows(np.logical_or, positive, rows.offsets).T, cols.offsets).T
+        return whole, reached & ~whole
+
+    def _border(self, low_res_logits: np.ndarray, border: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The border cells' pixels (cells x lines x columns, padded) upscaled and thresholded, with their output
+        rows and columns and which of them lie in their cell (padding does not)."""
+        rows, cols = self._row_cells, self._col_cells
+        row_cell, col_cell = np.divmod(np.flatnonzero(border), border.shape[1])
+        window = low_res_logits[rows.window[row_cell][:, :, None], cols.window[col_cell][:, None, :]]
+        mask = logits_to_mask(rows.weights[row_cell] @ window @ cols.weights[col_cell].transpose(0, 2, 1))
+        inside = ((np.arange(mask.shape[1])[None, :, None] < rows.sizes[row_cell][:, None, None])
+                  & (np.arange(mask.shape[2])[None, None, :] < cols.sizes[col_cell][:, None, None]))
+        return mask, rows.lines[row_cell][:, :, None], cols.lines[col_cell][:, None, :], inside
+
+    def mask(self, low_res_logits: np.ndarray) -> np.ndarray:
+        """``logits_to_mask(self.logits(low_res_logits))`` (H x W bool), upscaling only the mask's border."""
+        positive = low_res_logits > MASK_THRESHOLD
+        if not positive.any():
+            return np.zeros(self.hw, dtype=bool)
+        whole, border = self._cells_reached(positive)
+        out = np.repeat(np.repeat(whole, self._row_cells.sizes, axis=0), self._col_cells.sizes, axis=1)
+        if border.any():
+            mask, lines, columns, inside = self._border(low_res_logits, border)
+            out[np.broadcast_to(lines, mask.shape)[inside], np.broadcast_to(columns, mask.shape)[inside]] = mask[inside]
+        return out
+
     def iou(self, low_res_logits: np.ndarray, target: MaskTarget) -> float:
         """``binary_iou(logits_to_mask(self.logits(low_res_logits)), target.mask)``, counted by cells."""
         positive = low_res_logits > MASK_THRESHOLD
         if not positive.any():
             return 0.0  # an empty prediction: binary_iou's 0, also when the truth is empty
-        rows, cols = self._row_cells, self._col_cells
-        # row cells x column cells: the window holds only positive logits, or some
-        whole = _over_windows(np.logical_and, _over_windows(np.logical_and, positive, rows.offsets).T,
-                              cols.offsets).T
-        reached = _over_windows(np.logical_or, _over_windows(np.logical_or, positive, rows.offsets).T, cols.offsets).T
-        border = reached & ~whole
+        whole, border = self._cells_reached(positive)
         predicted = int(self._cell_pixels[whole].sum())
         intersection = int(target.in_cells[whole].sum())
-        row_cell, col_cell = np.divmod(np.flatnonzero(border), border.shape[1])
-        if len(row_cell):
-            window = low_res_logits[rows.window[row_cell][:, :, None], cols.window[col_cell][:, None, :]]
-            values = rows.weights[row_cell] @ window @ cols.weights[col_cell].transpose(0, 2, 1)
-            mask = logits_to_mask(values)
+        if border.any():
+            mask, lines, columns, _ = self._border(low_res_logits, border)  # padding is never positive
             predicted += int(np.count_nonzero(mask))
-            truth = target.mask[rows.lines[row_cell][:, :, None], cols.lines[col_cell][:, None, :]]
-            intersection += int(np.count_nonzero(mask & truth))
+            intersection += int(np.count_nonzero(mask & target.mask[lines, columns]))
         union = predicted + target.pixels - intersection
         return 0.0 if union == 0 else intersection / union
 
