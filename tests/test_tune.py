@@ -228,8 +228,8 @@ def test_a_symlink_planted_as_the_lock_file_is_refused_and_not_followed(task, tm
     (out / ".sam-reuse.lock").symlink_to(victim)
     message = _cli_error(capsys, ["tune", "--encoder", str(task["encoder"]), "--decoder", str(task["decoder"]),
                                   "--data", str(task["data"]), "--out", str(out), "--no-progress"])
-    assert message == (f"export-and-tune: error: {out / '.sam-reuse.lock'}: a symbolic link where the folder's lock file goes; "
-                       "remove it (not followed: Too many levels of symbolic links)")
+    assert message == (f"export-and-tune: error: {out / '.sam-reuse.lock'}: a symbolic link where the folder's lock "
+                       "file goes; remove it (not followed: Too many levels of symbolic links)")
     assert victim.read_text() == "someone else's file"
     assert sorted(p.name for p in out.iterdir()) == [".sam-reuse.lock"]
 
