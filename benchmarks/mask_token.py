@@ -82,7 +82,8 @@ def judge(ious: np.ndarray, search: list[int], held: list[int]) -> dict:
     _, test = held_out_parts(len(held))
     gains = (curve_own[1] - curve_own[0]) * 100
     shipped = gains if decision.ship_tuned else np.zeros_like(gains)
-    return {"choice": CHOICES[candidate], "search_gain": float((mean[search, candidate] - mean[search, 0]).mean() * 100),
+    search_gain = float((mean[search, candidate] - mean[search, 0]).mean() * 100)
+    return {"choice": CHOICES[candidate], "search_gain": search_gain,
             "held_out_gain": float(gains.mean()), "held_out_interval_90": list(bootstrap_interval(gains)),
             "shipped": decision.ship_tuned, "verdict": decision.verdict, "test_gain": float(shipped[test].mean()),
             "held_out_miou_by_choice": [float(v) for v in mean[held].mean(axis=0) * 100]}
@@ -102,7 +103,8 @@ def markdown(rows: list[dict], against: str | None) -> str:
                      f"| {'yes' if r['shipped'] else 'no'} | {r['test_gain']:+.2f} |"
                      + (f" {r['reuse_test_gain']:+.2f} |" if against else ""))
     shipped = sum(r["shipped"] for r in rows)
-    lines += ["", f"Shipped on {shipped} of {len(rows)} splits; mean test gain {np.mean([r['test_gain'] for r in rows]):+.2f}"
+    mean_test = np.mean([r["test_gain"] for r in rows])
+    lines += ["", f"Shipped on {shipped} of {len(rows)} splits; mean test gain {mean_test:+.2f}"
               + (f" (channel reuse on the same splits: {np.mean([r['reuse_test_gain'] for r in rows]):+.2f})"
                  if against else "") + "."]
     return "\n".join(lines) + "\n"

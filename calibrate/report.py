@@ -289,8 +289,9 @@ def _curve_table(curve: list[dict[str, Any]]) -> list[str]:
     lines = ["| pairs | map | search mIoU | held-out mIoU, own prompt |" + (" all prompts |" if prompts else ""),
              "|---:|---|---:|---:|" + ("---:|" if prompts else "")]
     for p in curve:
+        every = f" {p['held_out_all_prompts_miou']:.2f} |" if prompts else ""
         lines.append(f"| {p['pairs']} | {', '.join(f'{t}<-{s}' for t, s in p['map']) or '-'} | {p['search_miou']:.2f} "
-                     f"| {_miou(p['held_out_miou'])} |" + (f" {p['held_out_all_prompts_miou']:.2f} |" if prompts else ""))
+                     f"| {_miou(p['held_out_miou'])} |{every}")
     return lines
 
 
