@@ -182,8 +182,9 @@ def markdown(rows: list[dict], objective: str, prompt: str) -> str:
             f"{_fmt(new['all_gain'], new['all_interval_90'])} | "
             f"{_fmt(*_paired([r], 'new'))} | {_fmt(*_paired([r], 'new at 25'))} |")
     checked = [r["today_as_recorded"] for r in rows if "today_as_recorded" in r]
-    lines += ["", f"Today's arm replayed from the curve matches what today's default's own tune decided (candidate and "
-              f"shipped) on {sum(checked)} of the {len(checked)} splits where that tune ran first."]
+    if checked:
+        lines += ["", f"Today's arm replayed from the curve matches what today's default's own tune decided "
+                  f"(candidate and shipped) on {sum(checked)} of the {len(checked)} splits where that tune ran first."]
     lines += ["", "| splits | arm | shipped | harmful on test | candidate's all-50 interval above 0 | shipped there "
               "| shipped where below 0 | mean test gain | vs today on test [90% CI, pooled] |",
               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
