@@ -177,6 +177,7 @@ def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], s
     """
     rows = np.arange(len(baseline)) if rows is None else rows
 
+    score = OBJECTIVES[objective]
     path: list[Pair] = []
     current = baseline
     tried: list[tuple[tuple[Pair, ...], np.ndarray]] = []
@@ -189,7 +190,6 @@ def _greedy_path(scorer: Scorer, baseline: np.ndarray, candidates: list[Pair], s
                     else {p: single[p] for p in extensions.values()})
         trials = [(p, measured[p]) for p in extensions.values() if p in measured]  # in candidate order
         tried += [(tuple(sorted(path + [p])), ious) for p, ious in trials]
-        score = OBJECTIVES[objective]
         pair, ious = max(trials, key=lambda trial: score(trial[1][rows], current[rows]))  # the first of equals
         if score(ious[rows], current[rows]) <= score(current[rows], current[rows]):
             break
