@@ -11,14 +11,14 @@ the cross-fitted decision), 50 search / 50 held-out images, except ``--objective
 search's units are journaled under WORK/runs, in the folders ``do_no_harm.py --evidence points --strategy
 first-order`` uses, so searches made there (or by another objective: units do not depend on it) are reused.
 
-Every arm is read off one report, whose curve holds each map's held-out IoUs on every prompt:
+Every arm is read off one report, whose curve holds each map's held-out IoUs:
 
 * ``today``: the default until 2026-12-07, the ``validated`` rule: the curve map with the best lower 90%
   bound on the validation part (even positions, each image's own prompt) ships when that bound is above 0.
   Read off the report today's own tune wrote in the mean objective's folder when it ran there first (kept
   as report.today.json; on the given prompt the replay from the new report is checked against it), else
   replayed from the new report's curve;
-* ``new``: the default as shipped, cross-fitted over all 50 held-out images on 3 prompts each;
+* ``new``: the default as shipped, cross-fitted over all 50 held-out images;
 * ``new at 25``: the new rule given the validation part alone (cross-fitted within it), so that the test
   part (odd positions) decided nothing in either arm: the fair comparison of the two rules.
 
@@ -77,13 +77,12 @@ def _arm(own: list[np.ndarray], candidate: int, shipped: bool) -> dict:
 
 
 def summarise(report: TuneReport) -> dict:
-    """Every arm of one split, from the report's curve (own-prompt and every-prompt held-out IoUs of each map)."""
+    """Every arm of one split, from the report's curve (the held-out IoUs of each map on each image's own prompt)."""
     curve = report.curve
     own = [np.asarray(p["held_out_per_image"]) / 100 for p in curve]
-    every = [np.asarray(p["held_out_per_prompt"]).mean(axis=1) / 100 for p in curve]
     validation, _ = held_out_parts(len(own[0]))
     today = decide_on_held_out(own, 0, "validated")
-    at_25 = decide_on_held_out([ious[validation] for ious in every], 0)
+    at_25 = decide_on_held_out([ious[validation] for ious in own], 0)
     shipping = report.shipping
     arms = {"today": _arm(own, today.candidate, today.ship_tuned),
             "new": {**_arm(own, shipping.candidate_pairs, shipping.shipped == "tuned"),

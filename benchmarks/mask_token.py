@@ -11,7 +11,7 @@ trained weight. For every image of each set (MobileSAM, EXPORT_DIR's encoder, ca
 choice's IoU is measured on the image's own prompt and 2 spread points (torch's decoder, all four tokens
 in one pass). Per split (``shift_splits.py``, 50 / 50), the choice with the best lower 90% bound of per-image
 gain over token 0 on the search split (mean over prompts) is the candidate, and the default shipping rule
-(cross-fitted over the 50 held-out images, 3 prompts each) decides whether it ships. Reported: the chosen
+(cross-fitted over the 50 held-out images, each on its own prompt) decides whether it ships. Reported: the chosen
 token, its search and held-out gains, shipped or not, its shipped gain on the held-out test part (odd
 positions, own prompt) and, with ``--against``, channel reuse's shipped test gain on the same split from
 results/<AGAINST>.json (``carry_over.py``). Writes benchmarks/results/mask_token.{json,md}.
@@ -76,9 +76,8 @@ def judge(ious: np.ndarray, search: list[int], held: list[int]) -> dict:
     mean = ious.mean(axis=1)  # per image and choice, over its prompts
     candidate, _ = best_on([mean[search, 0]] + [mean[search, c] for c in range(1, len(CHOICES))],
                            np.arange(len(search)))
-    curve_mean = [mean[held, 0], mean[held, candidate]]
     curve_own = [ious[held, 0, 0], ious[held, 0, candidate]]
-    decision = decide_on_held_out(curve_mean, 1, own_prompt_ious=curve_own)
+    decision = decide_on_held_out(curve_own, 1)
     _, test = held_out_parts(len(held))
     gains = (curve_own[1] - curve_own[0]) * 100
     shipped = gains if decision.ship_tuned else np.zeros_like(gains)

@@ -119,7 +119,3 @@ class MeanOverPrompts:
         chosen = range(self.per_image)[prompts]
         expanded = [image * self.per_image + k for image in images for k in chosen]
         return self.evaluator.ious(index, expanded).reshape(-1, len(chosen)).mean(axis=1)
-
-    def per_prompt(self, index: np.ndarray | None = None) -> np.ndarray:
-        """IoUs of every image (rows) on each of its prompts (columns, its own first)."""
-        return self.evaluator.ious(index).reshape(-1, self.per_image)

@@ -86,9 +86,8 @@ class Shipping:
     exit_status: int
     verdict: str
     lower_bounds_90: list[float]
-    own_prompt: Gain | None = None  # ``reported`` on each held-out image's own prompt (when it has several)
 
-    _GAINS = ("decided_on", "reported", "own_prompt")
+    _GAINS = ("decided_on", "reported")
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), **{k: None if getattr(self, k) is None else getattr(self, k).to_json()
@@ -249,26 +248,19 @@ def _estimate_lines(report: TuneReport) -> list[str]:
                                   "every image)", shipping.decided_on), "",
                         "No held-out split: keep images back (`--holdout-images`) for a figure that took no part "
                         "in any choice."]
-    prompts = report.settings.get("evidence") == "points"
     if report.settings["selection"] == "cross-fitted":
-        quoted = "held-out, cross-fitted"
-        rows = [_gain_row(quoted + (", all prompts" if prompts else ""),
-                          "decided what ships; each image scored by the map chosen on the other half: the figure "
-                          "to quote", shipping.reported)]
+        rows = [_gain_row("held-out, cross-fitted", "decided what ships; each image scored by the map chosen on the "
+                          "other half: the figure to quote", shipping.reported)]
     else:
-        quoted = "held-out, test part"
         rows = [_gain_row("held-out, validation part", "decided what ships", shipping.decided_on),
-                _gain_row(quoted, "decided nothing: the figure to quote", shipping.reported)]
-    if shipping.own_prompt is not None:
-        rows.append(_gain_row(f"{quoted}, own prompt", "the same, on each image's own prompt alone",
-                              shipping.own_prompt))
+                _gain_row("held-out, test part", "decided nothing: the figure to quote", shipping.reported)]
     decided = shipping.decided_on
     needed = decided.images_needed if decided is not None and decided.interval[0] <= 0 else None
     return lines + [
         *rows,
-        _gain_row("held-out, candidate, own prompt", "the candidate on every held-out image (they chose it)",
+        _gain_row("held-out, candidate", "the candidate on every held-out image (they chose it)",
                   None if shipping.decided_on is None else held.gain),
-        "", f"Held-out mIoU on each image's own prompt, original -> candidate: {held.baseline_miou:.2f} -> "
+        "", f"Held-out mIoU, original -> candidate: {held.baseline_miou:.2f} -> "
             f"{held.tuned_miou:.2f}."
         + (f" A gain of this size and spread needs about {needed} held-out images for its lower bound to clear "
            "0." if needed is not None else ""), "",
@@ -284,14 +276,11 @@ def _miou(value: float | None) -> str:
 
 
 def _curve_table(curve: list[dict[str, Any]]) -> list[str]:
-    """Search and held-out mIoU of each map of the curve; held out also over every prompt when there are several."""
-    prompts = "held_out_all_prompts_miou" in curve[0]
-    lines = ["| pairs | map | search mIoU | held-out mIoU, own prompt |" + (" all prompts |" if prompts else ""),
-             "|---:|---|---:|---:|" + ("---:|" if prompts else "")]
+    """Search and held-out mIoU of each map of the curve."""
+    lines = ["| pairs | map | search mIoU | held-out mIoU |", "|---:|---|---:|---:|"]
     for p in curve:
-        every = f" {p['held_out_all_prompts_miou']:.2f} |" if prompts else ""
         lines.append(f"| {p['pairs']} | {', '.join(f'{t}<-{s}' for t, s in p['map']) or '-'} | {p['search_miou']:.2f} "
-                     f"| {_miou(p['held_out_miou'])} |{every}")
+                     f"| {_miou(p['held_out_miou'])} |")
     return lines
 
 
@@ -307,8 +296,8 @@ def markdown(report: TuneReport) -> str:
         f"- Model: `{report.model['encoder']}` (fingerprint {report.model['encoder_fingerprint'][:12]})",
         f"- Data: `{report.data['source']}`; prompts: {report.data['prompt']}; "
         f"{search.images} search / {held_images} held-out images"
-        + ("; every image also scored on 2 prompts of its own prompt's kind derived from its mask (evidence: "
-           "points)" if settings.get("evidence", "given") == "points" else "")
+        + ("; every search image also scored on 2 prompts of its own prompt's kind derived from its mask "
+           "(evidence: points)" if settings.get("evidence", "given") == "points" else "")
         + (f"; and on {settings['augment']} altered copies of each (--augment)" if settings.get("augment") else "")
         + (f"; {len(report.data['skipped'])} skipped" if report.data["skipped"] else ""),
         f"- Site: `{report.site['name']}` ({report.site['channels']} channels); strategy "

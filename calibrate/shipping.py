@@ -25,9 +25,11 @@ a search-split figure cannot decide what ships. The rule:
 * otherwise the original encoder ships and the candidate is kept under a
   name saying it was not shipped (``--ship-anyway`` ships it regardless).
 
-Each held-out image's IoU is the mean over its prompts (``calibrate.evidence``:
-its own and, by default, two more of the same kind), so one flipped mask
-weighs a third; the gain on each image's own prompt is reported beside it.
+Each held-out image is scored on its own prompt, the one a user deploys with.
+Scoring it on two derived prompts as well (as the search's evidence does)
+cost a quarter of an encoder pass and did not pay: on 20 splits of the four
+shared sets the own-prompt rule shipped the same 14 maps and gained as much
+(benchmarks/README.md, "Gains that carry").
 
 Without a held-out split the cross-validated estimate of the search-chosen map
 decides, and is the figure reported (it leans optimistic: screening saw every
@@ -110,7 +112,6 @@ class Decision:
     decided: Gain | None  # the candidate's gain on what decided (None: no candidate)
     reported: Gain | None  # the figure to quote: on images whose map was chosen without them (None: none)
     forced: bool = False
-    own_prompt: Gain | None = None  # ``reported`` on each image's own prompt alone (several prompts per image)
     empty_reason: str = ""
     lower_bounds: list[float] = field(default_factory=list)  # per curve map 1..L, on what decided
 
@@ -151,23 +152,18 @@ def best_on(curve_ious: Sequence[np.ndarray], rows: np.ndarray) -> tuple[int, li
     return (1 + int(np.argmax(bounds)) if bounds else 0), bounds
 
 
-def cross_fitted_gains(curve_ious: Sequence[np.ndarray], parts: Sequence[np.ndarray],
-                       *scored: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Per image, the gain (points) of the map chosen on the other part, for each of ``scored`` (IoUs per curve
-    map, like ``curve_ious``, which chooses)."""
-    out = [np.zeros(len(curve_ious[0])) for _ in scored]
+def cross_fitted_gains(curve_ious: Sequence[np.ndarray], parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Per image, the gain (points) of the curve map chosen on the other part."""
+    gains = np.zeros(len(curve_ious[0]))
     for chooser, scoree in ((parts[0], parts[1]), (parts[1], parts[0])):
         chosen, _ = best_on(curve_ious, chooser)
-        for gains, ious in zip(out, scored):
-            gains[scoree] = (ious[chosen][scoree] - ious[0][scoree]) * 100
-    return out
+        gains[scoree] = (curve_ious[chosen][scoree] - curve_ious[0][scoree]) * 100
+    return gains
 
 
 def decide_on_held_out(curve_ious: Sequence[np.ndarray], search_choice: int, selection: str = "cross-fitted",
-                       force: bool = False, empty_reason: str = "no pair improved the search split",
-                       own_prompt_ious: Sequence[np.ndarray] | None = None) -> Decision:
-    """The rule on a held-out split; ``curve_ious[k]`` are the held-out IoUs of curve map k (0: the original),
-    each image's the mean over its prompts, ``own_prompt_ious`` the same on each image's own prompt.
+                       force: bool = False, empty_reason: str = "no pair improved the search split") -> Decision:
+    """The rule on a held-out split; ``curve_ious[k]`` are the held-out IoUs of curve map k (0: the original).
 
     ``search_choice`` is the curve index the search chose on its own split (used by guarded/naive).
     """
@@ -181,21 +177,18 @@ def decide_on_held_out(curve_ious: Sequence[np.ndarray], search_choice: int, sel
         candidate = search_choice
     if candidate == 0:
         return Decision(False, 0, "", None, None, empty_reason=empty_reason, lower_bounds=bounds)
-    own = curve_ious if own_prompt_ious is None else own_prompt_ious
     if selection == "cross-fitted" and len(test):
-        gains, own_gains = cross_fitted_gains(curve_ious, (validation, test), curve_ious, own)
+        gains = cross_fitted_gains(curve_ious, (validation, test))
         decided = Gain.of(gains)
         basis = (f"held-out split, cross-fitted (each of {count} images scored with the map chosen on the other "
                  "half)")
-        reported, own_reported = decided, Gain.of(own_gains)
+        reported = decided
     else:
         decided = Gain.of((curve_ious[candidate] - curve_ious[0])[validation] * 100)
         basis = f"validation part of the held-out split ({len(validation)} of {count} images)"
         reported = Gain.of((curve_ious[candidate] - curve_ious[0])[test] * 100) if len(test) else None
-        own_reported = Gain.of((own[candidate] - own[0])[test] * 100) if len(test) else None
     return Decision(ship_tuned=force or decided.interval[0] > 0, candidate=candidate, basis=basis, decided=decided,
-                    reported=reported, forced=force and decided.interval[0] <= 0, lower_bounds=bounds,
-                    own_prompt=own_reported if own_prompt_ious is not None else None)
+                    reported=reported, forced=force and decided.interval[0] <= 0, lower_bounds=bounds)
 
 
 def decide_on_cross_validation(per_image_gain: np.ndarray, search_choice: int, folds: int, force: bool = False,

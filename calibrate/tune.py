@@ -270,36 +270,25 @@ def _curve_point(result: SearchResult, size: int, held_out: np.ndarray | None) -
             "held_out_miou": None if held_out is None else _pct(held_out)}
 
 
-def _held_out_curve(result: SearchResult, held: MeanOverPrompts
-                    ) -> tuple[list[dict[str, Any]], list[np.ndarray], list[np.ndarray]]:
-    """Search and held-out mIoU of each map of ``result.curve`` (size 0: the original model), on each held-out
-    image's own prompt, with every prompt's IoU per image when there are several.
-
-    Also returns each map's per-image held-out IoUs, the mean over each image's prompts and on its own prompt
-    alone, which the shipping rule reads.
-    """
-    curve, mean_ious, own_ious = [], [], []
+def _held_out_curve(result: SearchResult, held: MaskEvaluator) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Search and held-out mIoU of each map of ``result.curve`` (size 0: the original model), and each map's
+    per-image held-out IoUs, which the shipping rule reads."""
+    curve, held_ious = [], []
     for size, subset in enumerate(result.curve):
-        per_prompt = held.per_prompt(reuse_index(held.evaluator.channels, subset))
-        mean_ious.append(per_prompt.mean(axis=1))
-        own_ious.append(per_prompt[:, 0])
-        curve.append({**_curve_point(result, size, own_ious[-1]),
-                      "held_out_per_image": [float(v * 100) for v in own_ious[-1]],
-                      **({"held_out_all_prompts_miou": _pct(mean_ious[-1]),
-                          "held_out_per_prompt": (per_prompt * 100).tolist()} if held.per_image > 1 else {})})
-    return curve, mean_ious, own_ious
+        held_ious.append(held.ious(reuse_index(held.channels, subset)))
+        curve.append({**_curve_point(result, size, held_ious[-1]),
+                      "held_out_per_image": [float(v * 100) for v in held_ious[-1]]})
+    return curve, held_ious
 
 
-def _write_overlays(held: MeanOverPrompts, images: list[int], index: np.ndarray, before_ious: np.ndarray,
+def _write_overlays(held: MaskEvaluator, images: list[int], index: np.ndarray, before_ious: np.ndarray,
                     after_ious: np.ndarray, folder: Path) -> None:
-    """Ground truth / original / tuned masks of the held-out ``images``, each on its own prompt."""
-    rows = [i * held.per_image for i in images]
-    held_eval = held.evaluator
-    before, after = held_eval.low_res_logits(None, rows), held_eval.low_res_logits(index, rows)
-    for i, row, logits_before, logits_after in zip(images, rows, before, after):
-        sample = held_eval.samples[row]
-        overlay(sample.record.image, sample.mask, held_eval.predicted_mask(logits_before, row),
-                held_eval.predicted_mask(logits_after, row), before_ious[i] * 100, after_ious[i] * 100,
+    """Ground truth / original / tuned masks of the held-out ``images``."""
+    before, after = held.low_res_logits(None, images), held.low_res_logits(index, images)
+    for i, logits_before, logits_after in zip(images, before, after):
+        sample = held.samples[i]
+        overlay(sample.record.image, sample.mask, held.predicted_mask(logits_before, i),
+                held.predicted_mask(logits_after, i), before_ious[i] * 100, after_ious[i] * 100,
                 folder / f"overlay-{sample.key}.png")
 
 
@@ -329,7 +318,7 @@ class _Scoring:
     search_eval: MaskEvaluator
     search_prompts: list[Sample]
     search_activations: list[np.ndarray] | np.ndarray
-    held: MeanOverPrompts | None  # the held-out images, each on its own prompt and the evidence's others
+    held: MaskEvaluator | None  # the held-out images, each on its own prompt
 
 
 @dataclass
@@ -431,11 +420,9 @@ def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
     search_eval, activations = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site,
                                                search_prompts, settings, "encode search split")
     held = None
-    if inputs.calibration.held_out:  # never altered: the held-out images stand for the images deployed on
-        held_eval = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site,
-                                    evidence_samples(inputs.calibration.held_out, evidence), settings,
-                                    "encode held-out split")[0]
-        held = MeanOverPrompts(held_eval, 1 + EVIDENCE[evidence])
+    if inputs.calibration.held_out:  # never altered, on their own prompts: they stand for the images deployed on
+        held = _site_evaluator(inputs.encoder_model, inputs.decoder_model, inputs.site, inputs.calibration.held_out,
+                               settings, "encode held-out split")[0]
     return _Scoring(evidence, (1 + settings.augment) * (1 + EVIDENCE[evidence]), search_eval, search_prompts,
                     activations, held)
 
@@ -498,12 +485,12 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
 def _assess(inputs: _Inputs, scoring: _Scoring, search: _Search, settings: TuneSettings) -> _Assessment:
     result, calibration, site = search.result, inputs.calibration, inputs.site
     if calibration.held_out:
-        curve, held_by_size, own_by_size = _held_out_curve(result, scoring.held)
+        curve, held_by_size = _held_out_curve(result, scoring.held)
         decision = decide_on_held_out(held_by_size, len(result.best), settings.selection, settings.ship_anyway,
-                                      _empty_reason(result), own_by_size if scoring.held.per_image > 1 else None)
-        held_ious = (own_by_size[0], own_by_size[decision.candidate])
+                                      _empty_reason(result))
+        held_ious = (held_by_size[0], held_by_size[decision.candidate])
         gains = (held_ious[1] - held_ious[0]) * 100
-        check_samples, check_eval, check_stride = calibration.held_out, scoring.held.evaluator, scoring.held.per_image
+        check_samples, check_eval, check_stride = calibration.held_out, scoring.held, 1
     else:  # the user keeps no images back: the cross-validated estimate decides
         curve = [_curve_point(result, size, None) for size in range(len(result.curve))]
         estimate = result.details["cross_validation"]
@@ -551,7 +538,6 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
                         candidate_files=list(shipped_names) if decision.candidate else [],
                         candidate_pairs=decision.candidate, basis=decision.basis, decided_on=decision.decided,
                         reported=reported, forced=decision.forced, exit_status=decision.exit_status,
-                        own_prompt=decision.own_prompt,
                         verdict=decision.verdict, lower_bounds_90=decision.lower_bounds)
     return TuneReport(
         verdict=decision.verdict,

@@ -129,14 +129,8 @@ def test_tune_with_points_evidence_finds_the_planted_pair_at_three_runs_per_imag
     assert points["cost"]["decoder_evaluations"]["search"] == 3 * given["cost"]["decoder_evaluations"]["search"]
     assert points["settings"]["evidence"] == "points"
     assert "also scored on 2 prompts of its own prompt's kind" in (tmp_path / "out" / "report.md").read_text()
-    # Held-out images are scored on the same 3 prompts; their own prompt's IoUs are what one prompt gives.
+    # Held-out images are scored on their own prompt alone, whatever the search's evidence.
     assert points["held_out"]["per_image"] == given["held_out"]["per_image"]
-    assert points["cost"]["decoder_evaluations"]["held_out"] == 3 * given["cost"]["decoder_evaluations"]["held_out"]
-    for point in points["curve"]:
-        per_prompt = np.asarray(point["held_out_per_prompt"])
-        assert per_prompt.shape == (6, 3) and per_prompt[:, 0].tolist() == point["held_out_per_image"]
-        assert point["held_out_all_prompts_miou"] == pytest.approx(per_prompt.mean())
-    assert "held_out_per_prompt" not in given["curve"][0]
-    assert points["shipping"]["own_prompt"] is not None and given["shipping"]["own_prompt"] is None
+    assert points["cost"]["decoder_evaluations"]["held_out"] == given["cost"]["decoder_evaluations"]["held_out"]
     header = json.loads((tmp_path / "out" / JOURNAL).read_text().splitlines()[0])
     assert len(header["config"]["images"]) == 18  # 6 search images x 3 prompts

@@ -51,7 +51,7 @@ def test_cross_fitting_scores_each_half_with_the_map_the_other_half_chose():
     map1 = np.array([0.00, 0.10, 0.00, 0.12, 0.01, 0.11])
     map2 = np.array([0.20, -0.30, 0.22, -0.20, 0.21, -0.25])
     curve = _curve(map1, map2)
-    (gains,) = cross_fitted_gains(curve, held_out_parts(6), curve)
+    gains = cross_fitted_gains(curve, held_out_parts(6))
     np.testing.assert_allclose(gains, [0.0, -30.0, 0.0, -20.0, 1.0, -25.0], atol=1e-9)
     decision = decide_on_held_out(curve, search_choice=2)
     assert decision.candidate == 1  # on all six images map 1 has the better bound
@@ -99,14 +99,6 @@ def test_images_needed_scales_the_interval_to_a_bound_of_zero():
     gain = Gain(images=25, gain=2.0, interval=(-1.0, 5.0), improved=10, unchanged=5, worse=10)
     assert gain.images_needed == 57  # 25 x (3 / 2)^2 = 56.25
     assert Gain(25, -1.0, (-3.0, 1.0), 5, 5, 15).images_needed is None
-
-
-def test_the_own_prompt_figure_uses_the_same_choices_as_the_mean_over_prompts():
-    mean = _curve([0.05, 0.04, 0.06, 0.05])
-    own = _curve([0.10, -0.02, 0.00, 0.08])
-    decision = decide_on_held_out(mean, search_choice=1, own_prompt_ious=own)
-    assert decision.own_prompt.gain == pytest.approx(4.0) and decision.reported.gain == pytest.approx(5.0)
-    assert decide_on_held_out(mean, search_choice=1).own_prompt is None
 
 
 def test_a_harmful_map_does_not_ship_unless_forced():

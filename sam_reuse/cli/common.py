@@ -110,10 +110,10 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--ship-anyway", action="store_true",
                         help="ship the candidate even when the evidence shows no improvement (exit status 0)")
     search.add_argument("--evidence", default=defaults.evidence, choices=sorted(EVIDENCE),
-                        help="prompts per search and held-out image: points (its own prompt plus 2 of the same "
-                             "kind derived from the mask: points spread over it, or the box grown and shrunk by "
-                             "5%%; IoU averaged, 3x the decoder runs; default at the embedding) or given (its own "
-                             "prompt only; default inside the encoder); see README")
+                        help="prompts per search image: points (its own prompt plus 2 of the same kind derived "
+                             "from the mask: points spread over it, or the box grown and shrunk by 5%%; IoU "
+                             "averaged, 3x the decoder runs; default at the embedding) or given (its own prompt "
+                             "only; default inside the encoder); held-out images are scored on their own prompt")
     search.add_argument("--augment", type=int, default=defaults.augment, metavar="K",
                         help="also score each search image on K altered copies (mirror, contrast, blur, colour "
                              "casts; at most 2), K+1 times the search's decoder runs: simulated shift, so a pair "
