@@ -11,21 +11,24 @@ the cross-fitted decision), 50 search / 50 held-out images, except ``--objective
 search's units are journaled under WORK/runs, in the folders ``do_no_harm.py --evidence points --strategy
 first-order`` uses, so searches made there (or by another objective: units do not depend on it) are reused.
 
-Every arm is read off one report, whose curve holds each map's held-out IoUs:
+Every arm is read off one report, whose curve holds each map's held-out IoUs (on the mask token the new
+default shipped; the report's mask_token section holds every token's):
 
-* ``today``: the default until 2026-12-07, the ``validated`` rule: the curve map with the best lower 90%
-  bound on the validation part (even positions, each image's own prompt) ships when that bound is above 0.
-  Read off the report today's own tune wrote in the mean objective's folder when it ran there first (kept
-  as report.today.json; on the given prompt the replay from the new report is checked against it), else
-  replayed from the new report's curve;
-* ``new``: the default as shipped, cross-fitted over all 50 held-out images;
-* ``new at 25``: the new rule given the validation part alone (cross-fitted within it), so that the test
-  part (odd positions) decided nothing in either arm: the fair comparison of the two rules.
+* ``today``: the default until 2026-12-07, the ``validated`` rule on token 0: the curve map with the best
+  lower 90% bound on the validation part (even positions) ships when that bound is above 0. Read off the
+  report today's own tune wrote in the mean objective's folder when it ran there first (kept as
+  report.today.json; on the given prompt a replay from the new report is checked against it where the new
+  default kept token 0), else replayed from the new report's curve;
+* ``new``: the default as shipped: the mask token, then the map searched on it, each cross-fitted over all
+  50 held-out images;
+* ``new at 25``: the new rules given the validation part alone (cross-fitted within it), so that the test
+  part (odd positions) decided nothing in either arm: the fair comparison of the two rules. Computable where
+  the validation part ships the same mask token as all 50 images (the curve was searched on that token).
 
-Each arm's figure is its shipped map's gain on the test part, on each image's own prompt (the original's
-gain, 0, where it ships the original); ``new``'s test part took part in its decision, so its figure
-leans optimistic, ``new at 25``'s does not. Also per arm: the candidate's gain on all 50 held-out images
-(own prompt) with its 90% interval, which the issue's targets are read against.
+Each arm's figure is its shipped model's gain over the original (token 0, no map) on the test part, on each
+image's own prompt (0 where it ships the original); ``new``'s test part took part in its decisions, so its
+figure leans optimistic, ``new at 25``'s does not. Also per arm: the candidate's gain on all 50 held-out
+images with its 90% interval, which the issue's targets are read against.
 
 Writes benchmarks/results/carry_over-<objective>-<prompt>.{json,md}, keeping the rows of splits not rerun.
 """
@@ -65,33 +68,53 @@ def _runs(work: Path, name: str, split: str, objective: str, prompt: str) -> Pat
     return work / "runs" / f"{name}-{split}-points-first-order{suffix}"
 
 
-def _arm(own: list[np.ndarray], candidate: int, shipped: bool) -> dict:
-    """An arm's candidate on every held-out image and what it ships on the test part (own prompt, points)."""
+def _arm(own: list[np.ndarray], candidate: int, shipped: bool, original: np.ndarray | None = None) -> dict:
+    """An arm's candidate on every held-out image and what it ships on the test part (own prompt), each against
+    ``original`` (the original decoder's IoUs; default: the curve's map 0)."""
     _, test = held_out_parts(len(own[0]))
-    gains = (own[candidate] - own[0]) * 100
-    shipped_gains = gains if shipped else np.zeros_like(gains)
+    original = own[0] if original is None else original
+    gains = (own[candidate] - original) * 100
+    shipped_gains = ((own[candidate] if shipped else own[0]) - original) * 100
     return {"candidate": candidate, "shipped": bool(shipped), "all_gain": float(gains.mean()),
             "all_interval_90": list(bootstrap_interval(gains)), "test_gain": float(shipped_gains[test].mean()),
             "test_interval_90": list(bootstrap_interval(shipped_gains[test])),
             "test_per_image": shipped_gains[test].tolist()}
 
 
+def _token_at_25(report: TuneReport, validation: np.ndarray) -> int:
+    """The mask token the new rule ships given the validation part alone."""
+    token = report.mask_token
+    if token is None or token.chosen_by != "the shipping rule":
+        return 0 if token is None else token.shipped
+    ious = [np.asarray(v)[validation] / 100 for v in token.held_out_per_image]
+    return token.candidate if decide_on_held_out([ious[0], ious[token.candidate]], 1).ship_tuned else 0
+
+
 def summarise(report: TuneReport) -> dict:
-    """Every arm of one split, from the report's curve (the held-out IoUs of each map on each image's own prompt)."""
-    curve = report.curve
+    """Every arm of one split, from the report: the held-out IoUs of each map of the curve, searched on the shipped
+    mask token's masks, and of the original decoder (token 0)."""
+    curve, token = report.curve, report.mask_token
     own = [np.asarray(p["held_out_per_image"]) / 100 for p in curve]
+    original = own[0] if token is None else np.asarray(token.held_out_per_image[0]) / 100
+    shipped_token = 0 if token is None else token.shipped
     validation, _ = held_out_parts(len(own[0]))
     today = decide_on_held_out(own, 0, "validated")
     at_25 = decide_on_held_out([ious[validation] for ious in own], 0)
     shipping = report.shipping
-    arms = {"today": _arm(own, today.candidate, today.ship_tuned),
-            "new": {**_arm(own, shipping.candidate_pairs, shipping.shipped == "tuned"),
+    arms = {"today": _arm(own, today.candidate, today.ship_tuned) if not shipped_token else None,
+            "new": {**_arm(own, shipping.candidate_pairs, shipping.shipped == "tuned", original),
+                    "mask_token": shipped_token,
                     "reported_gain": None if shipping.reported is None else shipping.reported.gain,
                     "reported_interval_90": None if shipping.reported is None else list(shipping.reported.interval),
                     "verdict": report.verdict},
-            "new at 25": _arm(own, at_25.candidate, at_25.ship_tuned)}
+            # Computable where the validation part alone ships the same token: the curve was searched on it.
+            "new at 25": (_arm(own, at_25.candidate, at_25.ship_tuned, original)
+                          if _token_at_25(report, validation) == shipped_token else None)}
+    for arm in (arms["new"], arms["new at 25"]):  # a shipped mask token ships a tuned model too
+        if arm is not None:
+            arm["shipped"] = arm["shipped"] or bool(shipped_token)
     return {"search_gain": curve[report.search.search_choice_pairs]["search_miou"] - curve[0]["search_miou"],
-            "held_out_baseline_miou": float(own[0].mean() * 100), "path_length": len(curve) - 1,
+            "held_out_baseline_miou": float(original.mean() * 100), "path_length": len(curve) - 1,
             "arms": arms, "search_decoder_runs": report.cost["decoder_evaluations"]["search"],
             "held_out_decoder_runs": report.cost["decoder_evaluations"]["held_out"]}
 
@@ -128,8 +151,11 @@ def run_split(export: Path, work: Path, name: str, split: str, objective: str, p
         replayed = row["arms"]["today"]
         own = [np.asarray(p["held_out_per_image"]) / 100 for p in recorded.curve]
         row["arms"]["today"] = _arm(own, recorded.shipping.candidate_pairs, recorded.shipping.shipped == "tuned")
-        if (objective, prompt) == ("mean", "given"):  # the same search: the replay must agree with the record
+        if (objective, prompt) == ("mean", "given") and replayed is not None:  # the same search must agree
             row["today_as_recorded"] = all(replayed[k] == row["arms"]["today"][k] for k in ("candidate", "shipped"))
+    if row["arms"]["today"] is None:
+        raise SystemExit(f"{name} {split}: the new default ships another mask token, so today's arm cannot be "
+                         f"replayed from its curve; run today's default there first (report.today.json)")
     return row
 
 
@@ -137,19 +163,27 @@ def _fmt(gain: float, interval: list[float]) -> str:
     return f"{gain:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
 
 
-def _shipped(arm: dict) -> str:
-    return f"{arm['candidate']}, {'yes' if arm['shipped'] else 'no'}, {arm['test_gain']:+.2f}"
+def _shipped(arm: dict | None) -> str:
+    if arm is None:
+        return "-"
+    token = f"token {arm['mask_token']} + " if arm.get("mask_token") else ""
+    return f"{token}{arm['candidate']}, {'yes' if arm['shipped'] else 'no'}, {arm['test_gain']:+.2f}"
 
 
 def _paired(rows: list[dict], arm: str, against: str = "today") -> tuple[float, tuple[float, float]]:
-    """Mean over splits of the per-split mean difference on the test part, with its pooled 90% interval."""
+    """Mean over splits of the per-split mean difference on the test part, with its pooled 90% interval (NaN where
+    no split has the arm)."""
+    rows = [r for r in rows if r["arms"][arm] is not None]
+    if not rows:
+        return float("nan"), (float("nan"), float("nan"))
     differences = [np.asarray(r["arms"][arm]["test_per_image"]) - np.asarray(r["arms"][against]["test_per_image"])
                    for r in rows]
     return float(np.mean([d.mean() for d in differences])), pooled_bootstrap_interval(differences)
 
 
 def targets(rows: list[dict], arm: str) -> dict:
-    """The issue's targets for one arm over these splits."""
+    """The issue's targets for one arm over the splits that have it."""
+    rows = [r for r in rows if r["arms"][arm] is not None]
     shipped = [r["arms"][arm]["shipped"] for r in rows]
     candidate_up = [r["arms"][arm]["all_interval_90"][0] > 0 for r in rows]
     candidate_down = [r["arms"][arm]["all_interval_90"][1] < 0 for r in rows]

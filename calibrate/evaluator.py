@@ -94,6 +94,11 @@ class MaskEvaluator:
         self._targets: dict[int, MaskTarget] = {}  # sample index -> its mask, counted per upscaling cell
         self.evaluations = 0  # decoder runs, one per image per evaluated index
 
+    def with_decoder(self, decoder: onnx.ModelProto) -> MaskEvaluator:
+        """The same images, embeddings and site scored through another decoder (another mask token)."""
+        return MaskEvaluator(decoder, self.samples, self.embeddings, self.batch_size, self.embedder, self.features,
+                             self.convention)
+
     @property
     def zero(self) -> int:
         """The index value that reads an all-zero channel."""

@@ -71,8 +71,40 @@ class HeldOutSummary:
                    test_keys=data["test_keys"])
 
 
+class _Decided:
+    """A decision as saved: its ``decided_on`` and ``reported`` gains (``Gain``, or None) as JSON objects."""
+
+    _GAINS = ("decided_on", "reported")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), **{k: None if getattr(self, k) is None else getattr(self, k).to_json()
+                                   for k in self._GAINS}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):
+        gains = {k: None if data.get(k) is None else Gain.from_json(data[k]) for k in cls._GAINS}
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name not in gains}, **gains)
+
+
 @dataclass(frozen=True)
-class Shipping:
+class MaskTokenSummary(_Decided):
+    """The decoder's mask token (``calibrate.token_choice``): every token's mIoU, the search split's candidate,
+    and what the held-out split decided; the channel search ran on the shipped token's masks."""
+
+    shipped: int
+    candidate: int
+    chosen_by: str  # "the shipping rule" or "--mask-token"
+    decoder: str  # the shipped decoder: a bare name for a file in the report's folder, else an absolute path
+    search_miou: list[float]  # per token, each search image's IoU the mean over its prompts
+    held_out_miou: list[float | None]  # per token (None: no held-out split)
+    held_out_per_image: list[list[float]]  # per token, per held-out image (the order of data.held_out)
+    decided_on: Gain | None  # the candidate against token 0 on what decided (None: chosen by the user)
+    reported: Gain | None
+    verdict: str
+
+
+@dataclass(frozen=True)
+class Shipping(_Decided):
     """What shipped, on what evidence, and under which file names (``calibrate.shipping.Decision`` as saved)."""
 
     shipped: str  # "tuned" or "original"
@@ -86,17 +118,6 @@ class Shipping:
     exit_status: int
     verdict: str
     lower_bounds_90: list[float]
-
-    _GAINS = ("decided_on", "reported")
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), **{k: None if getattr(self, k) is None else getattr(self, k).to_json()
-                                   for k in self._GAINS}}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Shipping:
-        gains = {k: None if data.get(k) is None else Gain.from_json(data[k]) for k in cls._GAINS}
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name not in gains}, **gains)
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,7 @@ class TuneReport:
     overlays: list[str]
     cost: dict[str, Any]
     int8: Int8Summary | None = None  # added by run --quantize int8
+    mask_token: MaskTokenSummary | None = None  # None: token 0, not chosen (SAM 2, no held-out split, old decoder)
 
     @property
     def candidate_pairs(self) -> list[list[int]]:
@@ -139,7 +161,8 @@ class TuneReport:
     def to_json(self) -> dict[str, Any]:
         typed = {"shipping": self.shipping.to_json(), "search": asdict(self.search),
                  "held_out": None if self.held_out is None else self.held_out.to_json(),
-                 "int8": None if self.int8 is None else asdict(self.int8)}
+                 "int8": None if self.int8 is None else asdict(self.int8),
+                 "mask_token": None if self.mask_token is None else self.mask_token.to_json()}
         return {"format": REPORT_FORMAT, **{f.name: typed.get(f.name, getattr(self, f.name)) for f in fields(self)}}
 
     @classmethod
@@ -149,7 +172,9 @@ class TuneReport:
                                 f"expected {REPORT_FORMAT!r})")
         typed = {"shipping": Shipping.from_json(data["shipping"]), "search": SearchSummary(**data["search"]),
                  "held_out": None if data["held_out"] is None else HeldOutSummary.from_json(data["held_out"]),
-                 "int8": None if data.get("int8") is None else Int8Summary(**data["int8"])}
+                 "int8": None if data.get("int8") is None else Int8Summary(**data["int8"]),
+                 "mask_token": (None if data.get("mask_token") is None
+                                else MaskTokenSummary.from_json(data["mask_token"]))}
         return cls(**{f.name: typed.get(f.name, data[f.name]) for f in fields(cls)})
 
     def write(self, folder: Path) -> None:
@@ -271,6 +296,20 @@ def _estimate_lines(report: TuneReport) -> list[str]:
         "like the ones you deploy on."]
 
 
+def _mask_token_lines(token: MaskTokenSummary | None) -> list[str]:
+    """Each mask token's mIoU and which one the shipped decoder returns; the pairs below were searched on it."""
+    if token is None:
+        return []
+    return ["## Mask token", "",
+            "| token | search mIoU (mean over prompts) | held-out mIoU |", "|---:|---:|---:|",
+            *[f"| {k}{' (SAM single mask)' if k == 0 else ''}{' **shipped**' if k == token.shipped else ''} "
+              f"| {search:.2f} | {_miou(held)} |"
+              for k, (search, held) in enumerate(zip(token.search_miou, token.held_out_miou))], "",
+            f"**Mask token:** {token.verdict}. The decoder that goes with the shipped encoder is `{token.decoder}`; "
+            f"the pairs below were searched, and the held-out figures below are measured, on token {token.shipped}'s "
+            "masks.", "", "## Reuse map", ""]
+
+
 def _miou(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -308,6 +347,7 @@ def markdown(report: TuneReport) -> str:
         + (f" (the search's own choice: {search.search_choice_pairs} pair(s))"
            if settings["selection"] in ("cross-fitted", "validated") else ""),
         "",
+        *_mask_token_lines(report.mask_token),
         *_estimate_lines(report),
         "",
         "## mIoU against the number of pairs",
@@ -319,7 +359,9 @@ def markdown(report: TuneReport) -> str:
         "## Cost",
         "",
         f"- Decoder evaluations: {cost['decoder_evaluations']['search']:,} (search) + "
-        f"{cost['decoder_evaluations']['held_out']:,} (held-out); "
+        f"{cost['decoder_evaluations']['held_out']:,} (held-out)"
+        + (f" + {cost['decoder_evaluations']['mask_tokens']:,} (mask tokens)"
+           if cost["decoder_evaluations"].get("mask_tokens") else "") + "; "
         f"{cost['maps_reused_from_journal']:,} units of work read back from `search.jsonl`",
         f"- Wall time: {', '.join(f'{k} {v:.1f} s' for k, v in cost['wall_s'].items())}",
         f"- Tuned encoder check on `{check['image']}`: max |diff| vs the searched "

@@ -51,6 +51,7 @@ from sam_reuse.calibrate.first_order import first_order_scores
 from sam_reuse.calibrate.journal import Journal
 from sam_reuse.calibrate.report import (
     HeldOutSummary,
+    MaskTokenSummary,
     SearchSummary,
     Shipping,
     TuneReport,
@@ -61,8 +62,11 @@ from sam_reuse.calibrate.salience import channel_salience
 from sam_reuse.calibrate.search import SearchResult, exhaustive, pair_space, parse_channels, planned_subsets
 from sam_reuse.calibrate.shipping import SELECTIONS as SHIP_SELECTIONS
 from sam_reuse.calibrate.shipping import Decision, Gain, decide_on_cross_validation, decide_on_held_out, held_out_parts
+from sam_reuse.calibrate.shipping import ORIGINAL_SHIPPED, TUNED_SHIPPED
 from sam_reuse.calibrate.suffix import SuffixEmbedder
+from sam_reuse.calibrate.token_choice import AUTO, MASK_TOKEN_CHOICES, TokenChoice, choose_token, given_token
 from sam_reuse.graphops.graph import fingerprint, load_graph
+from sam_reuse.graphops.mask_token import MASK_TOKENS, mask_token_of, with_mask_token
 from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
 from sam_reuse.graphops.rewrites import apply_reuse_map
 from sam_reuse.graphops.sites import Site, find_sites
@@ -71,6 +75,7 @@ from sam_reuse.graphops.sites import Site, find_sites
 # kept them back. A tune replaces every output of an earlier tune in the folder (contract.TUNE_OUTPUTS).
 SHIPPED_OUTPUTS = ("encoder.tuned.onnx", "reuse_map.json")
 NOT_SHIPPED_OUTPUTS = ("encoder.tuned.not-shipped.onnx", "reuse_map.not-shipped.json")
+TUNED_DECODER = "decoder.tuned.onnx"  # the decoder returning the shipped mask token, when that is not token 0
 STRATEGIES = ("fast", "first-order", "exhaustive")
 # The first-order strategy (embedding site): the pairs its scores rank best, at most FIRST_ORDER_PER_TARGET per
 # target, raced on the plan's race images; the best pair_keep of them go on to every image.
@@ -96,6 +101,9 @@ class TuneSettings:
     selection: str = "cross-fitted"
     ship_anyway: bool = False  # ship the candidate even when the evidence does not show an improvement
     objective: str = "mean"  # how the fast and first-order searches compare maps (calibrate.fast.OBJECTIVES)
+    # The decoder's mask token: "auto" (chosen on the search split, shipped by the held-out rule; SAM 1 decoders
+    # with a held-out split) or "0".."3" (that token ships). See calibrate.token_choice.
+    mask_token: str = AUTO
     top_n: int = 10
     targets: str | None = None  # None: "all" at the embedding, "unsalient:64" inside the encoder
     sources: str | None = None  # None: "all" at the embedding, "salient:64" inside the encoder
@@ -119,7 +127,18 @@ class TuneResult:
     reuse_map: ReuseMap  # the candidate's map (empty when there is none); shipped only if decision says so
     report: TuneReport
     out_dir: Path
-    decision: Decision
+    decision: Decision  # the reuse map's (the mask token's is in report.mask_token)
+
+    @property
+    def exit_status(self) -> int:
+        """0 when anything tuned ships (the encoder or the decoder's mask token), 3 when the originals do."""
+        return self.report.shipping.exit_status
+
+    @property
+    def shipped_decoder(self) -> str:
+        """The decoder that goes with the shipped encoder: a bare name in ``out_dir``, else an absolute path."""
+        token = self.report.mask_token
+        return token.decoder if token is not None else self.report.model["decoder"]
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -212,6 +231,9 @@ def _check_settings(settings: TuneSettings) -> None:
         raise SamReuseError(f"unknown strategy '{settings.strategy}' (choose from {', '.join(STRATEGIES)})")
     if settings.selection not in SHIP_SELECTIONS:
         raise SamReuseError(f"unknown selection '{settings.selection}' (choose from {', '.join(SHIP_SELECTIONS)})")
+    if settings.mask_token not in MASK_TOKEN_CHOICES:
+        raise SamReuseError(f"unknown --mask-token '{settings.mask_token}' "
+                            f"(choose from {', '.join(MASK_TOKEN_CHOICES)})")
     if settings.objective not in OBJECTIVES:
         raise SamReuseError(f"unknown objective '{settings.objective}' (choose from {', '.join(OBJECTIVES)})")
     if settings.objective != "mean" and settings.strategy == "exhaustive":
@@ -307,6 +329,7 @@ class _Inputs:
     calibration: CalibrationSet
     strategy: str  # the --strategy in force (``_strategy``)
     scorer: Path | None  # the first-order scorer, checked, when that strategy is in force
+    chooses_token: bool  # whether a mask token is chosen or given (``_chooses_token``)
 
 
 @dataclass
@@ -319,6 +342,7 @@ class _Scoring:
     search_prompts: list[Sample]
     search_activations: list[np.ndarray] | np.ndarray
     held: MaskEvaluator | None  # the held-out images, each on its own prompt
+    token_evaluations: int = 0  # decoder runs scoring the other mask tokens
 
 
 @dataclass
@@ -406,9 +430,37 @@ def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: 
     if not calibration.held_out and len(calibration.search) < settings.cv_folds:
         raise SamReuseError(f"{data}: {len(calibration.search)} search images cannot make "
                             f"{settings.cv_folds} cross-validation folds (keep a held-out split or add images)")
+    chooses_token = _chooses_token(decoder_model, decoder, convention, bool(calibration.held_out), settings)
     ensure_writable_dir(out_dir, "--out")
     return _Inputs(encoder, decoder, data, encoder_model, decoder_model, fingerprint(encoder_model),
-                   fingerprint(decoder_model), site, calibration, strategy, scorer)
+                   fingerprint(decoder_model), site, calibration, strategy, scorer, chooses_token)
+
+
+def _chooses_token(decoder_model: onnx.ModelProto, decoder: Path, convention: str, held_out: bool,
+                   settings: TuneSettings) -> bool:
+    """Whether this tune scores the decoder's mask tokens: a token the user named must be possible (else refused
+    before any encoding); ``auto`` skips, saying why, where the rule cannot run."""
+    if settings.mask_token == "0":
+        return False
+    given = settings.mask_token != AUTO
+    if convention == SAM2:
+        if given:
+            raise SamReuseError("--mask-token: SAM 2's single mask is already a choice between its mask tokens")
+        return False
+    try:
+        current = mask_token_of(decoder_model, str(decoder))
+    except SamReuseError as exc:
+        if given:
+            raise SamReuseError(f"--mask-token: {exc}") from None
+        print(f"mask token 0 kept: {exc}")
+        return False
+    if current != 0:
+        raise SamReuseError(f"{decoder}: already returns mask token {current} (a tuned decoder); tune with the "
+                            "exported decoder.onnx")
+    if not held_out and not given:
+        print("mask token 0 kept: choosing another needs a held-out split (--holdout-images > 0)")
+        return False
+    return True
 
 
 def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
@@ -427,7 +479,31 @@ def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
                     activations, held)
 
 
-def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir: Path) -> _Search:
+def _choose_mask_token(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings
+                       ) -> tuple[TokenChoice | None, onnx.ModelProto | None, _Scoring]:
+    """Every mask token scored on the cached embeddings, the token that ships, its decoder (None: token 0), and
+    the scoring the search goes on with (the shipped token's masks)."""
+    if not inputs.chooses_token:
+        return None, None, scoring
+    decoders = [inputs.decoder_model] + [with_mask_token(inputs.decoder_model, token, str(inputs.decoder))
+                                         for token in range(1, MASK_TOKENS)]
+    search_evals = [scoring.search_eval] + [scoring.search_eval.with_decoder(d) for d in decoders[1:]]
+    held_evals = [scoring.held] + [scoring.held.with_decoder(d) for d in decoders[1:]] if scoring.held else []
+    search_ious = [MeanOverPrompts(e, scoring.per_image).ious() for e in search_evals]
+    held_ious = [e.ious() for e in held_evals] or [np.zeros(0)] * MASK_TOKENS
+    if settings.mask_token == AUTO:
+        choice = choose_token(search_ious, held_ious, settings.selection, settings.ship_anyway)
+    else:
+        choice = given_token(int(settings.mask_token), search_ious, held_ious)
+    scoring.token_evaluations = sum(e.evaluations for e in [*search_evals[1:], *held_evals[1:]])
+    if choice.token == 0:
+        return choice, None, scoring
+    shipped = decoders[choice.token]  # fresh evaluators: the search's cost is counted as before
+    return choice, shipped, replace(scoring, search_eval=scoring.search_eval.with_decoder(shipped),
+                                    held=scoring.held.with_decoder(shipped) if scoring.held else None)
+
+
+def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir: Path, token: int) -> _Search:
     site, per_image, images = inputs.site, scoring.per_image, len(inputs.calibration.search)
     salience = channel_salience(scoring.search_activations[::per_image], site.axis)  # each image once
     target_spec, source_spec = _channel_specs(settings, site.name, site.channels)
@@ -449,6 +525,7 @@ def _search(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings, out_dir:
         shortlist = scores.best_pairs(FIRST_ORDER_SHORTLIST, targets, sources, FIRST_ORDER_PER_TARGET)
     # The selection rule is left out: it changes no measurement, so every selection shares a journal.
     config = {"strategy": settings.strategy, "encoder": inputs.encoder_fp, "decoder": inputs.decoder_fp,
+              **({"mask_token": token} if token else {}),
               "site": site.tensor, "mask_rule": MASK_RULE,
               "images": [_sample_identity(s) for s in scoring.search_prompts],
               "targets": targets, "sources": sources, "top_n": settings.top_n, "batch_size": settings.batch_size,
@@ -517,8 +594,36 @@ def _assess(inputs: _Inputs, scoring: _Scoring, search: _Search, settings: TuneS
     return _Assessment(decision, curve, reuse_map, tuned_model, gains, held_ious, check)
 
 
-def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _Assessment, settings: TuneSettings,
-            overlays: list[int], wall: dict[str, float], out_dir: Path) -> TuneReport:
+def _token_summary(choice: TokenChoice | None, inputs: _Inputs, out_dir: Path) -> MaskTokenSummary | None:
+    """The mask token section of the report, with its verdict."""
+    if choice is None:
+        return None
+    decision = choice.decision
+    if decision is None:
+        verdict = f"mask token {choice.token}: given by --mask-token"
+    else:
+        head = f"mask token {choice.candidate} against token 0: {decision.basis} {decision.decided.describe()}"
+        if decision.ship_tuned:
+            shipped = "; ships anyway (--ship-anyway)" if decision.forced else "; ships"
+            verdict = f"{head}{shipped} in {TUNED_DECODER}"
+        else:
+            needed = decision.decided.images_needed
+            verdict = head + (f" (a gain of this size and spread needs about {needed} images to show)" if needed
+                              else "") + "; token 0 kept"
+    return MaskTokenSummary(
+        shipped=choice.token, candidate=choice.candidate,
+        chosen_by="--mask-token" if decision is None else "the shipping rule",
+        decoder=TUNED_DECODER if choice.token else as_seen_from(out_dir, inputs.decoder),
+        search_miou=[_pct(v) for v in choice.search_ious],
+        held_out_miou=[_pct(v) if len(v) else None for v in choice.held_out_ious],
+        held_out_per_image=[[float(x * 100) for x in v] for v in choice.held_out_ious],
+        decided_on=None if decision is None else decision.decided,
+        reported=None if decision is None else decision.reported, verdict=verdict)
+
+
+def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _Assessment,
+            token: TokenChoice | None, settings: TuneSettings, overlays: list[int], wall: dict[str, float],
+            out_dir: Path) -> TuneReport:
     """Every figure of the run, what shipped and why."""
     calibration, result, decision = inputs.calibration, search.result, assessment.decision
     keys = [s.key for s in calibration.held_out]
@@ -537,10 +642,13 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
                         encoder=shipped_names[0] if decision.ship_tuned else as_seen_from(out_dir, inputs.encoder),
                         candidate_files=list(shipped_names) if decision.candidate else [],
                         candidate_pairs=decision.candidate, basis=decision.basis, decided_on=decision.decided,
-                        reported=reported, forced=decision.forced, exit_status=decision.exit_status,
+                        reported=reported, forced=decision.forced,
+                        exit_status=(TUNED_SHIPPED if decision.ship_tuned or (token and token.token)
+                                     else ORIGINAL_SHIPPED),
                         verdict=decision.verdict, lower_bounds_90=decision.lower_bounds)
+    mask_token = _token_summary(token, inputs, out_dir)
     return TuneReport(
-        verdict=decision.verdict,
+        verdict=decision.verdict if mask_token is None else f"{mask_token.verdict}. {decision.verdict}",
         shipping=shipping,
         estimate=None if reported is None else {
             "basis": ("test part of the held-out split (decided nothing)"
@@ -567,8 +675,10 @@ def _report(inputs: _Inputs, scoring: _Scoring, search: _Search, assessment: _As
         reuse_map=assessment.reuse_map.to_json(),
         tuned_encoder_check=assessment.check,
         overlays=[f"overlay-{keys[i]}.png" for i in overlays],
+        mask_token=mask_token,
         cost={"decoder_evaluations": {"search": scoring.search_eval.evaluations,
-                                      "held_out": scoring.held.evaluations if scoring.held else 0},
+                                      "held_out": scoring.held.evaluations if scoring.held else 0,
+                                      "mask_tokens": scoring.token_evaluations},
               "maps_reused_from_journal": result.reused,
               "encoded_images": len(calibration.search) + len(calibration.held_out),
               "execution_providers": active_providers(), "wall_s": wall},
@@ -604,7 +714,9 @@ def _tune_stages(encoder: Path, decoder: Path, data: Path, out_dir: Path, settin
     with folder_lock(out_dir):  # the journal is checked and written under the lock
         scoring = _encode(inputs, settings)
         lap("encode")
-        search = _search(inputs, scoring, settings, out_dir)
+        token, tuned_decoder, scoring = _choose_mask_token(inputs, scoring, settings)
+        lap("mask_token")
+        search = _search(inputs, scoring, settings, out_dir, token.token if token else 0)
         lap("search")
         assessment = _assess(inputs, scoring, search, settings)
         lap("held_out")
@@ -618,12 +730,14 @@ def _tune_stages(encoder: Path, decoder: Path, data: Path, out_dir: Path, settin
             if decision.candidate:
                 onnx.save(assessment.tuned_model, str(staging / names[0]))
                 assessment.reuse_map.save(staging / names[1])
+            if tuned_decoder is not None:
+                onnx.save(tuned_decoder, str(staging / TUNED_DECODER))
             plot_curve(assessment.curve, decision.candidate, staging / "miou_vs_pairs.png")
             if overlays:
                 _write_overlays(scoring.held, overlays, assessment.reuse_map.sites[settings.site].index(),
                                 *assessment.held_ious, staging)
             wall["total"] = time.perf_counter() - started
-            report = _report(inputs, scoring, search, assessment, settings, overlays, wall, out_dir)
+            report = _report(inputs, scoring, search, assessment, token, settings, overlays, wall, out_dir)
             report.write(staging)
         return TuneResult(reuse_map=assessment.reuse_map, report=report, out_dir=out_dir, decision=decision)
 

@@ -96,8 +96,10 @@ class SingleMaskDecoder(PromptEmbedding):
         image_pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
         queries, keys = two_way_transformer(decoder.transformer, src.flatten(2).transpose(1, 2), image_pe, tokens)
         iou_token_out = queries[:, 0, :]
-        hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i, :])
-                                for i in range(outputs.start, outputs.stop)], dim=1)
+        # Every token's hypernetwork output (a few hundred thousand multiply-adds each), then ``outputs``: the
+        # token is a Slice of the graph that a rewrite can move (graphops.mask_token), not a choice baked in.
+        hyper_in = torch.stack([mlp(queries[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+                               dim=1)[:, outputs]
         masks = _upscaled_masks(decoder.output_upscaling, keys, hyper_in, self.embedding_hw)
         iou_pred = decoder.iou_prediction_head(iou_token_out)[:, outputs]
         return masks, iou_pred

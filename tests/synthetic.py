@@ -43,6 +43,7 @@ from sam_reuse.base.contract import CONVENTION_PROPERTY
 
 CHANNELS = 8
 TARGET, HELPER = 2, 5
+OBJECT_TOKEN = 1  # tokens_decoder_model's mask token that segments the object
 SIZE = 1024  # encoder input side
 IMAGE_SIDE = 256  # images are upscaled to SIZE by SAM's preprocessing; masks are scored at this size
 
@@ -132,6 +133,26 @@ def decoder_model(slow: int = 0) -> onnx.ModelProto:
                                            numpy_helper.from_array(np.zeros((), dtype=np.float32), "zero")])
 
 
+def tokens_decoder_model() -> onnx.ModelProto:
+    """The task's decoder with SAM's four mask tokens, returning token 0 the way exported decoders do (a Slice of
+    the tokens on axis 1): token 0 is channel ``TARGET`` (the background, IoU 0), token ``OBJECT_TOKEN`` channel
+    ``HELPER`` (the object), the others ``TARGET`` again. Each token's IoU prediction is its mean logit."""
+    nodes = [helper.make_node("Gather", ["image_embeddings", "token_channels"], ["tokens"], axis=1),
+             helper.make_node("Resize", ["tokens", "", "scales"], ["token_masks"], mode="linear"),
+             helper.make_node("Slice", ["token_masks", "first", "second", "token_axis"], ["low_res_masks"]),
+             helper.make_node("ReduceMean", ["token_masks"], ["token_scores"], axes=[2, 3], keepdims=0),
+             helper.make_node("Slice", ["token_scores", "first", "second", "token_axis"], ["iou_predictions"])]
+    channels = [TARGET] * 4
+    channels[OBJECT_TOKEN] = HELPER
+    model = decoder_model()
+    graph = helper.make_graph(nodes, "synthetic", list(model.graph.input), list(model.graph.output), [
+        numpy_helper.from_array(np.array(channels, dtype=np.int64), "token_channels"),
+        numpy_helper.from_array(np.array([1, 1, 4, 4], dtype=np.float32), "scales"),
+        *(numpy_helper.from_array(np.array([v], dtype=np.int64), name)
+          for name, v in (("first", 0), ("second", 1), ("token_axis", 1)))])
+    return _model(list(graph.node), list(graph.input), list(graph.output), list(graph.initializer))
+
+
 def _as_sam2(model: onnx.ModelProto) -> onnx.ModelProto:
     onnx.helper.set_model_props(model, {CONVENTION_PROPERTY: "sam2"})
     return model
@@ -210,10 +231,10 @@ def write_sam2_models(folder: Path) -> tuple[Path, Path]:
     return folder / "encoder.onnx", folder / "decoder.onnx"
 
 
-def write_models(folder: Path, slow: int = 0) -> tuple[Path, Path]:
+def write_models(folder: Path, slow: int = 0, tokens: bool = False) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(encoder_model(), str(folder / "encoder.onnx"))
-    onnx.save(decoder_model(slow), str(folder / "decoder.onnx"))
+    onnx.save(tokens_decoder_model() if tokens else decoder_model(slow), str(folder / "decoder.onnx"))
     return folder / "encoder.onnx", folder / "decoder.onnx"
 
 

@@ -35,8 +35,8 @@ FIRST_ORDER_POINTS = 2  # one point and SAM's padding point, or a box: what the 
 # Files of an output folder that a tune writes, and those derived from the folder's exported models. A tune
 # replaces every earlier tune output, engines of a tuned encoder included, so a stale tuned encoder never sits
 # beside a run that shipped the original; a new export removes everything derived from the models it replaces.
-TUNE_OUTPUTS = ("encoder.tuned.*", "reuse_map*.json", "report.json", "report.md", "miou_vs_pairs.png",
-                "overlay-*.png")
+TUNE_OUTPUTS = ("encoder.tuned.*", "decoder.tuned.onnx", "reuse_map*.json", "report.json", "report.md",
+                "miou_vs_pairs.png", "overlay-*.png")
 EXPORT_DERIVED_OUTPUTS = (*TUNE_OUTPUTS, "*.engine", "*.engine.json", "*.int8.onnx", "*.int8.onnx.json")
 EXPORT_OUTPUTS = ("encoder.onnx", "decoder.onnx", "export.json")
 APP_DECODER_OUTPUTS = "decoder.prompts*.onnx"  # export --app-decoders: valid as long as the export they came with
@@ -44,6 +44,7 @@ JOURNAL = "search.jsonl"  # a tune's progress, appended to as the search goes, s
 
 REUSE_MAP_FORMAT = "sam-reuse/reuse-map@1"
 REUSE_MAP_PROPERTY = "sam_reuse.reuse_map"  # metadata key of a rewritten model: the map it was rewritten by
+MASK_TOKEN_PROPERTY = "sam_reuse.mask_token"  # metadata key of a decoder rewritten to return another mask token
 REPORT_FORMAT = "sam-reuse/report@2"
 EXPORT_FORMAT = "sam-reuse/export@1"  # export.json
 EVALUATION_FORMAT = "sam-reuse/evaluation@1"  # evaluate --json

@@ -85,6 +85,7 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
     from sam_reuse.calibrate.evidence import EVIDENCE
     from sam_reuse.calibrate.fast import OBJECTIVES
     from sam_reuse.calibrate.shipping import SELECTIONS
+    from sam_reuse.calibrate.token_choice import MASK_TOKEN_CHOICES
     from sam_reuse.calibrate.tune import STRATEGIES, TuneSettings
 
     defaults = TuneSettings()
@@ -107,6 +108,11 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                              "rise of search-split mIoU; trimmed = the mean per-image change without the 10%% "
                              f"largest and smallest, which a few flipped masks cannot carry (default: "
                              f"{defaults.objective})")
+    search.add_argument("--mask-token", default=defaults.mask_token, choices=MASK_TOKEN_CHOICES,
+                        help="which of SAM's 4 mask tokens the shipped decoder returns: auto = the one best on the "
+                             "search split, shipped as decoder.tuned.onnx when the held-out rule says it beats "
+                             "token 0 (SAM's single mask), before the channel search runs on its masks; 0-3 = that "
+                             f"token (default: {defaults.mask_token})")
     search.add_argument("--ship-anyway", action="store_true",
                         help="ship the candidate even when the evidence shows no improvement (exit status 0)")
     search.add_argument("--evidence", default=defaults.evidence, choices=sorted(EVIDENCE),

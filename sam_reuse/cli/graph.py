@@ -1,4 +1,5 @@
-"""``export-and-tune sites | apply | verify``: where reuse applies, rewriting by a map, and checking a rewrite."""
+"""``export-and-tune sites | apply | mask-token | verify``: where reuse applies, rewriting an encoder by a map or a
+decoder to another mask token, and checking a rewrite."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> dict:
     apply.add_argument("--strategy", default="auto", choices=["auto", "gather", "fold", "prune"],
                        help="rewrite to use at every site (default: cheapest exact one per site)")
 
+    token = sub.add_parser("mask-token", help="rewrite a decoder ONNX (decoder.onnx or an app decoder) to return "
+                           "another of SAM's mask tokens, e.g. the one a tune shipped (report.json: mask_token)")
+    token.add_argument("decoder", type=Path)
+    token.add_argument("token", type=int, help="0: SAM's single mask; 1-3: its multimask masks")
+    token.add_argument("--out", type=Path, required=True, help="output ONNX path (e.g. decoder.prompts.tuned.onnx)")
+
     verify = sub.add_parser("verify", help="compare a tuned encoder with the original + its reuse map (polygraphy, ONNX Runtime)")
     verify.add_argument("tuned", type=Path, help="the rewritten encoder, e.g. OUT/encoder.tuned.onnx")
     verify.add_argument("--reference", type=Path, required=True, help="the original encoder ONNX")
@@ -33,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> dict:
     verify.add_argument("--images", type=int, default=2, help="number of images (default: 2)")
     verify.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default: {DEFAULT_ATOL:g})")
     verify.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default: {DEFAULT_RTOL:g})")
-    return {"sites": _sites, "apply": _apply, "verify": _verify}
+    return {"sites": _sites, "apply": _apply, "mask-token": _mask_token, "verify": _verify}
 
 
 def _sites(args: argparse.Namespace) -> int:
@@ -58,6 +65,14 @@ def _apply(args: argparse.Namespace) -> int:
     applied = apply_reuse_map_file(args.encoder, args.reuse_map, args.out, args.strategy)
     done = ", ".join(f"{site}: {strategy}" for site, strategy in applied.items()) or "no pairs, model unchanged"
     print(f"wrote {args.out} ({done})")
+    return 0
+
+
+def _mask_token(args: argparse.Namespace) -> int:
+    from sam_reuse.graphops.mask_token import with_mask_token_file
+
+    with_mask_token_file(args.decoder, args.token, args.out)
+    print(f"wrote {args.out} (mask token {args.token})")
     return 0
 
 

@@ -1,7 +1,8 @@
 """``export-and-tune tune | evaluate | run``: search a reuse map, score a model pair, or the whole pipeline.
 
-``tune`` and ``run`` exit 0 when the tuned encoder ships and 3 when the
-original does (``sam_reuse.calibrate.shipping``); scripts branch on that.
+``tune`` and ``run`` exit 0 when a tuned model ships (the encoder, or the
+decoder's mask token) and 3 when the originals do
+(``sam_reuse.calibrate.shipping``); scripts branch on that.
 """
 
 from __future__ import annotations
@@ -64,29 +65,39 @@ def _print_report(report: TuneReport) -> None:
                  if report.settings["selection"] == "cross-fitted" else "test part, decided nothing")
         print(f"held-out gain ({shipping.reported.images} images, {where}): "
               f"{shipping.reported.gain:+.2f} mIoU, 90% CI [{low:+.2f}, {high:+.2f}]")
+    if report.mask_token is not None:
+        token = report.mask_token
+        print(f"mask token (held-out mIoU of tokens 0-3: {' / '.join(f'{v:.1f}' for v in token.held_out_miou)}): "
+              f"{token.verdict}")
     print(f"verdict: {report.verdict}")
 
 
 def _tune_into(out: Path, encoder: Path, decoder: Path, args: argparse.Namespace, shown: Path | None = None
-               ) -> tuple[int, str]:
-    """Tune; returns the exit status (0: the tuned encoder ships, 3: the original) and the shipped encoder's name.
+               ) -> tuple[int, str, str]:
+    """Tune; returns the exit status (0: a tuned model ships, 3: the originals) and the shipped encoder's and
+    decoder's names.
 
     ``shown``: the folder the outputs will be published in, when ``out`` is a work folder (``run``).
     """
-    from sam_reuse.calibrate.tune import tune
+    from sam_reuse.calibrate.tune import TUNED_DECODER, tune
 
     result = tune(encoder, decoder, args.data, out, tune_settings(args))
     _print_report(result.report)
     shipping = result.report.shipping
     shown = shown or out
+    decoder_name = result.shipped_decoder
+    tuned_decoder = [decoder_name] if decoder_name == TUNED_DECODER else []
     print(f"{'will publish' if shown != out else 'wrote'} {shown}: "
-          f"{', '.join(shipping.candidate_files + ['report.md', 'report.json', 'miou_vs_pairs.png'])}")
+          f"{', '.join(shipping.candidate_files + tuned_decoder + ['report.md', 'report.json', 'miou_vs_pairs.png'])}")
+    decoder_line = f" with {shown / decoder_name}" if tuned_decoder else ""
     if result.decision.ship_tuned:
-        print(f"shipped: {shown / shipping.encoder} (exit status 0)")
+        print(f"shipped: {shown / shipping.encoder}{decoder_line} (exit status 0)")
+    elif tuned_decoder:
+        print(f"shipped: the original encoder {shown / shipping.encoder}{decoder_line} (exit status 0)")
     else:
-        print(f"shipped: the original encoder {shown / shipping.encoder} (exit status {result.decision.exit_status}: "
+        print(f"shipped: the original encoder {shown / shipping.encoder} (exit status {result.exit_status}: "
               f"no tuned model ships{'; --ship-anyway ships the candidate' if shipping.candidate_files else ''})")
-    return result.decision.exit_status, shipping.encoder
+    return result.exit_status, shipping.encoder, decoder_name
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -154,10 +165,10 @@ def _run(args: argparse.Namespace) -> int:
             copy_model(args.decoder, work / "decoder.onnx")
         else:
             export_and_report(args, out=work, reuse=True)
-        status, shipped = _tune_into(work, work / "encoder.onnx", work / "decoder.onnx", args, shown=args.out)
+        status, shipped, decoder = _tune_into(work, work / "encoder.onnx", work / "decoder.onnx", args, shown=args.out)
         if precisions:
-            deployment_engines(work / shipped, work / "decoder.onnx", precisions)
+            deployment_engines(work / shipped, work / decoder, precisions)
         if args.quantize == "int8":
-            quantized_encoder(work / shipped, int8_name(work / shipped), work / "decoder.onnx", args, shown=args.out)
+            quantized_encoder(work / shipped, int8_name(work / shipped), work / decoder, args, shown=args.out)
     print(f"published {args.out}")
     return status

@@ -1,0 +1,105 @@
+"""Which of SAM's mask tokens a decoder returns: a rewrite of two Slices, no weight trained.
+
+SAM's mask decoder makes four masks per prompt, one per mask token: token 0
+is the single mask (``SamPredictor.predict(multimask_output=False)``),
+tokens 1-3 the multimask output, from a part of the object to all of it.
+Which one serves a domain differs (on the shared sets token 1 for polyps,
+token 3 for COCO's objects, token 0 for skin lesions: benchmarks/README.md,
+"Which mask token"). The exported decoders compute every token's
+hypernetwork output and IoU prediction and then slice out the tokens they
+return (``exporter.wrappers.SingleMaskDecoder``); ``with_mask_token`` moves
+both slices to another token. Nothing else changes, so the rewritten
+decoder returns SAM's own mask and IoU prediction of that token, at the
+original's cost and with the original's inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from sam_reuse.base.contract import MASK_TOKEN_PROPERTY
+from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import DECODER_KIND, atomic_path, check_output_file, refuse_overwriting
+from sam_reuse.base.runtime import load_model
+from sam_reuse.graphops.graph import constant_value, finalize, load_graph
+
+MASK_TOKENS = 4
+TOKEN_OUTPUTS = ("low_res_masks", "iou_predictions")  # each made from one token Slice
+
+
+def _token_slice(graph: gs.Graph, output: str, where: str) -> gs.Node:
+    """The one Slice before graph output ``output`` that takes a single token of MASK_TOKENS on axis 1."""
+    tensors = graph.tensors()
+    if output not in tensors:
+        raise SamReuseError(f"{where}: no output '{output}' (not a SAM decoder exported by sam-reuse)")
+    found, seen, frontier = [], set(), [tensors[output]]
+    while frontier:
+        tensor = frontier.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        for node in tensor.inputs:
+            if node.op == "Slice" and _takes_one_token(node):
+                found.append(node)
+            else:
+                frontier.extend(node.inputs)
+    if len(found) != 1:
+        raise SamReuseError(f"{where}: {len(found) or 'no'} Slice(s) choosing one of {MASK_TOKENS} mask tokens "
+                            f"before '{output}' (decoders exported by sam-reuse before 2026-12-08 compute token 0 "
+                            "only: export again)")
+    return found[0]
+
+
+def _takes_one_token(node: gs.Node) -> bool:
+    data, starts, ends, *rest = node.inputs
+    axes = constant_value(rest[0]) if rest else None
+    steps = constant_value(rest[1]) if len(rest) > 1 else None
+    values = [constant_value(starts), constant_value(ends)]
+    shape = data.shape
+    return (axes is not None and list(np.ravel(axes)) == [1] and all(v is not None and v.size == 1 for v in values)
+            and (steps is None or list(np.ravel(steps)) == [1]) and shape is not None and len(shape) >= 2
+            and shape[1] == MASK_TOKENS and int(values[1].item()) - int(values[0].item()) == 1)
+
+
+def token_slices(graph: gs.Graph, where: str) -> list[gs.Node]:
+    """The Slices choosing the returned token, one per TOKEN_OUTPUTS; refused, naming the output, if not there."""
+    return [_token_slice(graph, output, where) for output in TOKEN_OUTPUTS]
+
+
+def mask_token_of(model: str | Path | onnx.ModelProto, where: str = "decoder") -> int:
+    """The mask token a decoder returns (0: SAM's single mask)."""
+    tokens = {int(constant_value(node.inputs[1]).item()) for node in token_slices(load_graph(model), where)}
+    if len(tokens) != 1:
+        raise SamReuseError(f"{where}: its masks and IoU predictions come from different mask tokens {sorted(tokens)}")
+    return tokens.pop()
+
+
+def with_mask_token(model: onnx.ModelProto, token: int, where: str = "decoder") -> onnx.ModelProto:
+    """``model`` returning mask token ``token``'s mask and IoU prediction (fresh constants: others may share the
+    old ones); recorded in the metadata under MASK_TOKEN_PROPERTY."""
+    if not 0 <= token < MASK_TOKENS:
+        raise SamReuseError(f"mask token {token}: SAM's decoder has tokens 0 to {MASK_TOKENS - 1}")
+    graph = load_graph(model)
+    for node in token_slices(graph, where):
+        dtype = constant_value(node.inputs[1]).dtype
+        node.inputs[1] = gs.Constant(f"{node.outputs[0].name}/mask_token_start", np.array([token], dtype=dtype))
+        node.inputs[2] = gs.Constant(f"{node.outputs[0].name}/mask_token_end", np.array([token + 1], dtype=dtype))
+    rewritten = finalize(graph)
+    properties = {p.key: p.value for p in model.metadata_props}
+    properties[MASK_TOKEN_PROPERTY] = str(token)
+    onnx.helper.set_model_props(rewritten, properties)
+    return rewritten
+
+
+def with_mask_token_file(decoder: str | Path, token: int, out: str | Path) -> None:
+    """``with_mask_token`` from a file to a file, written atomically (the app decoders of ``export --app-decoders``
+    switch the same way, so an app gets the token a tune shipped)."""
+    refuse_overwriting(out, decoder)
+    check_output_file(out, "--out", kind=DECODER_KIND)  # never over an encoder or a record
+    model = with_mask_token(load_model(decoder, "decoder ONNX", role="decoder"), token, str(decoder))
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
