@@ -29,7 +29,7 @@ and masks follow ``SAM2ImagePredictor`` (``convention``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import onnx
@@ -94,10 +94,23 @@ class MaskEvaluator:
         self._targets: dict[int, MaskTarget] = {}  # sample index -> its mask, counted per upscaling cell
         self.evaluations = 0  # decoder runs, one per image per evaluated index
 
-    def with_decoder(self, decoder: onnx.ModelProto) -> MaskEvaluator:
-        """The same images, embeddings and site scored through another decoder (another mask token)."""
-        return MaskEvaluator(decoder, self.samples, self.embeddings, self.batch_size, self.embedder, self.features,
-                             self.convention)
+    def with_decoder(self, decoder: onnx.ModelProto, samples: Sequence[Sample] | None = None,
+                     at_site: bool = True) -> MaskEvaluator:
+        """The same images and embeddings scored through another decoder (another mask token).
+
+        ``samples``: other prompts on the same images, k per image in the order of this evaluator's rows (as
+        ``calibrate.evidence.evidence_samples`` makes them); ``at_site=False``: at the embedding, whatever this
+        evaluator's site (the unmodified model needs no encoder suffix).
+        """
+        copies = 1 if samples is None else len(samples) // len(self.samples)
+        if samples is not None and (copies < 1 or len(samples) != copies * len(self.samples)):
+            raise ValueError(f"{len(samples)} samples are not a whole number of prompts per image")
+        if copies > 1 and at_site and self.embedder is not None:
+            raise ValueError("more prompts per image are scored at the embedding only (at_site=False)")
+        embeddings = self.embeddings if copies == 1 else np.repeat(self.embeddings, copies, axis=0)
+        features = {name: [v for v in values for _ in range(copies)] for name, values in self.features.items()}
+        return MaskEvaluator(decoder, self.samples if samples is None else samples, embeddings, self.batch_size,
+                             self.embedder if at_site else None, features, self.convention)
 
     @property
     def zero(self) -> int:
@@ -129,9 +142,20 @@ class MaskEvaluator:
     def low_res_logits(self, index: np.ndarray | None = None, rows: Sequence[int] | None = None
                        ) -> list[np.ndarray]:
         """256x256 mask logits for ``index`` (None: the unmodified model), one per row of ``rows`` (None: all)."""
-        index = self.identity() if index is None else np.asarray(index, dtype=np.int64)
         rows = self._rows(rows)
-        logits: dict[int, np.ndarray] = {}
+        logits = dict(self._decoded(index, rows))
+        return [logits[r][0] for r in rows]
+
+    def token_ious(self) -> np.ndarray:
+        """IoU (float64) of every mask the decoder returns (columns: one per mask token, when it returns every
+        token, ``graphops.mask_token.with_every_token``) on every row, for the unmodified model."""
+        rows = self._rows(None)
+        logits = dict(self._decoded(None, rows))
+        return np.array([[self._upscaling_of(r).iou(token, self._target_of(r)) for token in logits[r]] for r in rows])
+
+    def _decoded(self, index: np.ndarray | None, rows: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(row, its masks' logits: tokens x 256 x 256) for ``index`` on ``rows``, batch by batch."""
+        index = self.identity() if index is None else np.asarray(index, dtype=np.int64)
         session = self._session(zero_channel=self.embedder is None and bool((index == self.zero).any()))
         for batch in self.batches(rows):
             if self.embedder is None:
@@ -146,10 +170,8 @@ class MaskEvaluator:
                                   high_res=high_res_maps(features))
             feeds[index_input_name(EMBEDDING)] = decoder_index
             masks = session.run(["low_res_masks"], {k: v for k, v in feeds.items() if k in self._inputs})[0]
-            for row, i in enumerate(batch):
-                logits[i] = masks[row, 0]
-        self.evaluations += len(rows)
-        return [logits[r] for r in rows]
+            self.evaluations += len(batch)
+            yield from zip(batch, masks)
 
     def _embeddings_of(self, batch: list[int]) -> np.ndarray:
         """The batch's cached embeddings: a view when its rows are consecutive (batches usually are), so the

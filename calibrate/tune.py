@@ -66,7 +66,7 @@ from sam_reuse.calibrate.shipping import ORIGINAL_SHIPPED, TUNED_SHIPPED
 from sam_reuse.calibrate.suffix import SuffixEmbedder
 from sam_reuse.calibrate.token_choice import AUTO, MASK_TOKEN_CHOICES, TokenChoice, choose_token, given_token
 from sam_reuse.graphops.graph import fingerprint, load_graph
-from sam_reuse.graphops.mask_token import MASK_TOKENS, mask_token_of, with_mask_token
+from sam_reuse.graphops.mask_token import MASK_TOKENS, mask_token_of, with_every_token, with_mask_token
 from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
 from sam_reuse.graphops.rewrites import apply_reuse_map
 from sam_reuse.graphops.sites import Site, find_sites
@@ -481,24 +481,32 @@ def _encode(inputs: _Inputs, settings: TuneSettings) -> _Scoring:
 
 def _choose_mask_token(inputs: _Inputs, scoring: _Scoring, settings: TuneSettings
                        ) -> tuple[TokenChoice | None, onnx.ModelProto | None, _Scoring]:
-    """Every mask token scored on the cached embeddings, the token that ships, its decoder (None: token 0), and
-    the scoring the search goes on with (the shipped token's masks)."""
+    """Every mask token scored on the cached embeddings (one decoder run per prompt returns them all), the token
+    that ships, its decoder (None: token 0), and the scoring the search goes on with (that token's masks).
+
+    Held-out images are scored on the search's evidence too (their own prompt first): the token decision gained
+    power from it, the reuse decision did not (benchmarks/README.md, "Which mask token").
+    """
     if not inputs.chooses_token:
         return None, None, scoring
-    decoders = [inputs.decoder_model] + [with_mask_token(inputs.decoder_model, token, str(inputs.decoder))
-                                         for token in range(1, MASK_TOKENS)]
-    search_evals = [scoring.search_eval] + [scoring.search_eval.with_decoder(d) for d in decoders[1:]]
-    held_evals = [scoring.held] + [scoring.held.with_decoder(d) for d in decoders[1:]] if scoring.held else []
-    search_ious = [MeanOverPrompts(e, scoring.per_image).ious() for e in search_evals]
-    held_ious = [e.ious() for e in held_evals] or [np.zeros(0)] * MASK_TOKENS
+    every = with_every_token(inputs.decoder_model, str(inputs.decoder))
+    search_eval = scoring.search_eval.with_decoder(every, at_site=False)
+    search_ious = search_eval.token_ious().reshape(-1, scoring.per_image, MASK_TOKENS).mean(axis=1).T
+    held_ious = np.zeros((0, 1 + EVIDENCE[scoring.evidence], MASK_TOKENS))
+    scoring.token_evaluations = search_eval.evaluations
+    if scoring.held:
+        held_eval = scoring.held.with_decoder(every, evidence_samples(inputs.calibration.held_out, scoring.evidence),
+                                              at_site=False)
+        held_ious = held_eval.token_ious().reshape(len(inputs.calibration.held_out), -1, MASK_TOKENS)
+        scoring.token_evaluations += held_eval.evaluations
     if settings.mask_token == AUTO:
-        choice = choose_token(search_ious, held_ious, settings.selection, settings.ship_anyway)
+        choice = choose_token(list(search_ious), list(held_ious.mean(axis=1).T), list(held_ious[:, 0].T),
+                              settings.selection, settings.ship_anyway)
     else:
-        choice = given_token(int(settings.mask_token), search_ious, held_ious)
-    scoring.token_evaluations = sum(e.evaluations for e in [*search_evals[1:], *held_evals[1:]])
+        choice = given_token(int(settings.mask_token), list(search_ious), list(held_ious[:, 0].T))
     if choice.token == 0:
         return choice, None, scoring
-    shipped = decoders[choice.token]  # fresh evaluators: the search's cost is counted as before
+    shipped = with_mask_token(inputs.decoder_model, choice.token, str(inputs.decoder))
     return choice, shipped, replace(scoring, search_eval=scoring.search_eval.with_decoder(shipped),
                                     held=scoring.held.with_decoder(shipped) if scoring.held else None)
 

@@ -79,20 +79,34 @@ def mask_token_of(model: str | Path | onnx.ModelProto, where: str = "decoder") -
 
 
 def with_mask_token(model: onnx.ModelProto, token: int, where: str = "decoder") -> onnx.ModelProto:
-    """``model`` returning mask token ``token``'s mask and IoU prediction (fresh constants: others may share the
-    old ones); recorded in the metadata under MASK_TOKEN_PROPERTY."""
+    """``model`` returning mask token ``token``'s mask and IoU prediction; recorded in the metadata under
+    MASK_TOKEN_PROPERTY."""
     if not 0 <= token < MASK_TOKENS:
         raise SamReuseError(f"mask token {token}: SAM's decoder has tokens 0 to {MASK_TOKENS - 1}")
-    graph = load_graph(model)
-    for node in token_slices(graph, where):
-        dtype = constant_value(node.inputs[1]).dtype
-        node.inputs[1] = gs.Constant(f"{node.outputs[0].name}/mask_token_start", np.array([token], dtype=dtype))
-        node.inputs[2] = gs.Constant(f"{node.outputs[0].name}/mask_token_end", np.array([token + 1], dtype=dtype))
-    rewritten = finalize(graph)
+    rewritten = _sliced(model, token, token + 1, where)
     properties = {p.key: p.value for p in model.metadata_props}
     properties[MASK_TOKEN_PROPERTY] = str(token)
     onnx.helper.set_model_props(rewritten, properties)
     return rewritten
+
+
+def with_every_token(model: onnx.ModelProto, where: str = "decoder") -> onnx.ModelProto:
+    """``model`` returning every mask token's mask and IoU prediction (B x MASK_TOKENS x ...), token k at k: one
+    decoder run scores them all (``calibrate.token_choice``)."""
+    return _sliced(model, 0, MASK_TOKENS, where)
+
+
+def _sliced(model: onnx.ModelProto, start: int, stop: int, where: str) -> onnx.ModelProto:
+    """Both token Slices set to ``start:stop`` (fresh constants: other nodes may share the old ones)."""
+    graph = load_graph(model)
+    for node in token_slices(graph, where):
+        dtype = constant_value(node.inputs[1]).dtype
+        node.inputs[1] = gs.Constant(f"{node.outputs[0].name}/mask_token_start", np.array([start], dtype=dtype))
+        node.inputs[2] = gs.Constant(f"{node.outputs[0].name}/mask_token_end", np.array([stop], dtype=dtype))
+    for output in graph.outputs:  # the token axis of the outputs follows the slice
+        if output.shape is not None and len(output.shape) >= 2:
+            output.shape = [output.shape[0], stop - start, *output.shape[2:]]
+    return finalize(graph)
 
 
 def with_mask_token_file(decoder: str | Path, token: int, out: str | Path) -> None:

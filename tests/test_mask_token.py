@@ -67,11 +67,11 @@ def test_a_token_that_helps_steadily_ships_and_one_that_flips_a_few_images_does_
     steady = [0.04, 0.05, 0.03, 0.06, 0.04, 0.05] * 5
     flips = [0.0] * 27 + [0.9, 0.9, -0.3]
     search = [_ious([0.0] * 30), _ious(steady), _ious(flips), _ious([-0.2] * 30)]
-    choice = choose_token(search, search, "cross-fitted")
+    choice = choose_token(search, search, search, "cross-fitted")
     assert choice.candidate == 1 and choice.token == 1 and choice.decision.ship_tuned
     # The search split's best token loses on the held-out split: token 0 stays.
     held = [_ious([0.0] * 30), _ious([-0.05] * 30), _ious(flips), _ious([-0.2] * 30)]
-    kept = choose_token(search, held, "cross-fitted")
+    kept = choose_token(search, held, held, "cross-fitted")
     assert kept.candidate == 1 and kept.token == 0 and not kept.decision.ship_tuned
 
 
