@@ -175,7 +175,7 @@ class TuneReport:
                  "int8": None if data.get("int8") is None else Int8Summary(**data["int8"]),
                  "mask_token": (None if data.get("mask_token") is None
                                 else MaskTokenSummary.from_json(data["mask_token"]))}
-        return cls(**{f.name: typed.get(f.name, data[f.name]) for f in fields(cls)})
+        return cls(**{f.name: typed[f.name] if f.name in typed else data[f.name] for f in fields(cls)})
 
     def write(self, folder: Path) -> None:
         """report.json and report.md in ``folder`` (a staging folder: they are published together)."""

@@ -134,3 +134,15 @@ def test_cli_rewrites_a_decoder_to_a_token_and_refuses_bad_requests(tiny_exports
         assert main(argv) == 2
         assert problem in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists() and mask_token_of(export.decoder) == 0
+
+
+def test_a_report_written_before_mask_tokens_loads_without_one(tmp_path):
+    from sam_reuse.calibrate.report import TuneReport
+
+    encoder, decoder = synthetic.write_models(tmp_path / "models", tokens=True)
+    settings = TuneSettings(top_n=2, overlays=0, progress=False, cache_dir=str(tmp_path))
+    tune(encoder, decoder, synthetic.write_dataset(tmp_path / "data", 8), tmp_path / "out", settings)
+    older = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert older.pop("mask_token")["shipped"] == synthetic.OBJECT_TOKEN
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert TuneReport.load(tmp_path / "older.json").mask_token is None
