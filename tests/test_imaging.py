@@ -209,3 +209,24 @@ def test_sam2_prompts_put_the_box_first_and_always_pad():
     np.testing.assert_allclose(coords, [[[10.24, 40.96], [307.2, 819.2], [102.4, 102.4], [0, 0]]], rtol=1e-6)
     _, sam_labels = imaging.prompt_arrays(prompt, (500, 1000))
     np.testing.assert_array_equal(sam_labels, [[1, 2, 3]])
+
+
+def test_a_jpeg_stored_sideways_is_read_upright_like_its_mask(tmp_path):
+    """A phone's JPEG is stored sideways with an EXIF orientation tag; its mask is drawn on the upright picture."""
+    from sam_reuse.base.imaging import EXIF_ORIENTATION, load_image_rgb
+    from sam_reuse.calibrate.data import load_calibration
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :10] = 255  # the left strip as stored: the top strip once turned 90 degrees clockwise (tag 6)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[EXIF_ORIENTATION] = 6
+    image.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    upright = load_image_rgb(tmp_path / "phone.jpg")
+    assert upright.shape == (40, 20, 3) and upright[:10].mean() > 250 and upright[12:].mean() < 5
+    mask = np.zeros((40, 20), dtype=np.uint8)
+    mask[:10] = 255
+    Image.fromarray(mask).save(tmp_path / "phone.png")
+    (tmp_path / "manifest.jsonl").write_text('{"image": "phone.jpg", "mask": "phone.png"}\n')
+    sample = load_calibration(tmp_path, search_images=1, holdout_images=0, min_images=1).search[0]
+    assert sample.hw == (40, 20) and sample.mask[:10].all() and not sample.mask[10:].any()

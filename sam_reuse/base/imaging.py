@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.records import Prompt
@@ -62,13 +62,24 @@ def open_image(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
                 if width * height > MAX_PIXELS:
                     raise SamReuseError(f"{path}: {what} is {width}x{height} pixels, too large to decode (limit "
                                         f"{MAX_PIXELS:,} pixels): a decompression bomb, or an image to downscale")
-                yield img
+                yield _upright(img)
     except FileNotFoundError:
         raise SamReuseError(f"{path}: {what} not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SamReuseError(f"{path}: {what} too large to decode ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise SamReuseError(f"{path}: cannot read {what} ({exc})") from None
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: turned by its EXIF orientation, as cv2.imread and browsers do (a phone's
+    JPEG is stored sideways with a tag saying so, and its mask is drawn on the upright picture)."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+        return ImageOps.exif_transpose(img)
+    return img
 
 
 def to_rgb8(img: Image.Image) -> np.ndarray:
