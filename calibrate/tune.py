@@ -32,7 +32,6 @@ from sam_reuse.base.contract import (
     FIRST_ORDER_POINTS,
     FIRST_ORDER_SCORER,
     JOURNAL,
-    REUSE_MAP_PROPERTY,
     TUNE_OUTPUTS,
 )
 from sam_reuse.base.errors import SamReuseError
@@ -68,7 +67,7 @@ from sam_reuse.calibrate.token_choice import AUTO, MASK_TOKEN_CHOICES, TokenChoi
 from sam_reuse.graphops.graph import fingerprint, load_graph
 from sam_reuse.graphops.mask_token import MASK_TOKENS, mask_token_of, with_every_token, with_mask_token
 from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
-from sam_reuse.graphops.rewrites import apply_reuse_map
+from sam_reuse.graphops.rewrites import apply_reuse_map, require_original
 from sam_reuse.graphops.sites import Site, find_sites
 
 # What tune publishes: the encoder and map under these names when they ship, under the others when the evidence
@@ -404,19 +403,11 @@ def _first_order_scorer(decoder: Path, site: Site) -> Path:
     return scorer
 
 
-def _check_original(encoder: Path, encoder_model: onnx.ModelProto) -> None:
-    """The encoder to tune is not already rewritten by a map (its metadata would be overwritten, its pairs lost)."""
-    tuned = next((p.value for p in encoder_model.metadata_props if p.key == REUSE_MAP_PROPERTY), None)
-    if tuned is not None and ReuseMap.from_json(json.loads(tuned)).num_pairs:
-        raise SamReuseError(f"{encoder}: already rewritten by a reuse map (see its metadata '{REUSE_MAP_PROPERTY}'); "
-                            "tune the original encoder")
-
-
 def _prepare(encoder: Path, decoder: Path, data: Path, out_dir: Path, settings: TuneSettings) -> _Inputs:
     _check_settings(settings)
     encoder_model = load_model(encoder, "encoder ONNX", role="encoder")
     decoder_model = load_model(decoder, "decoder ONNX", role="decoder")
-    _check_original(encoder, encoder_model)
+    require_original(encoder_model, encoder, "tune")
     convention, _ = check_pair(encoder_model, decoder_model, encoder, decoder)
     site = _site(encoder_model, encoder, settings.site)
     _check_channel_specs(settings, site.name, site.channels)

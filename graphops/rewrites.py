@@ -164,12 +164,23 @@ def apply_reuse_map(model: str | Path | onnx.ModelProto, reuse_map: ReuseMap, st
     return result, applied
 
 
+def require_original(model: onnx.ModelProto, where: str | Path, what: str) -> None:
+    """Refuse an encoder a map already rewrote: its metadata would be overwritten by the new map and its pairs
+    lost from every record (``verify`` compares the original plus one map)."""
+    recorded = next((p.value for p in model.metadata_props if p.key == REUSE_MAP_PROPERTY), None)
+    if recorded is not None and ReuseMap.from_json(json.loads(recorded)).num_pairs:
+        raise SamReuseError(f"{where}: already rewritten by a reuse map (see its metadata '{REUSE_MAP_PROPERTY}'); "
+                            f"{what} the original encoder")
+
+
 def apply_reuse_map_file(encoder: str | Path, reuse_map_path: str | Path, out: str | Path,
                          strategy: str = "auto") -> dict[str, str]:
     """``apply_reuse_map`` from files to a file, written atomically; returns the strategy per site."""
     refuse_overwriting(out, encoder, reuse_map_path)
     check_output_file(out, "--out", kind=ENCODER_KIND)  # never over a decoder or a record
-    model, applied = apply_reuse_map(load_model(encoder, "encoder ONNX"), ReuseMap.load(reuse_map_path), strategy)
+    model = load_model(encoder, "encoder ONNX")
+    require_original(model, encoder, "apply maps to")
+    model, applied = apply_reuse_map(model, ReuseMap.load(reuse_map_path), strategy)
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
     return applied
