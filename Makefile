@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c constraints.txt -e '.[export,test,trt]'
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation -c constraints.txt sam2==1.1.0
+	# A real SAM app's runtime for the interop tests: samexporter's client needs only OpenCV, Pillow, numpy and
+	# ONNX Runtime (its own dependencies pull another torch and the exporter's extras).
+	$(PIP) install -q --no-deps samexporter==0.5.0 opencv-python-headless==5.1.0.95
 	touch $(STAMP)
 
 weights: $(STAMP)

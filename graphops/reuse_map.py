@@ -29,6 +29,8 @@ from sam_reuse.base.contract import REUSE_MAP_FORMAT
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import write_json
 
+MAX_MAP_BYTES = 64 << 20  # a map of every channel of the widest site is a few hundred kilobytes
+
 
 def reuse_index(channels: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
     """Gather indices of a set of pairs: ``X' = take(X, index, axis)``, every source read from the original."""
@@ -115,12 +117,16 @@ class ReuseMap:
     @classmethod
     def load(cls, path: str | Path) -> "ReuseMap":
         path = Path(path)
+        if path.exists() and not path.is_file():
+            raise SamReuseError(f"{path}: reuse map is not a regular file")
+        if path.is_file() and path.stat().st_size > MAX_MAP_BYTES:
+            raise SamReuseError(f"{path}: {path.stat().st_size:,} bytes, too large for a reuse map")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SamReuseError(f"{path}: reuse map not found") from None
-        except json.JSONDecodeError as exc:
-            raise SamReuseError(f"{path}: not valid JSON ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise SamReuseError(f"{path}: not a JSON reuse map ({type(exc).__name__}: {exc})") from None
         return cls.from_json(data, str(path))
 
     def validate(self, available: Mapping[str, Any], model_fingerprint: str | None = None) -> None:

@@ -158,6 +158,11 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "apply: over the decoder": (["apply", enc, rmap, "--out", dec],
                                     f"--out {dec}: holds a SAM decoder, not a SAM encoder; name another file"),
         "apply: into a FIFO": (["apply", enc, rmap, "--out", fifo], f"--out {fifo}: is not a regular file"),
+        "app-format: unknown format": (["app-format", "--format", "labelme", "--encoder", enc, "--decoder", dec,
+                                        "--out", str(root / "app")], "--format: unknown app format 'labelme'"),
+        "app-format: a decoder not exported here": (["app-format", "--format", "samexporter", "--encoder", enc,
+                                                     "--decoder", enc, "--out", str(root / "app")],
+                                                    "encoder.onnx: not a SAM decoder exported by export-and-tune"),
         "mask-token: a decoder without token slices": (["mask-token", dec, "1", "--out", str(root / "t.onnx")],
                                                        "before 'low_res_masks'"),
         "mask-token: over the encoder": (["mask-token", dec, "1", "--out", enc], f"--out {enc}: holds a SAM encoder"),
@@ -165,12 +170,18 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "apply: a map that is a list": (["apply", enc, listed, "--out", str(root / "x.onnx")], "a JSON list"),
         "apply: a fractional channel": (["apply", enc, fractional, "--out", str(root / "x.onnx")],
                                         "malformed site entry (2.5 is not an integer)"),
+        "apply: a map that is a folder": (["apply", enc, str(root / "cache"), "--out", str(root / "x.onnx")],
+                                          "cache: reuse map is not a regular file"),
+        "apply: a map that is not UTF-8": (["apply", enc, str(root / "latin1.json"), "--out", str(root / "x.onnx")],
+                                           "latin1.json: not a JSON reuse map (UnicodeDecodeError"),
+        "apply: a map nested 100,000 deep": (["apply", enc, str(root / "deep.json"), "--out", str(root / "x.onnx")],
+                                             "deep.json: not a JSON reuse map (RecursionError"),
         "apply: on a tuned encoder": (["apply", tuned, rmap, "--out", str(root / "x.onnx")],
                                       f"{tuned}: already rewritten by a reuse map"),
         "apply: an encoder that is not ONNX": (["apply", garbage, rmap, "--out", str(root / "x.onnx")],
                                                "garbage.onnx: not a readable ONNX model"),
         "apply: a map that is not JSON": (["apply", enc, garbage, "--out", str(root / "x.onnx")],
-                                          "garbage.onnx: not valid JSON"),
+                                          "garbage.onnx: not a JSON reuse map"),
         "apply: a missing map": (["apply", enc, str(root / "gone.json"), "--out", str(root / "x.onnx")],
                                  "gone.json: reuse map not found"),
         # verify
@@ -297,6 +308,8 @@ def campaign_folder(tuned_folder):
     (root / "half.json").write_text(rmap_text.replace("[\n          2,", "[\n          2.5,"))
     (root / "garbage.onnx").write_bytes(b"\x08garbage, not protobuf")
     (root / "empty.onnx").write_bytes(b"")
+    (root / "latin1.json").write_bytes("{\"format\": \"caf\u00e9\"}".encode("latin-1"))
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (root / "e.engine").write_bytes(b"engine")
     (root / "bad.engine").write_bytes(b"engine")
     (root / "bad.engine.json").write_text("{not json")

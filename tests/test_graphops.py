@@ -143,7 +143,7 @@ def test_reuse_map_json_round_trip(tmp_path):
     assert loaded.sites == {"hidden": SiteReuse("hidden", -1, 10, ((0, 2), (4, 1)))}
     assert loaded.model_fingerprint == reuse_map.model_fingerprint and loaded.meta == {"strategy": "test"}
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(SamReuseError, match="bad.json: not valid JSON"):
+    with pytest.raises(SamReuseError, match="bad.json: not a JSON reuse map"):
         ReuseMap.load(tmp_path / "bad.json")
 
 

@@ -1,4 +1,5 @@
-"""``export-and-tune fetch-weights | export``: real weights, and a checkpoint exported to verified ONNX."""
+"""``export-and-tune fetch-weights | export | app-format``: real weights, a checkpoint exported to verified ONNX,
+and a pair (tuned or not) in the formats SAM apps load."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sam_reuse.cli.common import (
     resolve_checkpoint,
     verify_records,
 )
+from sam_reuse.samples import BUNDLED_DATA
 
 
 def register(sub: argparse._SubParsersAction) -> dict:
@@ -28,7 +30,17 @@ def register(sub: argparse._SubParsersAction) -> dict:
                              "(decoder.prompts.onnx), multimask (decoder.prompts.multimask.onnx), or both, "
                              "comma-separated")
     add_first_order_arg(export)
-    return {"fetch-weights": _fetch, "export": _export}
+
+    app = sub.add_parser("app-format", help="write an encoder/decoder pair (e.g. the tuned one) in the format a SAM "
+                         "app loads: samexporter or anylabeling (also X-AnyLabeling)")
+    app.add_argument("--format", required=True, help="samexporter or anylabeling")
+    app.add_argument("--encoder", type=Path, required=True, help="encoder ONNX, e.g. OUT/encoder.tuned.onnx")
+    app.add_argument("--decoder", type=Path, required=True, help="decoder ONNX, e.g. OUT/decoder.tuned.onnx")
+    app.add_argument("--out", type=Path, required=True, help="output folder for the app's files")
+    app.add_argument("--check-data", type=Path, default=BUNDLED_DATA,
+                     help="labelled folder whose first record checks the app pair against ours "
+                          "(default: bundled isic2016)")
+    return {"fetch-weights": _fetch, "export": _export, "app-format": _app_format}
 
 
 def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: bool = False):
@@ -67,6 +79,18 @@ def export_and_report(args: argparse.Namespace, out: Path | None = None, reuse: 
 
 def _export(args: argparse.Namespace) -> int:
     export_and_report(args)
+    return 0
+
+
+def _app_format(args: argparse.Namespace) -> int:
+    from sam_reuse.base.files import check_output_folder
+    from sam_reuse.calibrate.data import read_records
+    from sam_reuse.exporter.app_formats import check_app_format, write_app_format
+
+    check_app_format(args.format)
+    check_output_folder(args.out)
+    written = write_app_format(args.format, args.encoder, args.decoder, args.out, read_records(args.check_data)[:1])
+    print(f"wrote {args.out}: {', '.join(written)} (checked against our pipeline on {args.check_data})")
     return 0
 
 
