@@ -32,7 +32,7 @@ from scipy.ndimage import distance_transform_edt
 
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import sha256_file
-from sam_reuse.base.imaging import open_image
+from sam_reuse.base.imaging import open_image, resized_shape
 from sam_reuse.base.records import Prompt, Record, Sample
 
 MANIFEST = "manifest.jsonl"
@@ -254,6 +254,9 @@ def load_sample(record: Record, prompt_mode: str = "given") -> Sample:
     if not record.image.is_file():
         raise SamReuseError(f"{record.image}: image not found")
     hw, digest = _image_size_and_hash(record.image)
+    if min(resized_shape(*hw)) < 1:
+        raise SamReuseError(f"{record.image}: {hw[1]}x{hw[0]} pixels; a side shrinks to nothing when the longest "
+                            "becomes 1024")
     mask = load_mask(record.mask)
     if mask.shape != hw:
         raise SamReuseError(f"{record.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {hw[1]}x{hw[0]}")

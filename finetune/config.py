@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +38,8 @@ class PeftConfig:
             raise SamReuseError(f"--rank {self.rank}: must be at least 1 (cobot: a multiple of 4)")
         if not 0 < self.sct_fraction <= 1 or not 0 < self.sfa_budget <= 1:
             raise SamReuseError("sct_fraction and sfa_budget must be in (0, 1]")
+        if not math.isfinite(self.alpha):
+            raise SamReuseError(f"--alpha {self.alpha}: must be a finite number (it scales the adapter's weights)")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -270,6 +270,7 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
         "quantize: --decoder that is the encoder": (["quantize", enc, "--decoder", enc, "--data", data,
                                                      "--no-progress"], "not a SAM decoder"),
         # peft-train
+        "peft-train: --alpha nan": (train + ["--alpha", "nan"], "--alpha nan: must be a finite number"),
         "peft-train: --device tpu": (train + ["--device", "tpu"], "--device tpu: not a torch device"),
         "peft-train: --device meta": (train + ["--device", "meta"],
                                        "--device meta: adapters train on cpu or cuda only"),

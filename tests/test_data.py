@@ -185,19 +185,25 @@ def test_bad_files_are_listed_in_one_warning_and_skipped(tmp_path):
     (folder / "r3.png").unlink()  # missing mask
     _save(folder / "r6.png", np.zeros((32, 32), dtype=np.uint8))  # empty mask
     (folder / "r7.jpg").unlink()  # missing image
+    _save(folder / "r8.jpg", np.zeros((3000, 1, 3), dtype=np.uint8))  # a side that shrinks to nothing at 1024
+    _save(folder / "r8.png", np.full((3000, 1), 255, dtype=np.uint8))
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    lines[8] = json.dumps({"image": "r8.jpg", "mask": "r8.png", "points": [[0, 1500]], "labels": [1]})
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         calibration = load_calibration(folder)
     skipped_warnings = [w for w in caught if issubclass(w.category, SkippedRecordsWarning)]
     assert len(skipped_warnings) == 1
     text = str(skipped_warnings[0].message)
-    assert "skipped 5 unusable record(s)" in text
+    assert "skipped 6 unusable record(s)" in text
     for key, reason in {"r1": "cannot read image", "r2": "mask is 32x16, image is 32x32", "r3": "mask not found",
-                        "r6": "empty mask", "r7": "image not found"}.items():
+                        "r6": "empty mask", "r7": "image not found",
+                        "r8": "1x3000 pixels; a side shrinks to nothing"}.items():
         assert key in calibration.skipped and reason in calibration.skipped[key] and reason in text
     # The split was made before dropping: bad search records never pull held-out images forward.
     assert [s.key for s in calibration.search] == ["r0", "r4"]
-    assert [s.key for s in calibration.held_out] == ["r5", "r8", "r9"]
+    assert [s.key for s in calibration.held_out] == ["r5", "r9"]
 
 
 def test_too_few_usable_records_is_an_error(tmp_path):
