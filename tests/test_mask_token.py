@@ -146,3 +146,13 @@ def test_a_report_written_before_mask_tokens_loads_without_one(tmp_path):
     assert older.pop("mask_token")["shipped"] == synthetic.OBJECT_TOKEN
     (tmp_path / "older.json").write_text(json.dumps(older))
     assert TuneReport.load(tmp_path / "older.json").mask_token is None
+
+
+def test_runs_errors_name_the_published_folder_not_its_work_folder(tmp_path, capsys):
+    encoder, decoder = synthetic.write_models(tmp_path / "plain")
+    data = synthetic.write_dataset(tmp_path / "data", 8)
+    out = tmp_path / "out"
+    assert main(["run", "--encoder", str(encoder), "--decoder", str(decoder), "--data", str(data), "--out", str(out),
+                 "--mask-token", "1", "--engines", "none", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--mask-token: {out / 'decoder.onnx'}: no Slice" in err and ".run-work" not in err

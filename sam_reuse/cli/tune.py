@@ -8,8 +8,9 @@ decoder's mask token) and 3 when the originals do
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.cli.common import add_data_args, add_model_args, add_search_args, tune_settings
@@ -128,6 +129,15 @@ def _is_exported_pair(out: Path, encoder: Path, decoder: Path) -> bool:
         return False
 
 
+@contextmanager
+def _named_as_published(work: Path, out: Path) -> Iterator[None]:
+    """Errors about files of the work folder name them where the user will find them (OUT, not OUT/.run-work)."""
+    try:
+        yield
+    except SamReuseError as exc:
+        raise SamReuseError(str(exc).replace(str(work), str(out))) from None
+
+
 def _run(args: argparse.Namespace) -> int:
     """Export (or copy the given ONNX pair), tune and build the engines of what ships; publish it all at once.
 
@@ -156,7 +166,8 @@ def _run(args: argparse.Namespace) -> int:
     replacing = (*EXPORT_OUTPUTS, APP_DECODER_OUTPUTS, FIRST_ORDER_SCORER, *EXPORT_DERIVED_OUTPUTS, JOURNAL)
     linked = (*EXPORT_OUTPUTS, *(path.name for path in args.out.glob(APP_DECODER_OUTPUTS)),
               *([FIRST_ORDER_SCORER] if (args.out / FIRST_ORDER_SCORER).is_file() else []))
-    with folder_lock(args.out), resumable_outputs(args.out, replacing, linked=linked, copied=(JOURNAL,)) as work:
+    with folder_lock(args.out), resumable_outputs(args.out, replacing, linked=linked, copied=(JOURNAL,)) as work, \
+            _named_as_published(work, args.out):
         if args.encoder is not None:
             if not _is_exported_pair(args.out, args.encoder, args.decoder):
                 for stale in ("export.json", *linked[len(EXPORT_OUTPUTS):]):  # of the models this run replaces
