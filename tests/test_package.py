@@ -73,3 +73,23 @@ def test_imports_run_one_way(installed, tmp_path):
                   "sys.exit(lint_imports_command())", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Contracts: 2 kept, 0 broken." in result.stdout
+
+
+def test_imports_run_one_way_in_this_checkout(tmp_path):
+    """The same contracts where developers work: an editable install maps sam_reuse.calibrate and the others to
+    top-level folders, which import-linter cannot follow, so it reads a view of links laid out as the wheel is."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    view = tmp_path / "view" / "sam_reuse"
+    view.mkdir(parents=True)
+    for entry in (REPO / "sam_reuse").iterdir():
+        (view / entry.name).symlink_to(entry)
+    for package, folder in setuptools["package-dir"].items():
+        (view / package.removeprefix("sam_reuse.")).symlink_to(REPO / folder)
+    result = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                             f"sys.argv = ['lint-imports', '--config', {str(REPO / 'pyproject.toml')!r}]; "
+                             "sys.exit(lint_imports_command())"], capture_output=True, text=True, cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(view.parent)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Contracts: 2 kept, 0 broken." in result.stdout
