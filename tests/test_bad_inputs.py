@@ -386,3 +386,17 @@ def test_a_new_export_removes_what_was_derived_from_the_models_it_replaces(capsy
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "export.json", "notes.txt"]
     assert (out / "notes.txt").read_text() == "earlier" and (out / "encoder.onnx").read_bytes() != b"earlier"
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file", "in /proc"])
+def test_a_cache_folder_that_cannot_hold_files_is_one_line(tuned_folder, tmp_path, monkeypatch, capsys, where):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    cache = {"a file": afile, "below a file": afile / "below", "in /proc": Path("/proc/sam-reuse-cache")}[where]
+    monkeypatch.setenv("SAM_REUSE_CACHE", str(cache))
+    argv = ["evaluate", "--encoder", str(tuned_folder / "encoder.onnx"), "--decoder",
+            str(tuned_folder / "decoder.onnx"), "--data", str(tuned_folder / "data"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"$SAM_REUSE_CACHE {cache}:" in err
+    assert afile.read_text() == "mine"

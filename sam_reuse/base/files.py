@@ -22,8 +22,11 @@ from sam_reuse.base.errors import SamReuseError
 
 
 def cache_root() -> Path:
-    """Where downloads and activations are cached: ``$SAM_REUSE_CACHE`` or ``~/.cache/sam-reuse``."""
-    return Path(os.environ.get("SAM_REUSE_CACHE") or Path.home() / ".cache" / "sam-reuse")
+    """Where downloads and activations are cached: ``$SAM_REUSE_CACHE`` or ``~/.cache/sam-reuse``, made if needed
+    and refused in one line where it cannot hold files (a file, below a file, a read-only place)."""
+    chosen = os.environ.get("SAM_REUSE_CACHE")
+    return ensure_writable_dir(chosen or Path.home() / ".cache" / "sam-reuse",
+                               "$SAM_REUSE_CACHE" if chosen else "the cache folder")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -49,7 +52,7 @@ def ensure_writable_dir(path: str | os.PathLike, option: str = "") -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise SamReuseError(f"{named}: output directory is not writable ({exc.strerror or exc})") from exc
+        raise SamReuseError(f"{named}: not a folder this user can write in ({exc.strerror or exc})") from exc
     return path
 
 
