@@ -111,7 +111,7 @@ def read_manifest(folder: str | Path) -> list[Record]:
             if box is not None and not (box[0] < box[2] and box[1] < box[3]):
                 raise ValueError(f"'box' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, not {box.tolist()}")
             key = _plain_name(entry.get("id", Path(image).stem), "id")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
             raise SamReuseError(f"{manifest}:{line_no}: not a record with 'image' and 'mask' ({exc})") from None
         if key in seen:
             raise SamReuseError(f"{manifest}:{line_no}: record id '{key}' already used on line {seen[key]}")

@@ -260,3 +260,13 @@ def test_missing_layouts_are_clear_errors(tmp_path):
         read_records(tmp_path, masks=tmp_path / "nope")
     with pytest.raises(SamReuseError, match="the images' own folder \\(each image would be its own mask\\)"):
         read_records(tmp_path, masks=tmp_path / ".")
+
+
+def test_a_manifest_line_nested_10000_deep_is_named_not_a_crash(tmp_path):
+    folder = _dataset(tmp_path / "d", 2)
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    lines[1] = '{"image": "r1.jpg", "mask": "r1.png", "extra": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SamReuseError, match=r"manifest.jsonl:2: not a record with 'image' and 'mask' \(maximum "
+                                            "recursion depth"):
+        read_records(folder)
