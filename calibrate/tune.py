@@ -786,8 +786,17 @@ def _evaluate_split(encoder: str | Path, decoder: str | Path, data: str | Path, 
 
 
 def copy_model(source: str | Path, target: Path) -> None:
-    """Copy an ONNX file into an output folder atomically (used when tuning an existing pair)."""
+    """Copy an ONNX file, with the external data files it names (models over 2 GB need them), into an output
+    folder atomically (used when tuning an existing pair)."""
     source = _require_file(Path(source), "ONNX model")
-    if source.resolve() != target.resolve():
-        with staged_outputs(target.parent) as staging:
-            shutil.copyfile(source, staging / target.name)
+    if source.resolve() == target.resolve():
+        return
+    model = onnx.load(str(source), load_external_data=False)
+    data_files = sorted({entry.value for tensor in model.graph.initializer
+                         if tensor.data_location == onnx.TensorProto.EXTERNAL
+                         for entry in tensor.external_data if entry.key == "location"})
+    with staged_outputs(target.parent) as staging:
+        shutil.copyfile(source, staging / target.name)
+        for name in data_files:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.parent / name, staging / name)

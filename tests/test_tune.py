@@ -524,3 +524,19 @@ def test_evaluator_batches_mixed_prompts_and_image_sizes_like_one_at_a_time(task
         expected = binary_iou(logits_to_mask(upscale_logits(logits[0, 0], sample.hw)), sample.mask)
         assert batched.ious(index)[i] == pytest.approx(expected, abs=1e-12)
     assert batched.evaluations == 8 + 3 + 8 + 8 * 8
+
+
+def test_run_takes_an_encoder_saved_with_external_data(tmp_path):
+    """Models over 2 GB (SAM ViT-H) must keep their weights in external data files: run copies them along."""
+    encoder, decoder = synthetic.write_models(tmp_path / "models")
+    external = tmp_path / "external"
+    external.mkdir()
+    onnx.save(onnx.load(str(encoder)), str(external / "encoder.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="encoder.weights", size_threshold=0)
+    assert (external / "encoder.weights").stat().st_size > 0
+    data = synthetic.write_dataset(tmp_path / "data", 8)
+    out = tmp_path / "out"
+    status = main(["run", "--encoder", str(external / "encoder.onnx"), "--decoder", str(decoder), "--data", str(data),
+                   "--out", str(out), "--evidence", "given", "--top-pairs", "2", "--engines", "none",
+                   "--no-progress", "--cache-dir", str(tmp_path / "cache")])
+    assert status in (0, 3) and (out / "encoder.weights").is_file() and (out / "report.json").is_file()
