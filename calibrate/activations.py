@@ -49,9 +49,11 @@ class ActivationCache:
         if not path.is_file():
             return None
         try:
-            return np.load(path, mmap_mode="r")
+            value = np.load(path, mmap_mode="r")
         except (ValueError, OSError):
             return None  # unreadable entry: recompute and overwrite it
+        # A damaged entry that still loads (the encoder never writes NaN or inf: the export refuses such models).
+        return value if value.dtype == np.float32 and np.isfinite(value).all() else None
 
     def put(self, image_sha256: str, value: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -540,3 +540,22 @@ def test_run_takes_an_encoder_saved_with_external_data(tmp_path):
                    "--out", str(out), "--evidence", "given", "--top-pairs", "2", "--engines", "none",
                    "--no-progress", "--cache-dir", str(tmp_path / "cache")])
     assert status in (0, 3) and (out / "encoder.weights").is_file() and (out / "report.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "NaN", "float64"])
+def test_a_damaged_activation_cache_entry_is_recomputed(tmp_path, damage):
+    from sam_reuse.calibrate.activations import encode
+    from sam_reuse.calibrate.data import load_calibration
+
+    encoder, _ = synthetic.write_models(tmp_path / "models")
+    samples = load_calibration(synthetic.write_dataset(tmp_path / "data", 4), search_images=4,
+                               holdout_images=0).search
+    fresh = encode(encoder, samples, progress=False, cache_dir=tmp_path / "cache")
+    entry = next((tmp_path / "cache").rglob("*.npy"))
+    value = np.load(entry)
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:100])
+    else:
+        np.save(entry, np.full_like(value, np.nan) if damage == "NaN" else value.astype(np.float64) + 1)
+    np.testing.assert_array_equal(encode(encoder, samples, progress=False, cache_dir=tmp_path / "cache"), fresh)
+    np.testing.assert_array_equal(np.load(entry), value)  # and written back
