@@ -11,6 +11,7 @@ read with ``mmap_mode="r"``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import atomic_path, cache_root
 from sam_reuse.base.imaging import SAM1, load_image_rgb, preprocess
 from sam_reuse.base.records import Sample
@@ -26,6 +28,10 @@ from sam_reuse.graphops.graph import fingerprint
 from sam_reuse.graphops.probe import expose
 
 PREPROCESS_VERSION = "sam-1024-v1"  # bump when sam_reuse.base.imaging.preprocess changes
+
+
+class CacheNotWrittenWarning(UserWarning):
+    """The activation cache could not be written (full or read-only storage); the run goes on without it."""
 
 
 def _safe(name: str) -> str:
@@ -40,6 +46,7 @@ class ActivationCache:
         base = Path(root) if root is not None else cache_root() / "activations"
         preprocessing = PREPROCESS_VERSION + ("" if convention == SAM1 else f"-{convention}")
         self.folder = base / model_fingerprint[:24] / f"{_safe(tensor)}-{preprocessing}"
+        self.failed = False  # a write the storage refused: no more tries
 
     def path(self, image_sha256: str) -> Path:
         return self.folder / f"{image_sha256}.npy"
@@ -56,10 +63,18 @@ class ActivationCache:
         return value if value.dtype == np.float32 and np.isfinite(value).all() else None
 
     def put(self, image_sha256: str, value: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(image_sha256)) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(value, dtype=np.float32))
+        """Store an entry; where the storage refuses (full, read-only) the run goes on uncached, said once."""
+        if self.failed:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.path(image_sha256)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, np.ascontiguousarray(value, dtype=np.float32))
+        except (OSError, SamReuseError) as exc:
+            self.failed = True
+            warnings.warn(f"{self.folder}: the activation cache cannot be written ({exc}); going on without it, "
+                          "every image is encoded again next time", CacheNotWrittenWarning, stacklevel=2)
 
 
 def encode_tensors(encoder: str | Path | onnx.ModelProto, samples: Sequence[Sample], tensors: Sequence[str],

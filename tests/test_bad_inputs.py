@@ -400,3 +400,39 @@ def test_a_cache_folder_that_cannot_hold_files_is_one_line(tuned_folder, tmp_pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"$SAM_REUSE_CACHE {cache}:" in err
     assert afile.read_text() == "mine"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 1 MB tmpfs (needs the right to mount: root in a container that allows it; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root, or the container forbids it)")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tuned_folder, full_disk, capsys):
+    with open(full_disk / "filler", "wb", buffering=0) as filler:  # fill the disk to the last block
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:
+            pass
+    argv = ["apply", str(tuned_folder / "encoder.onnx"), str(tuned_folder / "map.json"), "--out",
+            str(full_disk / "x.onnx")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"export-and-tune: error: {full_disk / 'x.onnx'}: No space left on device while writing it; "
+                   "nothing was written (free space or choose another folder)")
+    assert [p.name for p in full_disk.iterdir()] == ["filler"]
+    # The activation cache on a full disk: the run goes on uncached, with one warning.
+    argv = ["evaluate", "--encoder", str(tuned_folder / "encoder.onnx"), "--decoder",
+            str(tuned_folder / "decoder.onnx"), "--data", str(tuned_folder / "data"), "--cache-dir",
+            str(full_disk / "cache"), "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "the activation cache cannot be written" in captured.err and "mIoU" in captured.out

@@ -9,6 +9,7 @@ error the temporary files are removed and existing outputs stay untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -145,7 +146,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        with _storage_named(final):
+            yield tmp
         os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; outputs get what any new file would
         os.replace(tmp, final)
     finally:
@@ -232,6 +234,22 @@ def _publish(staging: Path, out_dir: Path, replacing: Sequence[str]) -> None:
         os.replace(staging / name, out_dir / name)
 
 
+# The machine's storage failing a write, not a bug: full, over quota, read-only.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _storage_named(target: Path) -> Iterator[None]:
+    """A write that the storage refuses becomes one line naming the output (nothing half-written stays)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRORS:
+            raise
+        raise SamReuseError(f"{target}: {exc.strerror} while writing it; nothing was written (free space or "
+                            "choose another folder)") from None
+
+
 @contextlib.contextmanager
 def staged_outputs(out_dir: str | os.PathLike, replacing: Sequence[str] = ()) -> Iterator[Path]:
     """Collect a stage's outputs in a hidden staging directory, then publish them together.
@@ -251,7 +269,8 @@ def staged_outputs(out_dir: str | os.PathLike, replacing: Sequence[str] = ()) ->
     ensure_writable_dir(out_dir)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
     try:
-        yield staging
+        with _storage_named(out_dir):
+            yield staging
         _publish(staging, out_dir, replacing)
     except BaseException:
         if created and not any(p for p in out_dir.iterdir() if p not in (staging, out_dir / LOCK_NAME)):

@@ -16,6 +16,7 @@ import warnings
 from typing import Callable, Iterator, Sequence
 
 from sam_reuse.base.errors import SamReuseError
+from sam_reuse.base.files import STORAGE_ERRORS
 from sam_reuse.base.runtime import THREADS_VARIABLE
 from sam_reuse.cli import engine, export, graph, peft, tune
 
@@ -72,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: a bug, or a case no check foresaw
         if args.debug:
             raise
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:  # a write outside the output helpers
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"export-and-tune: error: {where}{exc.strerror} (free space or choose another folder)",
+                  file=sys.stderr)
+            return 2
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         print(f"export-and-tune {args.command}: unexpected error: {type(exc).__name__}"
               f"{': ' + detail if detail else ''} (rerun with --debug for the traceback)", file=sys.stderr)
