@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from sam_reuse.base.files import OUTPUTS_RECORD
 from sam_reuse.cli import main
 from sam_reuse.exporter.models import build_sam
 
@@ -384,8 +385,16 @@ def test_a_new_export_removes_what_was_derived_from_the_models_it_replaces(capsy
     code, _ = _run(capsys, "export", "--model-type", "test_vit_t", "--out", str(out), "--verify-images", "1",
                    "--no-first-order")
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "export.json", "notes.txt"]
+    listed = sorted(p.name for p in out.iterdir() if p.name != OUTPUTS_RECORD)
+    assert listed == ["decoder.onnx", "encoder.onnx", "export.json", "notes.txt"]
     assert (out / "notes.txt").read_text() == "earlier" and (out / "encoder.onnx").read_bytes() != b"earlier"
+    # The folder now records what sam-reuse published: a user's files that match an output pattern stay.
+    for name in ("yolo.engine", "reuse_map_handmade.json", "my.int8.onnx"):
+        (out / name).write_text("mine")
+    code, _ = _run(capsys, "export", "--model-type", "test_vit_t", "--out", str(out), "--verify-images", "1",
+                   "--no-first-order")
+    assert code == 0 and all((out / name).read_text() == "mine"
+                             for name in ("yolo.engine", "reuse_map_handmade.json", "my.int8.onnx"))
 
 
 @pytest.mark.parametrize("where", ["a file", "below a file", "in /proc"])

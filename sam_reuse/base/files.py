@@ -216,8 +216,22 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+OUTPUTS_RECORD = ".sam-reuse-outputs.json"  # the names sam-reuse published into a folder
+
+
+def _recorded_outputs(out_dir: Path) -> set[str] | None:
+    """The names sam-reuse published into ``out_dir``; None for a folder it wrote before it kept the record."""
+    try:
+        names = json.loads((out_dir / OUTPUTS_RECORD).read_text(encoding="utf-8"))["published"]
+        return {name for name in names if isinstance(name, str)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _publish(staging: Path, out_dir: Path, replacing: Sequence[str]) -> None:
-    """Move ``staging``'s entries into ``out_dir``; first remove the ``replacing`` files it does not renew.
+    """Move ``staging``'s entries into ``out_dir``; first remove the ``replacing`` files it does not renew, of
+    those an earlier stage published there (the folder's OUTPUTS_RECORD says which: a user's own
+    ``reuse_map_handmade.json`` or ``yolo.engine`` beside them stays).
 
     Hidden entries (a lock, another stage's staging folder left by a kill) are work, not outputs: they stay.
     """
@@ -226,12 +240,17 @@ def _publish(staging: Path, out_dir: Path, replacing: Sequence[str]) -> None:
         target = out_dir / name
         if target.is_dir() and not target.is_symlink():
             raise SamReuseError(f"{target}: a folder where an output goes; nothing was published (move it away)")
+    published = _recorded_outputs(out_dir)
     for pattern in replacing:
         for stale in out_dir.glob(pattern):
-            if stale.name not in fresh and stale.is_file():
+            ours = published is None or stale.name in published  # no record: a folder from before it was kept
+            if stale.name not in fresh and stale.is_file() and ours:
                 stale.unlink()
+    published = {name for name in (published or set()) if (out_dir / name).exists()} | fresh
     for name in sorted(fresh):
         os.replace(staging / name, out_dir / name)
+    with atomic_path(out_dir / OUTPUTS_RECORD) as tmp:
+        tmp.write_text(json.dumps({"published": sorted(published)}, indent=1) + "\n")
 
 
 # The machine's storage failing a write, not a bug: full, over quota, read-only.
