@@ -78,6 +78,19 @@ def read_adapters(path: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor]
     return PeftConfig.from_json(payload["config"]), payload["adapters"], payload.get("record", {})
 
 
+def check_base(path: str | Path, model_type: str, checkpoint: str | Path | None, seed: int) -> None:
+    """Refuse merging adapters into another base than they were trained on: another model type, or (without a
+    checkpoint, a seeded test model) another seed. Imported adapters name no base, so they pass."""
+    identity = _read(Path(path)).get("identity", {})
+    if "model_type" not in identity:
+        return
+    if identity["model_type"] != model_type:
+        raise SamReuseError(f"{path}: trained on {identity['model_type']}, not {model_type}")
+    if checkpoint is None and identity.get("checkpoint") is None and identity.get("seed") != seed:
+        raise SamReuseError(f"{path}: trained on {model_type} initialised with seed {identity.get('seed')}, not "
+                            f"{seed} (pass --seed {identity.get('seed')})")
+
+
 def import_lora(source: str | Path, out_dir: str | Path) -> tuple[Path, Path | None]:
     """Convert an external LoRA state dict into ``OUT/adapters.pt`` (+ ``OUT/base.pt`` if base weights came with it).
 
@@ -96,6 +109,9 @@ def import_lora(source: str | Path, out_dir: str | Path) -> tuple[Path, Path | N
         if match:
             factors.setdefault((match["block"], match["linear"]), {})[match["factor"]] = value
         elif key == "lora_alpha":
+            value = torch.as_tensor(value) if isinstance(value, (int, float)) else value
+            if not isinstance(value, torch.Tensor) or value.numel() != 1 or not torch.isfinite(value).all():
+                raise SamReuseError(f"{source}: 'lora_alpha' must be one finite number, not {str(value)[:80]}")
             alpha = float(value)
         elif ".lora_" in key:
             raise SamReuseError(f"{source}: key '{key}' is not of the form "

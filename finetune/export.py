@@ -30,7 +30,7 @@ from sam_reuse.exporter.onnx_export import (
 from sam_reuse.exporter.sam2_export import export_sam2
 from sam_reuse.exporter.wrappers import as_output_tuple
 from sam_reuse.finetune.blocks import encoder_steps, run_steps
-from sam_reuse.finetune.checkpoint import read_adapters
+from sam_reuse.finetune.checkpoint import check_base, read_adapters
 from sam_reuse.finetune.methods import attach, load_adapter_state, merge_adapters, trainable_count
 from sam_reuse.finetune.train import convention_of
 
@@ -39,6 +39,7 @@ MERGE_MAX_ABS_DIFF = 1e-3  # merged vs unmerged torch embedding (float re-associ
 
 def load_finetuned(model_type: str, checkpoint: str | Path | None, adapters: str | Path, seed: int = 0):
     """(model with adapters attached and loaded, config, training record)."""
+    check_base(adapters, model_type, checkpoint, seed)
     config, state, record = read_adapters(adapters)
     sam = build_sam(model_type, checkpoint, seed=seed)
     try:

@@ -292,6 +292,8 @@ def _campaign(root: Path) -> dict[str, tuple[list[str], str]]:
                                         "gone.pt: checkpoint not found"),
         "peft-import: source not a checkpoint": (["peft-import", rmap, "--out", str(root / "pi")],
                                                  "map.json: not a readable PyTorch checkpoint"),
+        "peft-import: a vector lora_alpha": (["peft-import", str(root / "vector_alpha.pt"), "--out", str(root / "pi")],
+                                             "vector_alpha.pt: 'lora_alpha' must be one finite number"),
         "peft-import: source is a folder": (["peft-import", folder, "--out", str(root / "pi")],
                                             "checkpoint is not a file"),
         "peft-import: --out is a file": (["peft-import", str(root / "adapters.pt"), "--out", rmap],
@@ -317,6 +319,10 @@ def campaign_folder(tuned_folder):
     (root / "bad.engine.json").write_text("{not json")
     (root / "adapters.pt").write_bytes(b"not a checkpoint")
     (root / "cache").mkdir(exist_ok=True)
+    import torch
+
+    torch.save({"lora_alpha": torch.ones(3),
+                "image_encoder.layers.3.blocks.1.attn.qkv.lora_A": torch.zeros(4, 8)}, root / "vector_alpha.pt")
     if not (root / "fifo").exists():
         os.mkfifo(root / "fifo")
     (root / "export.json").write_text('{"format": "sam-reuse/export@1", "model_type": "test_vit_t"}\n')

@@ -324,7 +324,7 @@ def test_cli_trains_and_exports_sam2_adapters(planted, tmp_path, capsys, sam2_im
     assert np.abs(onnx_outputs[0] - sam2_reference[0].numpy()).max() > 1e-3  # the export carries the adapters
     assert main(["peft-export", str(tmp_path / "adapters" / FINAL), "--model-type", "test_vit_t",
                  "--out", str(tmp_path / "mismatched"), "--verify-images", "1"]) == 2
-    assert "adapters.pt: does not fit test_vit_t" in capsys.readouterr().err
+    assert "adapters.pt: trained on test_sam2, not test_vit_t" in capsys.readouterr().err
     assert not (tmp_path / "mismatched").exists()
 
 
@@ -342,6 +342,10 @@ def test_cli_trains_and_exports_and_reports_bad_options(planted, tmp_path, capsy
     assert info["peft"]["method"] == "cobot" and info["parity"]["min_mask_iou"] > 0.999
     assert info["models"]["first_order"]["max_rel_diff_vs_torch"] < 1e-3
     assert (tmp_path / "export" / FIRST_ORDER_SCORER).is_file()
+    assert main(["peft-export", str(tmp_path / "adapters" / FINAL), "--model-type", "test_vit_t", "--seed", "7",
+                 "--out", str(tmp_path / "other-base"), "--verify-images", "1"]) == 2
+    assert "initialised with seed 0, not 7 (pass --seed 0)" in capsys.readouterr().err
+    assert not (tmp_path / "other-base").exists()
     assert main(["peft-train", "--model-type", "test_vit_t", "--method", "lora", "--blocks", "last:9",
                  "--data", str(planted), "--out", str(tmp_path / "bad")]) == 2
     assert "--blocks" in capsys.readouterr().err and not (tmp_path / "bad" / FINAL).exists()
