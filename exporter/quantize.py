@@ -101,14 +101,21 @@ def quantize_weight_matmuls(source: Path, destination: Path, calibration: Calibr
     ranges from ``calibration``'s feeds, the nodes of ``keep_float`` in float. Writes a temporary file beside
     ``destination`` (a staging folder's)."""
     prepared = destination.with_name(f".prepared.{destination.name}")
+    # An encoder saved with external data (required over 2 GB) keeps it: the preprocessed copy and the result
+    # are written the same way, each with its data file beside it.
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(str(source), load_external_data=False).graph.initializer)
     try:
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quant_pre_process(onnx.load(str(source)) if external else str(source), str(prepared),
+                          skip_symbolic_shape=True, save_as_external_data=external, all_tensors_to_one_file=True,
+                          external_data_location=f"{prepared.name}.data")
         quantize_static(str(prepared), str(destination), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
-                        op_types_to_quantize=["MatMul"],
+                        op_types_to_quantize=["MatMul"], use_external_data_format=external,
                         nodes_to_exclude=[name for names in keep_float.values() for name in names])
     finally:
         prepared.unlink(missing_ok=True)
+        prepared.with_name(f"{prepared.name}.data").unlink(missing_ok=True)
 
 
 def latency_ratio(fp32: str | Path, int8: str | Path, record: Record, rounds: int = 5) -> float:

@@ -92,3 +92,19 @@ def test_real_mobilesam_int8_keeps_held_out_miou_within_half_a_point(mobilesam_e
     assert sidecar["polygraphy"]["images"] == 4 and sidecar["polygraphy"]["passed"], sidecar["polygraphy"]
     assert sidecar["held_out"] == {"images": 8, "fp32_miou": pytest.approx(fp32, abs=0.005),
                                    "int8_miou": pytest.approx(int8, abs=0.005)}
+
+
+def test_an_encoder_saved_with_external_data_quantizes_to_one_with_external_data(tiny_exports, sample_records,
+                                                                                  tmp_path):
+    """Models over 2 GB (SAM ViT-H) must keep their weights outside the .onnx: the INT8 encoder does too."""
+    source = tmp_path / "external" / "encoder.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(str(tiny_exports["test_vit_t"].encoder)), str(source), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="encoder.weights", size_threshold=0)
+    out = tmp_path / "int8" / "encoder.int8.onnx"
+    out.parent.mkdir()
+    quantize_encoder(source, sample_records[:2], out, progress=False)
+    assert (out.parent / "encoder.int8.onnx.data").is_file() and not list(out.parent.glob(".prepared*"))
+    image = np.zeros((1, 3, 1024, 1024), np.float32)
+    np.testing.assert_allclose(ort_session(out).run(None, {"image": image})[0],
+                               ort_session(source).run(None, {"image": image})[0], atol=0.2)
