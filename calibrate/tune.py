@@ -65,7 +65,14 @@ from sam_reuse.calibrate.shipping import ORIGINAL_SHIPPED, TUNED_SHIPPED
 from sam_reuse.calibrate.suffix import SuffixEmbedder
 from sam_reuse.calibrate.token_choice import AUTO, MASK_TOKEN_CHOICES, TokenChoice, choose_token, given_token
 from sam_reuse.graphops.graph import fingerprint, load_graph
-from sam_reuse.graphops.mask_token import MASK_TOKENS, mask_token_of, with_every_token, with_mask_token
+from sam_reuse.graphops.mask_token import (
+    MASK_TOKENS,
+    SINGLE_CLICK,
+    mask_token_of,
+    recorded_token,
+    with_every_token,
+    with_mask_token,
+)
 from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse, reuse_index
 from sam_reuse.graphops.rewrites import apply_reuse_map, require_original
 from sam_reuse.graphops.sites import Site, find_sites
@@ -437,6 +444,12 @@ def _chooses_token(decoder_model: onnx.ModelProto, decoder: Path, convention: st
     if convention == SAM2:
         if given:
             raise SamReuseError("--mask-token: SAM 2's single mask is already a choice between its mask tokens")
+        return False
+    if recorded_token(decoder_model) == SINGLE_CLICK:
+        if given:
+            raise SamReuseError(f"--mask-token: {decoder} chooses its mask by the single-click rule; tune with the "
+                                "exported decoder.onnx")
+        print(f"{decoder}: chooses its mask by the single-click rule, kept; the search scores that")
         return False
     try:
         current = mask_token_of(decoder_model, str(decoder))

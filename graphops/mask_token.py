@@ -96,6 +96,55 @@ def with_every_token(model: onnx.ModelProto, where: str = "decoder") -> onnx.Mod
     return _sliced(model, 0, MASK_TOKENS, where)
 
 
+SINGLE_CLICK = "click"  # the single-click rule, where a token number would go (mask-token, app-format)
+
+
+def with_single_click_rule(model: onnx.ModelProto, where: str = "decoder") -> onnx.ModelProto:
+    """``model`` choosing its mask by SAM's single-click rule (``SamOnnxModel``'s ``return_single_mask``, what apps'
+    users expect of a single-mask decoder): for a prompt of one click and no box, the multimask mask (tokens 1-3)
+    with the highest predicted IoU; otherwise token 0. Recorded as mask token ``click``."""
+    graph = load_graph(with_every_token(model, where))
+    tensors = graph.tensors()
+    masks, iou, labels = tensors["low_res_masks"], tensors["iou_predictions"], tensors["point_labels"]
+    masks.name, iou.name = "low_res_masks/every_token", "iou_predictions/every_token"
+
+    def node(op: str, inputs: list, attrs: dict | None = None, dtype=np.float32, out: str = "") -> gs.Variable:
+        result = gs.Variable(out or f"single_click/{op}_{len(graph.nodes)}", dtype=dtype)
+        graph.nodes.append(gs.Node(op, name=result.name, inputs=inputs, outputs=[result], attrs=attrs or {}))
+        return result
+
+    def const(name: str, values) -> gs.Constant:
+        return gs.Constant(f"single_click/{name}", np.asarray(values))
+
+    points_axis = const("points", [1])
+
+    def count(condition: gs.Variable) -> gs.Variable:  # per prompt, how many of its points meet it
+        return node("ReduceSum", [node("Cast", [condition], {"to": onnx.TensorProto.FLOAT}), points_axis],
+                    {"keepdims": 1})
+
+    clicks = count(node("LessOrEqual", [node("Abs", [node("Sub", [labels, const("half", np.float32(0.5))])]),
+                                        const("half_again", np.float32(0.5))], dtype=np.bool_))  # labels 0 and 1
+    boxes = count(node("Equal", [labels, const("corner", np.float32(2))], dtype=np.bool_))
+    single = node("And", [node("Equal", [clicks, const("one", np.float32(1))], dtype=np.bool_),
+                          node("Equal", [boxes, const("none", np.float32(0))], dtype=np.bool_)], dtype=np.bool_)
+    bias = node("Where", [single, const("multimask", np.float32([-1000, 0, 0, 0])),
+                          const("single", np.float32([1000, 0, 0, 0]))])
+    chosen = node("ArgMax", [node("Add", [iou, bias])], {"axis": 1, "keepdims": 1}, np.int64)
+    one_hot = node("Cast", [node("Equal", [const("tokens", np.arange(MASK_TOKENS, dtype=np.int64)), chosen],
+                                 dtype=np.bool_)], {"to": onnx.TensorProto.FLOAT})
+    token_axis = const("token_axis", [1])
+    picked_iou = node("ReduceSum", [node("Mul", [iou, one_hot]), token_axis], {"keepdims": 1}, out="iou_predictions")
+    weights = node("Unsqueeze", [one_hot, const("pixel_axes", [2, 3])])
+    picked_masks = node("ReduceSum", [node("Mul", [masks, weights]), token_axis], {"keepdims": 1},
+                        out="low_res_masks")
+    graph.outputs = [picked_masks if o is masks else picked_iou if o is iou else o for o in graph.outputs]
+    rewritten = finalize(graph)
+    properties = {p.key: p.value for p in model.metadata_props}
+    properties[MASK_TOKEN_PROPERTY] = SINGLE_CLICK
+    onnx.helper.set_model_props(rewritten, properties)
+    return rewritten
+
+
 def _sliced(model: onnx.ModelProto, start: int, stop: int, where: str) -> onnx.ModelProto:
     """Both token Slices set to ``start:stop`` (fresh constants: other nodes may share the old ones)."""
     graph = load_graph(model)
@@ -109,11 +158,18 @@ def _sliced(model: onnx.ModelProto, start: int, stop: int, where: str) -> onnx.M
     return finalize(graph)
 
 
-def with_mask_token_file(decoder: str | Path, token: int, out: str | Path) -> None:
+def recorded_token(model: onnx.ModelProto) -> str | None:
+    """The mask token a rewrite recorded in ``model``'s metadata (a number, or ``click``), None if none."""
+    return next((p.value for p in model.metadata_props if p.key == MASK_TOKEN_PROPERTY), None)
+
+
+def with_mask_token_file(decoder: str | Path, token: int | str, out: str | Path) -> None:
     """``with_mask_token`` from a file to a file, written atomically (the app decoders of ``export --app-decoders``
     switch the same way, so an app gets the token a tune shipped)."""
     refuse_overwriting(out, decoder)
     check_output_file(out, "--out", kind=DECODER_KIND)  # never over an encoder or a record
-    model = with_mask_token(load_model(decoder, "decoder ONNX", role="decoder"), token, str(decoder))
+    model = load_model(decoder, "decoder ONNX", role="decoder")
+    model = (with_single_click_rule(model, str(decoder)) if token == SINGLE_CLICK
+             else with_mask_token(model, int(token), str(decoder)))
     with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))

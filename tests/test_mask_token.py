@@ -156,3 +156,31 @@ def test_runs_errors_name_the_published_folder_not_its_work_folder(tmp_path, cap
                  "--mask-token", "1", "--engines", "none", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--mask-token: {out / 'decoder.onnx'}: no Slice" in err and ".run-work" not in err
+
+
+def test_the_single_click_rule_takes_the_best_multimask_mask_for_one_click_only(tiny_exports, tmp_path, capsys):
+    """SamOnnxModel's return_single_mask rule, on our prompts: one click (its padding point aside) and no box -> the
+    multimask token with the best predicted IoU; two clicks, or a box -> token 0."""
+    from sam_reuse.graphops.mask_token import recorded_token, with_every_token, with_single_click_rule
+
+    decoder = onnx.load(str(tiny_exports["test_vit_t"].decoder))
+    out = tmp_path / "decoder.click.onnx"
+    assert main(["mask-token", str(tiny_exports["test_vit_t"].decoder), "click", "--out", str(out)]) == 0
+    clicked = onnx.load(str(out))
+    assert recorded_token(clicked) == "click"
+    assert _operators(with_single_click_rule(decoder)) == _operators(clicked)
+    rng = np.random.default_rng(0)
+    prompts = {"one click": ([[300, 400], [0, 0]], [1, -1]), "a negative click": ([[300, 400], [0, 0]], [0, -1]),
+               "two clicks": ([[300, 400], [500, 600]], [1, 0]), "a box": ([[100, 100], [700, 800]], [2, 3])}
+    every, rule = ort_session(with_every_token(decoder).SerializeToString()), ort_session(str(out))
+    for name, (coords, labels) in prompts.items():
+        feeds = {"image_embeddings": rng.normal(size=(1, 256, 64, 64)).astype(np.float32),
+                 "point_coords": np.array([coords], np.float32), "point_labels": np.array([labels], np.float32),
+                 "mask_input": np.zeros((1, 1, 256, 256), np.float32), "has_mask_input": np.zeros(1, np.float32)}
+        masks, ious = every.run(None, feeds)
+        token = 1 + int(np.argmax(ious[0, 1:])) if name in ("one click", "a negative click") else 0
+        chosen_masks, chosen_iou = rule.run(None, feeds)
+        np.testing.assert_array_equal(chosen_masks[0, 0], masks[0, token])
+        assert chosen_iou[0, 0] == ious[0, token], name
+    assert main(["mask-token", str(tiny_exports["test_vit_t"].decoder), "seven", "--out", str(tmp_path / "x")]) == 2
+    assert "mask token 'seven': a number 0 to 3, or click" in capsys.readouterr().err

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> dict:
     token = sub.add_parser("mask-token", help="rewrite a decoder ONNX (decoder.onnx or an app decoder) to return "
                            "another of SAM's mask tokens, e.g. the one a tune shipped (report.json: mask_token)")
     token.add_argument("decoder", type=Path)
-    token.add_argument("token", type=int, help="0: SAM's single mask; 1-3: its multimask masks")
+    token.add_argument("token", help="0: SAM's single mask; 1-3: its multimask masks; click: SAM's single-click rule "
+                       "(one click and no box: the multimask mask with the best predicted IoU; otherwise token 0)")
     token.add_argument("--out", type=Path, required=True, help="output ONNX path (e.g. decoder.prompts.tuned.onnx)")
 
     verify = sub.add_parser("verify", help="compare a tuned encoder with the original + its reuse map (polygraphy, ONNX Runtime)")
@@ -69,9 +70,11 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _mask_token(args: argparse.Namespace) -> int:
-    from sam_reuse.graphops.mask_token import with_mask_token_file
+    from sam_reuse.graphops.mask_token import SINGLE_CLICK, with_mask_token_file
 
-    with_mask_token_file(args.decoder, args.token, args.out)
+    if args.token != SINGLE_CLICK and not args.token.lstrip("-").isdigit():
+        raise SamReuseError(f"mask token '{args.token}': a number 0 to 3, or {SINGLE_CLICK}")
+    with_mask_token_file(args.decoder, args.token if args.token == SINGLE_CLICK else int(args.token), args.out)
     print(f"wrote {args.out} (mask token {args.token})")
     return 0
 
