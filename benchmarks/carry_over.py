@@ -22,8 +22,9 @@ default shipped; the report's mask_token section holds every token's):
 * ``new``: the default as shipped: the mask token, then the map searched on it, each cross-fitted over all
   50 held-out images;
 * ``new at 25``: the new rules given the validation part alone (cross-fitted within it), so that the test
-  part (odd positions) decided nothing in either arm: the fair comparison of the two rules. Computable where
-  the validation part ships the same mask token as all 50 images (the curve was searched on that token).
+  part (odd positions) decided nothing in either arm: the fair comparison of the two rules. Where the
+  validation part keeps token 0 but all 50 images shipped another, the rules at 25 would have searched on
+  token 0's masks: that search is today's tune of the split (report.today.json), read instead.
 
 Each arm's figure is its shipped model's gain over the original (token 0, no map) on the test part, on each
 image's own prompt (0 where it ships the original); ``new``'s test part took part in its decisions, so its
@@ -153,6 +154,13 @@ def run_split(export: Path, work: Path, name: str, split: str, objective: str, p
         row["arms"]["today"] = _arm(own, recorded.shipping.candidate_pairs, recorded.shipping.shipped == "tuned")
         if (objective, prompt) == ("mean", "given") and replayed is not None:  # the same search must agree
             row["today_as_recorded"] = all(replayed[k] == row["arms"]["today"][k] for k in ("candidate", "shipped"))
+    if row["arms"]["new at 25"] is None and recorded is not None:
+        # The validation part alone keeps token 0, where all 50 images shipped another: the new rules at 25
+        # would have searched on token 0's masks, which today's tune of the split did (the same search).
+        own = [np.asarray(p["held_out_per_image"]) / 100 for p in recorded.curve]
+        validation, _ = held_out_parts(len(own[0]))
+        at_25 = decide_on_held_out([ious[validation] for ious in own], 0)
+        row["arms"]["new at 25"] = {**_arm(own, at_25.candidate, at_25.ship_tuned), "on_todays_search": True}
     if row["arms"]["today"] is None:
         raise SystemExit(f"{name} {split}: the new default ships another mask token, so today's arm cannot be "
                          f"replayed from its curve; run today's default there first (report.today.json)")
