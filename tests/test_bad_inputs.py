@@ -451,3 +451,28 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tuned_fold
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "the activation cache cannot be written" in captured.err and "mIoU" in captured.out
+
+
+def test_a_model_whose_shapes_need_more_memory_than_the_machine_is_one_line(tuned_folder, tmp_path, capsys):
+    """An encoder that asks ONNX Runtime for 40 TB (a constant of shape 1e5 x 1e5 x 1e3) fails to allocate."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["huge"], value=zero),
+             helper.make_node("ReduceMean", ["huge"], ["mean"], keepdims=0),
+             helper.make_node("Mul", ["image", "mean"], ["scaled"]),
+             helper.make_node("AveragePool", ["scaled"], ["image_embeddings"], kernel_shape=[16, 16], strides=[16, 16])]
+    graph = helper.make_graph(nodes, "huge", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                            [1, 3, 1024, 1024])],
+                              [helper.make_tensor_value_info("image_embeddings", TensorProto.FLOAT, [1, 3, 64, 64])],
+                              [numpy_helper.from_array(np.array([100_000, 100_000, 1000], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "encoder.onnx"))
+    argv = ["evaluate", "--encoder", str(tmp_path / "encoder.onnx"), "--decoder", str(tuned_folder / "decoder.onnx"),
+            "--data", str(tuned_folder / "data"), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the model needs more memory than this machine has" in err

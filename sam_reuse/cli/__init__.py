@@ -73,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: a bug, or a case no check foresaw
         if args.debug:
             raise
+        if isinstance(exc, MemoryError) or "Failed to allocate memory" in str(exc):  # numpy, ONNX Runtime
+            print("export-and-tune: error: the model needs more memory than this machine has (a shape too large "
+                  "for it, or a model for a bigger machine); nothing was written", file=sys.stderr)
+            return 2
         if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:  # a write outside the output helpers
             where = f"{exc.filename}: " if exc.filename else ""
             print(f"export-and-tune: error: {where}{exc.strerror} (free space or choose another folder)",
