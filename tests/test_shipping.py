@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from sam_reuse.base.files import staged_outputs
 from sam_reuse.calibrate.shipping import (
     ORIGINAL_SHIPPED,
     TUNED_SHIPPED,
@@ -181,7 +182,8 @@ def test_a_run_that_ships_the_original_removes_an_earlier_tuned_encoder(shifted,
     settings = TuneSettings(top_n=3, evidence="given", overlays=0, progress=False, cache_dir=str(shifted["cache"]))
     assert tune(shifted["encoder"], shifted["decoder"], shifted["helpful"], out, settings).decision.ship_tuned
     stale_engine = out / "encoder.tuned.fp16.engine"
-    stale_engine.write_bytes(b"engine of the earlier tuned encoder")
+    with staged_outputs(out) as staging:  # published as the engine stage publishes it
+        (staging / stale_engine.name).write_bytes(b"engine of the earlier tuned encoder")
     user_file = out / "notes.txt"
     user_file.write_text("mine")
     assert not tune(shifted["encoder"], shifted["decoder"], shifted["harmful"], out, settings).decision.ship_tuned
