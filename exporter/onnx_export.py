@@ -163,6 +163,9 @@ def export_decoder(sam, path: Path, exporter: str = "legacy", opset: int = DEFAU
                       DECODER_OUTPUTS, dynamic, exporter, opset)
 
 
+# What the exported graphs compute, where it changed: an export of an older layout is made again, not reused
+# (2026-12-08: the decoders compute every mask token and slice one, so a tune can choose the token).
+EXPORT_LAYOUT = "every-mask-token"
 APP_DECODERS = {"single": "decoder.prompts.onnx", "multimask": "decoder.prompts.multimask.onnx"}
 
 
@@ -423,6 +426,7 @@ def export_identity(model_type: str, checkpoint: str | Path | None, seed: int, e
         "seed": seed if checkpoint is None else None,
         "exporter": exporter,
         "opset": opset,
+        "layout": EXPORT_LAYOUT,
     }
 
 
@@ -492,7 +496,7 @@ def existing_export(out_dir: str | Path, model_type: str, checkpoint: str | Path
     out_dir = Path(out_dir)
     try:
         info = json.loads((out_dir / "export.json").read_text())
-        wanted = {"model_type": model_type, "exporter": exporter, "opset": opset,
+        wanted = {"model_type": model_type, "exporter": exporter, "opset": opset, "layout": EXPORT_LAYOUT,
                   "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
                   "seed": seed if checkpoint is None else None}
         if any(info.get(key) != value for key, value in wanted.items()):

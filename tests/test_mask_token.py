@@ -184,3 +184,18 @@ def test_the_single_click_rule_takes_the_best_multimask_mask_for_one_click_only(
         assert chosen_iou[0, 0] == ious[0, token], name
     assert main(["mask-token", str(tiny_exports["test_vit_t"].decoder), "seven", "--out", str(tmp_path / "x")]) == 2
     assert "mask token 'seven': a number 0 to 3, or click" in capsys.readouterr().err
+
+
+def test_an_export_of_the_older_layout_is_made_again_not_reused(tiny_exports, tmp_path):
+    """Decoders exported before every mask token was computed cannot switch tokens: run must not reuse them."""
+    import shutil
+
+    from sam_reuse.exporter.onnx_export import existing_export
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_exports["test_vit_t"].encoder.parent, folder)
+    assert existing_export(folder, "test_vit_t") is not None
+    info = json.loads((folder / "export.json").read_text())
+    del info["layout"]
+    (folder / "export.json").write_text(json.dumps(info))
+    assert existing_export(folder, "test_vit_t") is None
