@@ -2,15 +2,18 @@
 
 Line 1 is a header holding the search's full configuration (model and data
 fingerprints, prompts, parameters). Every later line records one finished
-unit of work with its per-image IoUs. On restart with the same configuration
-finished units are read back instead of recomputed; floats survive the JSON
-round trip exactly, so an interrupted and resumed search ends with the same
-numbers, and the same map, as an uninterrupted one. A line cut short by a
-kill is dropped. A journal written for another configuration is replaced.
+unit of work with its per-image IoUs, tagged with the header's hash. On
+restart with the same configuration finished units are read back instead of
+recomputed; floats survive the JSON round trip exactly, so an interrupted and
+resumed search ends with the same numbers, and the same map, as an
+uninterrupted one. A line cut short by a kill, or one whose tag is another
+configuration's (pasted from another run), is dropped with all after it. A
+journal written for another configuration is replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,6 +34,7 @@ class Journal:
     def __init__(self, path: str | Path, config: dict[str, Any]):
         self.path = Path(path)
         self.config = _normalise(config)
+        self.tag = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:16]
         self.entries: dict[tuple[str, str], dict[str, Any]] = {}
         self.restarted = False  # an existing journal belonged to other settings
         if self.path.is_file() and self._read_existing():
@@ -53,8 +57,10 @@ class Journal:
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
+                if entry.pop("run") != self.tag:
+                    break  # another configuration's unit: it and everything after it are recomputed
                 self.entries[(entry["kind"], entry["key"])] = entry
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
                 break  # a damaged line: it and everything after it are recomputed
             good_bytes += len(line) + 1
         if good_bytes != len(raw):
@@ -69,7 +75,7 @@ class Journal:
         """Record a finished unit durably (flushed and fsynced) and return it."""
         entry = {"kind": kind, "key": key, **payload}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.write(json.dumps({**entry, "run": self.tag}, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.entries[(kind, key)] = entry

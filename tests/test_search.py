@@ -352,3 +352,18 @@ def test_the_trimmed_objective_prefers_a_pair_that_helps_most_images_over_a_few_
     assert trimmed.evaluations == 0  # every map it needed was in the mean search's journal
     with pytest.raises(ValueError, match="unknown objective 'median'"):
         search("median")
+
+
+def test_a_journal_line_from_another_configuration_is_dropped_with_what_follows(tmp_path):
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path, {"top_n": 3})
+    journal.add("pair", "1<-2", ious=[0.5])
+    Journal(tmp_path / "other.jsonl", {"top_n": 4}).add("pair", "3<-4", ious=[0.9, 0.9])
+    foreign = (tmp_path / "other.jsonl").read_text().splitlines()[1]
+    with open(path, "a") as f:  # pasted from another run's journal
+        f.write(foreign + "\n")
+    journal.add("pair", "5<-6", ious=[0.25])
+    resumed = Journal(path, {"top_n": 3})
+    assert resumed.get("pair", "1<-2") == {"kind": "pair", "key": "1<-2", "ious": [0.5]}
+    assert resumed.get("pair", "3<-4") is None and resumed.get("pair", "5<-6") is None
+    assert len(path.read_text().splitlines()) == 2  # the header and the first unit
