@@ -43,7 +43,7 @@ from sam_reuse.base.contract import (
     decoder_feeds,
 )
 from sam_reuse.base.errors import SamReuseError
-from sam_reuse.base.files import folder_lock, sha256_file, staged_outputs, write_json
+from sam_reuse.base.files import STORAGE_ERRORS, folder_lock, sha256_file, staged_outputs, write_json
 from sam_reuse.base.records import Record
 from sam_reuse.base.runtime import onnx_io_spec, ort_session
 from sam_reuse.exporter.models import SAM2_FAMILY, build_sam, spec_for
@@ -79,6 +79,10 @@ def _torch_errors(path: Path, exporter: str, opset: int) -> Iterator[None]:
     except SamReuseError:
         raise
     except Exception as exc:  # torch raises many types; none of them is the user's to read in full
+        storage = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
+        if isinstance(storage, OSError) and storage.errno in STORAGE_ERRORS:  # the disk, not torch
+            raise SamReuseError(f"{path.parent.parent}: {storage.strerror} while writing {path.name}; nothing was "
+                                "written (free space or choose another folder)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SamReuseError(f"{path.name}: torch could not export it ({exporter} exporter, opset {opset}): "
                             f"{first[:300]}") from None

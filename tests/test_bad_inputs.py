@@ -444,6 +444,12 @@ def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tuned_fold
     assert err == (f"export-and-tune: error: {full_disk / 'x.onnx'}: No space left on device while writing it; "
                    "nothing was written (free space or choose another folder)")
     assert [p.name for p in full_disk.iterdir()] == ["filler"]
+    assert main(["export", "--model-type", "test_vit_t", "--out", str(full_disk / "export"), "--verify-images",
+                 "1", "--no-first-order"]) == 2  # the disk is named, not torch (which writes the models)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"export-and-tune: error: {full_disk / 'export'}: No space left on device while writing")
+    assert len(err.splitlines()) == 1 and "torch" not in err
+    assert [p.name for p in full_disk.iterdir()] == ["filler"]
     # The activation cache on a full disk: the run goes on uncached, with one warning.
     argv = ["evaluate", "--encoder", str(tuned_folder / "encoder.onnx"), "--decoder",
             str(tuned_folder / "decoder.onnx"), "--data", str(tuned_folder / "data"), "--cache-dir",

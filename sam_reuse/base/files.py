@@ -196,8 +196,9 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
             pass
         os.close(fd)  # the file was removed by the holder we waited on: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with _storage_named(folder):  # a full disk fails here first
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         _held_locks.add(folder)
         yield
     finally:
