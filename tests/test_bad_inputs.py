@@ -430,6 +430,33 @@ def full_disk(tmp_path):
     subprocess.run(["umount", str(mount)], capture_output=True)
 
 
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A real read-only tmpfs: root writes through permission bits, not through a read-only mount."""
+    import subprocess
+
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (not root, or the container forbids it)")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_read_only_folder_is_one_line_naming_it(tuned_folder, read_only_disk, capsys):
+    cases = [(["apply", str(tuned_folder / "encoder.onnx"), str(tuned_folder / "map.json"), "--out",
+               str(read_only_disk / "x.onnx")], f"{read_only_disk / 'x.onnx'}: Read-only file system while writing it"),
+             (["evaluate", "--encoder", str(tuned_folder / "encoder.onnx"), "--decoder",
+               str(tuned_folder / "decoder.onnx"), "--data", str(tuned_folder / "data"), "--no-progress",
+               "--cache-dir", str(read_only_disk / "cache")],
+              f"--cache-dir {read_only_disk / 'cache'}: not a folder this user can write in (Read-only file system)")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
+
+
 def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tuned_folder, full_disk, capsys):
     with open(full_disk / "filler", "wb", buffering=0) as filler:  # fill the disk to the last block
         try:
