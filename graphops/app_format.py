@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.imaging import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
-from sam_reuse.graphops.graph import finalize, load_graph
+from sam_reuse.graphops.graph import add_node, finalize, load_graph, with_properties
 
 ORIG_IM_SIZE = "orig_im_size"
 OFFICIAL_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
@@ -34,11 +34,8 @@ def _const(name: str, values) -> gs.Constant:
     return gs.Constant(f"app/{name}", np.asarray(values))
 
 
-def _node(graph: gs.Graph, op: str, inputs: list, dtype=np.float32, attrs: dict | None = None,
-          name: str = "") -> gs.Variable:
-    out = gs.Variable(f"app/{name or op}_{len(graph.nodes)}", dtype=dtype)
-    graph.nodes.append(gs.Node(op, name=out.name, inputs=inputs, outputs=[out], attrs=attrs or {}))
-    return out
+def _node(graph: gs.Graph, op: str, inputs: list, dtype=np.float32, attrs: dict | None = None) -> gs.Variable:
+    return add_node(graph, op, inputs, attrs, dtype, prefix="app")
 
 
 def _output(graph: gs.Graph, name: str, where: str) -> gs.Variable:
@@ -46,11 +43,6 @@ def _output(graph: gs.Graph, name: str, where: str) -> gs.Variable:
     if name not in tensors or tensors[name] not in graph.outputs:
         raise SamReuseError(f"{where}: no output '{name}' (not a SAM 1 decoder exported by sam-reuse)")
     return tensors[name]
-
-
-def _with_properties(model: onnx.ModelProto, rewritten: onnx.ModelProto) -> onnx.ModelProto:
-    onnx.helper.set_model_props(rewritten, {p.key: p.value for p in model.metadata_props})
-    return rewritten
 
 
 def official_decoder(decoder: onnx.ModelProto, where: str = "decoder") -> onnx.ModelProto:
@@ -81,7 +73,7 @@ def official_decoder(decoder: onnx.ModelProto, where: str = "decoder") -> onnx.M
         _node(graph, "Concat", [leading, size], np.int64, {"axis": 0})]))
     graph.outputs = [masks, iou, low_res]
     _drop_padding_beside_a_box(graph, where)
-    return _with_properties(decoder, finalize(graph))
+    return with_properties(decoder, finalize(graph))
 
 
 def _drop_padding_beside_a_box(graph: gs.Graph, where: str) -> None:
@@ -131,4 +123,4 @@ def preprocessing_encoder(encoder: onnx.ModelProto, where: str = "encoder") -> o
     missing = _node(graph, "Sub", [_const("frame", [IMAGE_SIZE, IMAGE_SIZE]), hw], np.int64)
     pads = _node(graph, "Concat", [_const("before", [0, 0, 0, 0, 0, 0]), missing], np.int64, {"axis": 0})
     graph.nodes.append(gs.Node("Pad", name="app/pad", inputs=[batch, pads], outputs=[nchw]))
-    return _with_properties(encoder, finalize(graph))
+    return with_properties(encoder, finalize(graph))

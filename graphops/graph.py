@@ -42,6 +42,20 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def add_node(graph: gs.Graph, op: str, inputs: list, attrs: dict | None = None, dtype=np.float32,
+             prefix: str = "added", out: str = "") -> gs.Variable:
+    """Append one ``op`` node to ``graph`` and return its output (named ``out``, else unique under ``prefix``)."""
+    result = gs.Variable(out or f"{prefix}/{op}_{len(graph.nodes)}", dtype=dtype)
+    graph.nodes.append(gs.Node(op, name=result.name, inputs=inputs, outputs=[result], attrs=attrs or {}))
+    return result
+
+
+def with_properties(source: onnx.ModelProto, rewritten: onnx.ModelProto, **added: str) -> onnx.ModelProto:
+    """``rewritten`` carrying ``source``'s metadata (e.g. the export's convention) plus ``added``."""
+    onnx.helper.set_model_props(rewritten, {**{p.key: p.value for p in source.metadata_props}, **added})
+    return rewritten
+
+
 def finalize(graph: gs.Graph) -> onnx.ModelProto:
     """Cleanup, toposort, shape inference and ``onnx.checker`` after a rewrite."""
     graph.cleanup().toposort()

@@ -25,7 +25,7 @@ from sam_reuse.base.contract import MASK_TOKEN_PROPERTY
 from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import DECODER_KIND, atomic_path, check_output_file, refuse_overwriting
 from sam_reuse.base.runtime import load_model
-from sam_reuse.graphops.graph import constant_value, finalize, load_graph
+from sam_reuse.graphops.graph import add_node, constant_value, finalize, load_graph, with_properties
 
 MASK_TOKENS = 4
 TOKEN_OUTPUTS = ("low_res_masks", "iou_predictions")  # each made from one token Slice
@@ -83,11 +83,7 @@ def with_mask_token(model: onnx.ModelProto, token: int, where: str = "decoder") 
     MASK_TOKEN_PROPERTY."""
     if not 0 <= token < MASK_TOKENS:
         raise SamReuseError(f"mask token {token}: SAM's decoder has tokens 0 to {MASK_TOKENS - 1}")
-    rewritten = _sliced(model, token, token + 1, where)
-    properties = {p.key: p.value for p in model.metadata_props}
-    properties[MASK_TOKEN_PROPERTY] = str(token)
-    onnx.helper.set_model_props(rewritten, properties)
-    return rewritten
+    return with_properties(model, _sliced(model, token, token + 1, where), **{MASK_TOKEN_PROPERTY: str(token)})
 
 
 def with_every_token(model: onnx.ModelProto, where: str = "decoder") -> onnx.ModelProto:
@@ -109,9 +105,7 @@ def with_single_click_rule(model: onnx.ModelProto, where: str = "decoder") -> on
     masks.name, iou.name = "low_res_masks/every_token", "iou_predictions/every_token"
 
     def node(op: str, inputs: list, attrs: dict | None = None, dtype=np.float32, out: str = "") -> gs.Variable:
-        result = gs.Variable(out or f"single_click/{op}_{len(graph.nodes)}", dtype=dtype)
-        graph.nodes.append(gs.Node(op, name=result.name, inputs=inputs, outputs=[result], attrs=attrs or {}))
-        return result
+        return add_node(graph, op, inputs, attrs, dtype, prefix="single_click", out=out)
 
     def const(name: str, values) -> gs.Constant:
         return gs.Constant(f"single_click/{name}", np.asarray(values))
@@ -138,11 +132,7 @@ def with_single_click_rule(model: onnx.ModelProto, where: str = "decoder") -> on
     picked_masks = node("ReduceSum", [node("Mul", [masks, weights]), token_axis], {"keepdims": 1},
                         out="low_res_masks")
     graph.outputs = [picked_masks if o is masks else picked_iou if o is iou else o for o in graph.outputs]
-    rewritten = finalize(graph)
-    properties = {p.key: p.value for p in model.metadata_props}
-    properties[MASK_TOKEN_PROPERTY] = SINGLE_CLICK
-    onnx.helper.set_model_props(rewritten, properties)
-    return rewritten
+    return with_properties(model, finalize(graph), **{MASK_TOKEN_PROPERTY: SINGLE_CLICK})
 
 
 def _sliced(model: onnx.ModelProto, start: int, stop: int, where: str) -> onnx.ModelProto:

@@ -28,7 +28,7 @@ from sam_reuse.base.errors import SamReuseError
 from sam_reuse.base.files import ENCODER_KIND, atomic_path, check_output_file, refuse_overwriting
 from sam_reuse.base.runtime import load_model
 from sam_reuse.graphops.chain import NotChannelwise, ProducerChain, linear_consumers, take, trace_producer
-from sam_reuse.graphops.graph import constant_value, finalize, fingerprint, load_graph
+from sam_reuse.graphops.graph import constant_value, finalize, fingerprint, load_graph, with_properties
 from sam_reuse.graphops.reuse_map import ReuseMap, SiteReuse
 from sam_reuse.graphops.sites import Site, find_sites, user_site
 
@@ -156,11 +156,8 @@ def apply_reuse_map(model: str | Path | onnx.ModelProto, reuse_map: ReuseMap, st
         applied[name] = choose_strategy(sites[name], strategy)
         STRATEGIES[applied[name]](graph, sites[name], reuse)
     result = finalize(graph)
-    onnx.helper.set_model_props(result, {
-        **{prop.key: prop.value for prop in proto.metadata_props},  # e.g. the export's convention
-        REUSE_MAP_PROPERTY: json.dumps(reuse_map.to_json(), sort_keys=True),
-        "sam_reuse.strategies": json.dumps(applied, sort_keys=True),
-    })
+    with_properties(proto, result, **{REUSE_MAP_PROPERTY: json.dumps(reuse_map.to_json(), sort_keys=True),
+                                      "sam_reuse.strategies": json.dumps(applied, sort_keys=True)})
     return result, applied
 
 
